@@ -1,0 +1,25 @@
+# Every target creates what it needs: the virtual environment first.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench-floor clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/deltaml demo --bus memory --owners 5 --validators 1 --rounds 100 --lr 1.5 --eval-every 10 --report report.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench-floor: $(STAMP)
+	$(BIN)/python benchmarks/crypto_floor.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

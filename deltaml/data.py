@@ -1,0 +1,114 @@
+"""Data sets: the bundled diabetes data, CSV files, and the demo split.
+
+A CSV has a header row naming the columns; the last column is the target.
+Every cell must be a finite number. A bad file is refused with a
+:class:`DataError` whose one-line message names the file, row and column.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A data set that cannot be used, with where and why."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Named feature columns, a named target, and the rows."""
+
+    features: tuple[str, ...]
+    target: str
+    X: np.ndarray
+    y: np.ndarray
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.features, self.target)
+
+    def table(self) -> np.ndarray:
+        """Features and target side by side."""
+        return np.column_stack([self.X, self.y])
+
+    def take(self, index: np.ndarray) -> "Dataset":
+        """The rows at ``index``."""
+        return Dataset(self.features, self.target, self.X[index], self.y[index])
+
+
+def load_diabetes() -> Dataset:
+    """scikit-learn's diabetes data (442 rows, 10 features), shipped with the package."""
+    from sklearn.datasets import load_diabetes as _load
+
+    bunch = _load()
+    return Dataset(tuple(bunch.feature_names), "progression", bunch.data.astype(float), bunch.target.astype(float))
+
+
+def _cell(path: Path, row: int, col: int, name: str, text: str) -> float:
+    where = f"{path}: row {row}, column {col + 1} ({name})"
+    if text.strip() == "":
+        raise DataError(f"{where}: missing value")
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{where}: not a number: {text.strip()[:40]!r}") from None
+    if not math.isfinite(value):
+        raise DataError(f"{where}: not a finite number: {text.strip()!r}")
+    return value
+
+
+def load_csv(path: str | Path) -> Dataset:
+    """Read and check a CSV; the last column is the target."""
+    path = Path(path)
+    try:
+        handle = path.open(newline="")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot open: {exc.strerror}") from None
+    with handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: empty file")
+        header = [h.strip() for h in header]
+        if len(header) < 2:
+            raise DataError(f"{path}: row 1: need at least two columns (features and a target), got {len(header)}")
+        if len(set(header)) != len(header) or any(h == "" for h in header):
+            raise DataError(f"{path}: row 1: column names must be non-empty and distinct")
+        rows = []
+        for number, record in enumerate(reader, start=2):
+            if not record or all(c.strip() == "" for c in record):
+                continue
+            if len(record) != len(header):
+                raise DataError(f"{path}: row {number}: {len(record)} cells, header has {len(header)}")
+            rows.append([_cell(path, number, i, header[i], c) for i, c in enumerate(record)])
+    if not rows:
+        raise DataError(f"{path}: no data rows after the header")
+    table = np.array(rows, dtype=float)
+    return Dataset(tuple(header[:-1]), header[-1], table[:, :-1], table[:, -1])
+
+
+def load(name: str) -> Dataset:
+    """``diabetes`` or a CSV path."""
+    return load_diabetes() if name == "diabetes" else load_csv(name)
+
+
+def demo_split(data: Dataset, parts: int) -> list[Dataset]:
+    """Rows shuffled with seed 0 and cut into ``parts`` near-equal parts (DESIGN §5)."""
+    if parts < 2 or parts > len(data.y):
+        raise DataError(f"cannot split {len(data.y)} rows into {parts} parts")
+    order = np.random.default_rng(0).permutation(len(data.y))
+    return [data.take(index) for index in np.array_split(order, parts)]
+
+
+def write_csv(data: Dataset, path: str | Path) -> None:
+    """Write a data set as a CSV that :func:`load_csv` reads back exactly."""
+    with Path(path).open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(data.columns)
+        for row in data.table():
+            writer.writerow([repr(float(v)) for v in row])

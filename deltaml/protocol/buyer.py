@@ -1,0 +1,221 @@
+"""The buyer's state machine, and its guard against being a decryption oracle.
+
+Theory of operation: the buyer opens a job with its public key and an
+encryption of the zero model (REQUESTED). Once the aggregator names the
+participants (TRAINING) the buyer answers exactly three kinds of request,
+each only when the job is at a point that calls for it:
+
+- a refresh: at most one per round, for the job's models, with a range that
+  fits the key; the buyer sees only masked values;
+- a masked product: only from a named validator, only at an evaluation round,
+  once per validator and round, for the models due then;
+- a metric: once per evaluation round, only for a ciphertext that is the
+  homomorphic sum of the ``[SSE_v]`` of exactly the validators it served.
+
+Anything else raises :class:`DecryptionRefused`, which leaves the state as it
+was. The final model is decrypted once, after the last evaluation; then the
+buyer computes leave-one-out contributions from the metrics it published
+itself, settles the payment split and closes the job (FINISHED).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import numpy as np
+
+from . import messages as m
+from .budget import fits_mask
+from .errors import DecryptionRefused
+from .fixedpoint import FixedPoint
+from .machine import FULL_MODEL, Context, Machine, eval_models, is_eval_round, table, without
+from .metric import masked_products
+from .paillier import PrivateKey
+from .refresh import refresh_masked
+from .settlement import Settlement, leave_one_out, settle, to_micro
+
+
+class BuyerPhase(Enum):
+    REQUESTED = auto()
+    TRAINING = auto()
+    FINISHED = auto()
+    FAILED = auto()
+
+
+@dataclass
+class BuyerJob:
+    """One job as the buyer sees it."""
+
+    phase: BuyerPhase
+    spec: m.JobSpec
+    aggregator: str
+    trainers: list[str] = field(default_factory=list)
+    validators: list[str] = field(default_factory=list)
+    refreshed: set[int] = field(default_factory=set)
+    served: dict[int, set[str]] = field(default_factory=dict)
+    published: dict[int, dict[str, float]] = field(default_factory=dict)
+    model: list[float] | None = None
+    contributions: dict[str, float] = field(default_factory=dict)
+    settlement: Settlement | None = None
+    reason: str = ""
+
+    @property
+    def dim(self) -> int:
+        return len(self.spec.features) + 1
+
+
+def refuse_unless(condition: bool, reason: str) -> None:
+    """Refuse a decryption the buyer was not expecting."""
+    if not condition:
+        raise DecryptionRefused(reason)
+
+
+def _check_models(job: BuyerJob, models: dict, allowed: list[str]) -> None:
+    refuse_unless(set(models) <= set(allowed) and models, "request for models that are not due")
+    refuse_unless(all(len(v) == job.dim for v in models.values()), "vectors of the wrong length")
+
+
+def _on_participants(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
+    refuse_unless(env.sender == job.aggregator, "participants from a party that is not the aggregator")
+    p: m.Participants = env.payload
+    refuse_unless(len(p.trainers) == job.spec.trainers and len(p.validators) == job.spec.validators,
+                  "participant counts differ from the job")
+    job.trainers, job.validators = list(p.trainers), list(p.validators)
+    job.phase = BuyerPhase.TRAINING
+    return []
+
+
+def _all_models(job: BuyerJob) -> list[str]:
+    return [FULL_MODEL, *(without(t) for t in job.trainers)]
+
+
+def _on_refresh(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
+    req: m.RefreshRequest = env.payload
+    spec = job.spec
+    refuse_unless(env.sender == job.aggregator, "refresh request from a party that is not the aggregator")
+    refuse_unless(env.round <= spec.rounds and env.round not in job.refreshed,
+                  f"refresh for round {env.round} not expected (already done or past the end)")
+    refuse_unless(fits_mask(req.value_bits, key.public.bits), "refresh range does not fit the key")
+    refuse_unless(req.drop_bits == req.value_bits - spec.magnitude_bits - spec.frac_bits and req.drop_bits > 0,
+                  "refresh drop does not bring the model back to its base scale")
+    _check_models(job, req.models, _all_models(job))
+    out = {mid: refresh_masked(key, cs, req.value_bits, req.drop_bits, ctx.rng) for mid, cs in req.models.items()}
+    job.refreshed.add(env.round)
+    return [ctx.reply(env, m.RefreshReply(models=out))]
+
+
+def _on_products(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
+    req: m.ProductRequest = env.payload
+    spec = job.spec
+    refuse_unless(env.sender in job.validators, f"product request from {env.sender}, not a validator")
+    refuse_unless(is_eval_round(env.round, spec.rounds, spec.eval_every), f"round {env.round} is not evaluated")
+    refuse_unless(env.round not in job.published, "evaluation already published")
+    refuse_unless(env.sender not in job.served.get(env.round, set()), "validator already served this round")
+    due = eval_models(env.round, spec.rounds, job.trainers)
+    refuse_unless(set(req.models) == set(due), "product request for models that are not due")
+    out = {}
+    for mid, pair in req.models.items():
+        refuse_unless(len(pair.u) == job.dim == len(pair.v), "vectors of the wrong length")
+        refuse_unless(fits_mask(pair.u_bits, key.public.bits), "masked range does not fit the key")
+        out[mid] = masked_products(key, pair.u, pair.v, pair.u_bits, ctx.rng)
+    job.served.setdefault(env.round, set()).add(env.sender)
+    return [ctx.reply(env, m.ProductReply(models=out))]
+
+
+def _on_metric(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
+    req: m.MetricRequest = env.payload
+    pub = key.public
+    refuse_unless(env.sender == job.aggregator, "metric request from a party that is not the aggregator")
+    refuse_unless(env.round not in job.published, f"metric of round {env.round} already published")
+    served = job.served.get(env.round, set())
+    refuse_unless(served == set(job.validators), "not every validator has been served for this evaluation")
+    refuse_unless(sorted(p.validator for p in req.parts) == sorted(served), "parts are not the served validators")
+    due = eval_models(env.round, job.spec.rounds, job.trainers)
+    refuse_unless(set(req.totals) == set(due), "totals for models that are not due")
+    for mid in due:
+        refuse_unless(all(mid in p.sse for p in req.parts), "a part lacks a model")
+        refuse_unless(pub.sum(p.sse[mid] for p in req.parts) == req.totals[mid] % pub.nsquare,
+                      "total is not the sum of the validators' ciphertexts")
+    rows = sum(p.rows for p in req.parts)
+    metrics = {}
+    for mid, total in req.totals.items():
+        dec = key.decrypt_verifiably(total)
+        mse = FixedPoint().decode(dec.plaintext, req.sse_scale_bits) / rows
+        metrics[mid] = m.PublishedMetric(sse=dec.plaintext, randomness=dec.randomness, rows=rows, mse=mse)
+    job.published[env.round] = {mid: p.mse for mid, p in metrics.items()}
+    return [ctx.reply(env, m.MetricReply(metrics=metrics))]
+
+
+def _on_result(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
+    spec = job.spec
+    refuse_unless(env.sender == job.aggregator and env.round == spec.rounds, "result before the last round")
+    refuse_unless(spec.rounds in job.published and 0 in job.published, "result before the final metrics")
+    res: m.JobResult = env.payload
+    refuse_unless(len(res.model) == job.dim, "final model of the wrong length")
+    codec = FixedPoint(spec.frac_bits, spec.magnitude_bits)
+    job.model = [codec.decode(key.decrypt(c), res.scale_bits) for c in res.model]
+    final = job.published[spec.rounds]
+    job.contributions = leave_one_out(final[FULL_MODEL], {t: final[without(t)] for t in job.trainers})
+    job.settlement = settle(
+        fixed_reward=spec.fixed_reward_wei, variable_pool=spec.variable_pool_wei,
+        participants=[*job.trainers, *job.validators],
+        contributions_micro={t: to_micro(c) for t, c in job.contributions.items()},
+        mse0_micro=to_micro(job.published[0][FULL_MODEL]), mse_final_micro=to_micro(final[FULL_MODEL]))
+    job.phase = BuyerPhase.FINISHED
+    closed = m.JobClosed(payments_wei=job.settlement.payments, refund_wei=job.settlement.refund)
+    return [ctx.reply(env, closed)]
+
+
+def _on_end(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
+    refuse_unless(env.sender == job.aggregator, "job end from a party that is not the aggregator")
+    job.phase = BuyerPhase.FAILED
+    job.reason = env.payload.reason
+    return []
+
+
+B = BuyerPhase
+BUYER_TABLE = table(
+    (B.REQUESTED, "participants", _on_participants, (B.TRAINING,)),
+    (B.TRAINING, "refresh_request", _on_refresh, (B.TRAINING,)),
+    (B.TRAINING, "product_request", _on_products, (B.TRAINING,)),
+    (B.TRAINING, "metric_request", _on_metric, (B.TRAINING,)),
+    (B.TRAINING, "job_result", _on_result, (B.FINISHED,)),
+    ((B.REQUESTED, B.TRAINING), "job_finished", _on_end, (B.FAILED,)),
+)
+
+
+class BuyerCore:
+    """The buyer's pure core: its key, its jobs, one step per message."""
+
+    def __init__(self, ctx: Context, key: PrivateKey) -> None:
+        self.ctx = ctx
+        self.key = key
+        self.jobs: dict[str, BuyerJob] = {}
+        self.machine = Machine("buyer", {
+            k: type(t)(lambda job, env, c, h=t.handler: h(job, env, c, self.key), t.to)
+            for k, t in BUYER_TABLE.items()
+        })
+
+    def open_job(self, job_id: str, spec: m.JobSpec, aggregator: str = "aggregator") -> list[m.Envelope]:
+        """Start a job: the request with an encryption of the zero model."""
+        if job_id in self.jobs:
+            raise ValueError(f"job {job_id} already exists")
+        if spec.public_key != self.key.public.to_hex() or spec.buyer != self.ctx.name:
+            raise ValueError("the job's key and buyer must be this buyer's")
+        zero = [self.key.encrypt(0, self.ctx.rng) for _ in range(len(spec.features) + 1)]
+        self.jobs[job_id] = BuyerJob(phase=BuyerPhase.REQUESTED, spec=spec, aggregator=aggregator)
+        return [self.ctx.message(job_id, 0, aggregator, m.JobRequest(spec=spec, initial_model=zero))]
+
+    def handle(self, env: m.Envelope) -> list[m.Envelope]:
+        """Apply one message to its job."""
+        job = self.jobs.get(env.job_id)
+        refuse_unless(job is not None, f"message for unknown job {env.job_id}")
+        new, out = self.machine.step(job, env, self.ctx)
+        self.jobs[env.job_id] = new
+        return out
+
+    def final_model(self, job_id: str) -> np.ndarray | None:
+        """The decrypted model of a finished job."""
+        model = self.jobs[job_id].model
+        return None if model is None else np.array(model)

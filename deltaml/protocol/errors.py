@@ -1,0 +1,29 @@
+"""Errors the protocol raises. Each carries a message a person can act on."""
+
+
+class ProtocolError(Exception):
+    """A message that breaks the protocol: wrong state, wrong sender, wrong shape."""
+
+
+class InvalidTransition(ProtocolError):
+    """A message type that the current state does not accept."""
+
+
+class DecodeError(ProtocolError):
+    """A message that cannot be decoded: bad JSON, unknown type or schema version."""
+
+
+class DecryptionRefused(ProtocolError):
+    """The buyer refuses a decryption it was not expecting (no decryption oracle)."""
+
+
+class FixedPointOverflow(ValueError):
+    """A value that does not fit the fixed-point range; never wrapped silently."""
+
+
+class KeyTooShort(ValueError):
+    """A Paillier key shorter than the protocol allows."""
+
+
+class ProofInvalid(ProtocolError):
+    """A verifiable decryption or proof that does not check."""

@@ -1,0 +1,326 @@
+"""Typed messages: one frozen envelope around a payload discriminated by ``type``.
+
+The envelope carries what every message needs (ids, job, round, sender,
+recipient, schema version, signature); the payload is one of the models
+below. Ciphertexts are integers in memory and hex strings on the wire.
+:func:`decode` is the only way in from bytes: it refuses unknown types,
+unknown schema versions and malformed fields with a :class:`DecodeError`,
+and upgrades older versions at this boundary so handlers see current models.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Callable, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError
+
+from .errors import DecodeError
+
+SCHEMA_VERSION = 1
+
+
+def _parse_cipher(v: object) -> int:
+    if isinstance(v, str):
+        try:
+            return int(v, 16)
+        except ValueError as exc:
+            raise ValueError("ciphertext must be a hex string") from exc
+    if isinstance(v, bool):
+        raise ValueError("ciphertext must be a hex string")
+    return int(v)  # an int or gmpy2.mpz from an in-process sender
+
+
+#: A ciphertext (or any big integer): ``int`` in memory, hex string in JSON.
+Cipher = Annotated[int, BeforeValidator(_parse_cipher), PlainSerializer(lambda v: format(v, "x"), return_type=str)]
+#: A signed big integer in JSON: decimal string.
+BigInt = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, (str, int)) else v),
+                   PlainSerializer(lambda v: str(int(v)), return_type=str)]
+Vector = list[Cipher]
+Models = dict[str, Vector]
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class JobSpec(_Payload):
+    """What a buyer asks for: the data it wants, the training it pays for."""
+
+    buyer: str
+    features: list[str] = Field(min_length=1)
+    target: str
+    ranges: list[tuple[float, float]] | None = None
+    owners: int = Field(ge=2)
+    validators: int = Field(ge=1)
+    rounds: int = Field(ge=1, le=100_000)
+    lr: float = Field(gt=0)
+    eval_every: int = Field(ge=1)
+    key_bits: int
+    public_key: str
+    frac_bits: int = Field(default=32, ge=16, le=64)
+    magnitude_bits: int = Field(default=60, ge=16, le=256)
+    fixed_reward_wei: int = Field(default=10**16, ge=0)
+    variable_pool_wei: int = Field(default=10**18, ge=0)
+
+    @property
+    def trainers(self) -> int:
+        """How many owners train (the rest validate)."""
+        return self.owners - self.validators
+
+
+class JobRequest(_Payload):
+    """Buyer → aggregator: start a job; the initial model is ``[0]`` at ``frac_bits``."""
+
+    type: Literal["job_request"] = "job_request"
+    spec: JobSpec
+    initial_model: Vector
+
+
+class JobOffer(_Payload):
+    """Aggregator → every owner: a job looking for data."""
+
+    type: Literal["job_offer"] = "job_offer"
+    spec: JobSpec
+
+
+class JoinRequest(_Payload):
+    """Owner → aggregator: my data matches; I can take part."""
+
+    type: Literal["join_request"] = "join_request"
+    rows: int = Field(ge=1)
+
+
+class RoleAssignment(_Payload):
+    """Aggregator → owner: trainer or validator, and for trainers the models it is in."""
+
+    type: Literal["role_assignment"] = "role_assignment"
+    role: Literal["trainer", "validator"]
+    models: list[str]
+
+
+class RoleAccepted(_Payload):
+    """Owner → aggregator: statistics computed, ready to work."""
+
+    type: Literal["role_accepted"] = "role_accepted"
+    role: Literal["trainer", "validator"]
+    rows: int = Field(ge=1)
+
+
+class Participants(_Payload):
+    """Aggregator → buyer: who trains and who validates."""
+
+    type: Literal["participants"] = "participants"
+    trainers: list[str]
+    validators: list[str]
+
+
+class GradientRequest(_Payload):
+    """Aggregator → trainer: ``[w]`` per model at ``scale_bits``."""
+
+    type: Literal["gradient_request"] = "gradient_request"
+    scale_bits: int
+    models: Models
+
+
+class GradientReply(_Payload):
+    """Trainer → aggregator: ``[G_i w - b_i]`` per model and its row count."""
+
+    type: Literal["gradient_reply"] = "gradient_reply"
+    rows: int
+    gradients: Models
+
+
+class RefreshRequest(_Payload):
+    """Aggregator → buyer: masked models to rescale by ``2**drop_bits``."""
+
+    type: Literal["refresh_request"] = "refresh_request"
+    value_bits: int
+    drop_bits: int
+    models: Models
+
+
+class RefreshReply(_Payload):
+    """Buyer → aggregator: freshly encrypted rescaled masked models."""
+
+    type: Literal["refresh_reply"] = "refresh_reply"
+    models: Models
+
+
+class EvalRequest(_Payload):
+    """Aggregator → validator: evaluate these models (``round`` is the evaluation)."""
+
+    type: Literal["eval_request"] = "eval_request"
+    scale_bits: int
+    models: Models
+
+
+class MaskedPair(_Payload):
+    """``[w + alpha]`` and ``[h + beta]`` for one model."""
+
+    u: Vector
+    v: Vector
+    u_bits: int
+
+
+class ProductRequest(_Payload):
+    """Validator → buyer: masked inputs of the metric's products."""
+
+    type: Literal["product_request"] = "product_request"
+    models: dict[str, MaskedPair]
+
+
+class ProductReply(_Payload):
+    """Buyer → validator: ``C_j = [v_j]**u_j`` per model."""
+
+    type: Literal["product_reply"] = "product_reply"
+    models: Models
+
+
+class EvalReply(_Payload):
+    """Validator → aggregator: ``[SSE_v]`` per model."""
+
+    type: Literal["eval_reply"] = "eval_reply"
+    rows: int
+    sse_scale_bits: int
+    sse: dict[str, Cipher]
+
+
+class ValidatorPart(_Payload):
+    """One validator's ``[SSE_v]``, forwarded so the buyer can check the total."""
+
+    validator: str
+    rows: int
+    sse: dict[str, Cipher]
+
+
+class MetricRequest(_Payload):
+    """Aggregator → buyer: decrypt these totals, verifiably."""
+
+    type: Literal["metric_request"] = "metric_request"
+    sse_scale_bits: int
+    totals: dict[str, Cipher]
+    parts: list[ValidatorPart]
+
+
+class PublishedMetric(_Payload):
+    """A decrypted SSE with its Paillier randomness, and the MSE it gives."""
+
+    sse: BigInt
+    randomness: Cipher
+    rows: int
+    mse: float
+
+
+class MetricReply(_Payload):
+    """Buyer → aggregator: published metrics per model."""
+
+    type: Literal["metric_reply"] = "metric_reply"
+    metrics: dict[str, PublishedMetric]
+
+
+class JobResult(_Payload):
+    """Aggregator → buyer: the final encrypted model and the metric history."""
+
+    type: Literal["job_result"] = "job_result"
+    scale_bits: int
+    model: Vector
+    mse_history: list[tuple[int, float]]
+    final_mse: dict[str, float]
+
+
+class JobClosed(_Payload):
+    """Buyer → aggregator: the buyer has the model; the job is settled."""
+
+    type: Literal["job_closed"] = "job_closed"
+    payments_wei: dict[str, int]
+    refund_wei: int
+
+
+class JobFinished(_Payload):
+    """Aggregator → owners: the job is over (``ok`` false when it failed)."""
+
+    type: Literal["job_finished"] = "job_finished"
+    ok: bool
+    reason: str = ""
+
+
+class Failure(_Payload):
+    """Any party → aggregator: I could not do my part, and why."""
+
+    type: Literal["failure"] = "failure"
+    reason: str
+
+
+class Progress(_Payload):
+    """Aggregator → anyone watching: a published metric or a phase change."""
+
+    type: Literal["progress"] = "progress"
+    phase: str
+    mse: float | None = None
+
+
+Payload = Annotated[
+    Union[
+        JobRequest, JobOffer, JoinRequest, RoleAssignment, RoleAccepted, Participants,
+        GradientRequest, GradientReply, RefreshRequest, RefreshReply, EvalRequest,
+        ProductRequest, ProductReply, EvalReply, MetricRequest, MetricReply,
+        JobResult, JobClosed, JobFinished, Failure, Progress,
+    ],
+    Field(discriminator="type"),
+]
+
+
+class Envelope(BaseModel):
+    """Every message on the wire: metadata around one typed payload."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    message_id: str
+    correlation_id: str | None = None
+    job_id: str
+    round: int = Field(default=0, ge=0)
+    sender: str
+    recipient: str
+    schema_version: int = SCHEMA_VERSION
+    signature: str | None = None
+    payload: Payload
+
+    @property
+    def type(self) -> str:
+        """The payload's type tag."""
+        return self.payload.type
+
+
+#: Upgraders from an older schema version to the next, on raw dicts.
+UPGRADES: dict[int, Callable[[dict], dict]] = {}
+
+
+def encode(envelope: Envelope) -> bytes:
+    """Wire form: compact JSON."""
+    return envelope.model_dump_json().encode()
+
+
+def decode(data: bytes | str) -> Envelope:
+    """Parse, upgrade and validate one message; any problem is a :class:`DecodeError`."""
+    try:
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise DecodeError("message is not a JSON object")
+    version = raw.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise DecodeError("missing or non-integer schema_version")
+    if version > SCHEMA_VERSION or (version < SCHEMA_VERSION and version not in UPGRADES):
+        raise DecodeError(f"unsupported schema version {version} (this node speaks {SCHEMA_VERSION})")
+    while version < SCHEMA_VERSION:
+        raw = UPGRADES[version](raw)
+        version += 1
+        raw["schema_version"] = version
+    try:
+        return Envelope.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise DecodeError(f"invalid message at {where or 'top'}: {first['msg']}") from None

@@ -1,0 +1,186 @@
+"""The data owner's state machine: WAITING → READY → INITIATED → IN_PROGRESS → FINISHED.
+
+Theory of operation: an owner hears job offers while WAITING. If its data
+has the job's features and target within the stated ranges it asks to join
+(READY); otherwise it stays WAITING and the offer is forgotten. When the
+aggregator assigns it a role it reduces its rows to sufficient statistics
+once (INITIATED). A trainer then answers each gradient request with
+``[G_i w - b_i]`` for every model it belongs to; a validator answers each
+evaluation with the masked metric protocol, one product request to the
+buyer and one ``[SSE_v]`` per model to the aggregator (IN_PROGRESS). The
+job's end, good or bad, makes it FINISHED. It only ever sees ciphertexts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import numpy as np
+
+from . import messages as m
+from .fixedpoint import FixedPoint
+from .linear import EncodedStats, encode_stats, encrypted_gradient, sufficient_stats
+from .machine import Context, Machine, require, table
+from .metric import MetricSecrets, encrypted_sse, mask_product_inputs, sse_scale_bits
+from .paillier import PublicKey
+
+
+class OwnerPhase(Enum):
+    WAITING = auto()
+    READY = auto()
+    INITIATED = auto()
+    IN_PROGRESS = auto()
+    FINISHED = auto()
+
+
+@dataclass
+class OwnerJob:
+    """One job as an owner sees it."""
+
+    phase: OwnerPhase
+    spec: m.JobSpec
+    aggregator: str
+    role: str = ""
+    models: list[str] = field(default_factory=list)
+    stats: EncodedStats | None = None
+    pending: dict[int, dict[str, MetricSecrets]] = field(default_factory=dict)
+
+    @property
+    def public_key(self) -> PublicKey:
+        return PublicKey.from_hex(self.spec.public_key)
+
+
+@dataclass(frozen=True)
+class OwnerData:
+    """An owner's rows with their column names (last is not special here)."""
+
+    columns: tuple[str, ...]
+    X: np.ndarray  # all columns, rows × columns
+
+    def select(self, spec: m.JobSpec) -> tuple[np.ndarray, np.ndarray] | None:
+        """The job's features and target from these rows, or None if they do not match."""
+        index = {c: i for i, c in enumerate(self.columns)}
+        if spec.target not in index or any(f not in index for f in spec.features):
+            return None
+        X = self.X[:, [index[f] for f in spec.features]]
+        if spec.ranges is not None:
+            if len(spec.ranges) != len(spec.features):
+                return None
+            lo = np.array([r[0] for r in spec.ranges])
+            hi = np.array([r[1] for r in spec.ranges])
+            if np.any(X < lo) or np.any(X > hi):
+                return None
+        return X, self.X[:, index[spec.target]]
+
+
+def _on_offer(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:
+    selected = data.select(job.spec)
+    if selected is None:
+        return []
+    job.phase = OwnerPhase.READY
+    return [ctx.reply(env, m.JoinRequest(rows=len(selected[1])))]
+
+
+def _on_role(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:
+    require(env.sender == job.aggregator, "role assignment from a party that is not the job's aggregator")
+    selected = data.select(job.spec)
+    require(selected is not None, "data no longer matches the job")
+    codec = FixedPoint(job.spec.frac_bits, job.spec.magnitude_bits)
+    job.stats = encode_stats(sufficient_stats(*selected), codec)
+    job.role, job.models = env.payload.role, list(env.payload.models)
+    job.phase = OwnerPhase.INITIATED
+    return [ctx.reply(env, m.RoleAccepted(role=job.role, rows=job.stats.stats.rows))]
+
+
+def _check_vectors(job: OwnerJob, models: dict[str, list[int]]) -> None:
+    d = job.stats.stats.dim
+    require(all(len(v) == d for v in models.values()), f"model vectors must have {d} entries")
+
+
+def _on_gradient(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:
+    require(env.sender == job.aggregator and job.role == "trainer", "gradient request to a non-trainer")
+    req: m.GradientRequest = env.payload
+    require(set(req.models) <= set(job.models), "gradient request for a model this trainer is not in")
+    _check_vectors(job, req.models)
+    pub = job.public_key
+    grads = {mid: encrypted_gradient(pub, job.stats, w, req.scale_bits, ctx.rng) for mid, w in req.models.items()}
+    job.phase = OwnerPhase.IN_PROGRESS
+    return [ctx.reply(env, m.GradientReply(rows=job.stats.stats.rows, gradients=grads))]
+
+
+def _on_eval(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:
+    require(env.sender == job.aggregator and job.role == "validator", "eval request to a non-validator")
+    req: m.EvalRequest = env.payload
+    require(env.round not in job.pending, "evaluation already under way for this round")
+    _check_vectors(job, req.models)
+    pub = job.public_key
+    pairs, secrets_ = {}, {}
+    for mid, w in req.models.items():
+        u, v, u_bits, _, sec = mask_product_inputs(pub, job.stats, w, req.scale_bits, ctx.rng)
+        pairs[mid] = m.MaskedPair(u=u, v=v, u_bits=u_bits)
+        secrets_[mid] = sec
+    job.pending[env.round] = secrets_
+    job.phase = OwnerPhase.IN_PROGRESS
+    request = ctx.message(env.job_id, env.round, job.spec.buyer, m.ProductRequest(models=pairs), env.message_id)
+    return [request]
+
+
+def _on_products(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:
+    require(env.sender == job.spec.buyer, "product reply from a party that is not the buyer")
+    secrets_ = job.pending.pop(env.round, None)
+    require(secrets_ is not None, "product reply for no pending evaluation")
+    reply: m.ProductReply = env.payload
+    require(set(reply.models) == set(secrets_), "product reply for other models than requested")
+    pub = job.public_key
+    sse = {}
+    for mid, sec in secrets_.items():
+        require(len(reply.models[mid]) == len(sec.w), "product reply of the wrong length")
+        sse[mid] = encrypted_sse(pub, job.stats, reply.models[mid], sec, ctx.rng)
+    scale = sse_scale_bits(next(iter(secrets_.values())).scale_bits, job.stats.codec.frac_bits)
+    payload = m.EvalReply(rows=job.stats.stats.rows, sse_scale_bits=scale, sse=sse)
+    return [ctx.message(env.job_id, env.round, job.aggregator, payload)]
+
+
+def _on_finished(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:
+    require(env.sender == job.aggregator, "job end from a party that is not the job's aggregator")
+    job.phase = OwnerPhase.FINISHED
+    return []
+
+
+P = OwnerPhase
+ACTIVE = (P.READY, P.INITIATED, P.IN_PROGRESS)
+OWNER_TABLE = table(
+    (P.WAITING, "job_offer", _on_offer, (P.WAITING, P.READY)),
+    (P.READY, "role_assignment", _on_role, (P.INITIATED,)),
+    ((P.INITIATED, P.IN_PROGRESS), "gradient_request", _on_gradient, (P.IN_PROGRESS,)),
+    ((P.INITIATED, P.IN_PROGRESS), "eval_request", _on_eval, (P.IN_PROGRESS,)),
+    (P.IN_PROGRESS, "product_reply", _on_products, (P.IN_PROGRESS,)),
+    (ACTIVE, "job_finished", _on_finished, (P.FINISHED,)),
+)
+
+
+class OwnerCore:
+    """An owner's pure core: its data, its jobs, one step per message."""
+
+    def __init__(self, ctx: Context, data: OwnerData) -> None:
+        self.ctx = ctx
+        self.data = data
+        self.jobs: dict[str, OwnerJob] = {}
+        self.machine = Machine(
+            "owner", {k: type(t)(self._bind(t.handler), t.to) for k, t in OWNER_TABLE.items()}
+        )
+
+    def _bind(self, handler):
+        return lambda job, env, ctx: handler(job, env, ctx, self.data)
+
+    def handle(self, env: m.Envelope) -> list[m.Envelope]:
+        """Apply one message to its job; a new offer opens a job in WAITING."""
+        job = self.jobs.get(env.job_id)
+        if job is None:
+            require(env.type == "job_offer", f"message for unknown job {env.job_id}")
+            job = OwnerJob(phase=OwnerPhase.WAITING, spec=env.payload.spec, aggregator=env.sender)
+            job.public_key  # refuses a key that is too short before anything else
+        new, out = self.machine.step(job, env, self.ctx)
+        self.jobs[env.job_id] = new
+        return out

@@ -1,0 +1,229 @@
+"""Paillier over integers: keys, homomorphic operations, verifiable decryption.
+
+Key generation and the CRT decryption come from ``phe``; the homomorphic
+operations are a few lines of ``gmpy2`` on raw integers, because the protocol
+manages its own fixed-point scales (:mod:`deltaml.protocol.fixedpoint`) and
+must never let ``phe`` pick exponents. Plaintexts are signed integers with
+``|m| < n/3``; ciphertexts are integers modulo ``n**2`` and travel as hex.
+
+Verifiable decryption: ``c = (1+n)**m * rho**n mod n**2`` determines ``m`` and
+``rho mod n``; the key holder publishes both and anyone can check the equation.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import gmpy2
+from phe import paillier as _phe
+
+from .errors import KeyTooShort, ProofInvalid
+
+DEFAULT_KEY_BITS = 2048
+MIN_KEY_BITS = 2048
+
+
+class RandomSource(Protocol):
+    """Where randomness comes from: ``secrets.SystemRandom`` in production,
+    a seeded ``random.Random`` in a replay."""
+
+    def randrange(self, start: int, stop: int) -> int: ...
+
+    def getrandbits(self, k: int) -> int: ...
+
+
+SYSTEM_RANDOM: RandomSource = secrets.SystemRandom()
+
+
+def check_key_bits(bits: int) -> None:
+    """Refuse keys the protocol does not allow."""
+    if bits < MIN_KEY_BITS:
+        raise KeyTooShort(f"Paillier keys must have at least {MIN_KEY_BITS} bits, got {bits}")
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """A Paillier public key with generator ``g = n + 1``."""
+
+    n: int
+    nsquare: int = field(init=False, repr=False)
+    max_plain: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "n", gmpy2.mpz(self.n))
+        object.__setattr__(self, "nsquare", self.n * self.n)
+        object.__setattr__(self, "max_plain", self.n // 3)
+
+    @property
+    def bits(self) -> int:
+        """Bit length of the modulus."""
+        return int(self.n.bit_length())
+
+    def to_hex(self) -> str:
+        """The modulus as hex, the wire form of the key."""
+        return format(self.n, "x")
+
+    @classmethod
+    def from_hex(cls, text: str) -> "PublicKey":
+        """Parse and check a key received from another party."""
+        key = cls(int(text, 16))
+        check_key_bits(key.bits)
+        return key
+
+    def _plain(self, m: int) -> int:
+        if abs(m) >= self.max_plain:
+            raise OverflowError(f"plaintext of {int(m).bit_length()} bits does not fit the key")
+        return m % self.n
+
+    def encode_plain(self, m: int):
+        """``(1+n)**m mod n**2``: a deterministic ciphertext of ``m`` (randomness 1)."""
+        return (1 + self._plain(m) * self.n) % self.nsquare
+
+    def obfuscator(self, rng: RandomSource = SYSTEM_RANDOM):
+        """A fresh ``r**n mod n**2``, the costly half of an encryption."""
+        r = gmpy2.mpz(rng.randrange(1, int(self.n)))
+        return gmpy2.powmod(r, self.n, self.nsquare)
+
+    def encrypt(self, m: int, rng: RandomSource = SYSTEM_RANDOM):
+        """A fresh encryption of the signed integer ``m``."""
+        return self.encode_plain(m) * self.obfuscator(rng) % self.nsquare
+
+    def rerandomize(self, c, rng: RandomSource = SYSTEM_RANDOM):
+        """The same plaintext under fresh randomness."""
+        return gmpy2.mpz(c) * self.obfuscator(rng) % self.nsquare
+
+    def add(self, a, b):
+        """``[x] + [y]``."""
+        return gmpy2.mpz(a) * b % self.nsquare
+
+    def add_plain(self, c, m: int):
+        """``[x] + m`` for a plaintext ``m`` (keeps the randomness of ``c``)."""
+        return gmpy2.mpz(c) * self.encode_plain(m) % self.nsquare
+
+    def mul(self, c, k: int):
+        """``k * [x]`` for a signed integer ``k``."""
+        k = int(k)
+        if k >= 0:
+            return gmpy2.powmod(gmpy2.mpz(c), k, self.nsquare)
+        return gmpy2.powmod(gmpy2.invert(gmpy2.mpz(c), self.nsquare), -k, self.nsquare)
+
+    def neg(self, c):
+        """``-[x]``."""
+        return gmpy2.invert(gmpy2.mpz(c), self.nsquare)
+
+    def dot(self, cs, ks) -> "gmpy2.mpz":
+        """``sum_j k_j [x_j]`` with one inversion for all negative coefficients."""
+        pos = gmpy2.mpz(1)
+        neg = gmpy2.mpz(1)
+        for c, k in zip(cs, ks, strict=True):
+            k = int(k)
+            if k > 0:
+                pos = pos * gmpy2.powmod(c, k, self.nsquare) % self.nsquare
+            elif k < 0:
+                neg = neg * gmpy2.powmod(c, -k, self.nsquare) % self.nsquare
+        if neg == 1:
+            return pos
+        return pos * gmpy2.invert(neg, self.nsquare) % self.nsquare
+
+    def sum(self, cs):
+        """``sum_j [x_j]``."""
+        acc = gmpy2.mpz(1)
+        for c in cs:
+            acc = acc * c % self.nsquare
+        return acc
+
+
+@dataclass(frozen=True)
+class Decryption:
+    """A published decryption: plaintext and the Paillier randomness behind it."""
+
+    plaintext: int
+    randomness: int
+
+
+class PrivateKey:
+    """The buyer's Paillier private key; decrypts and encrypts through CRT."""
+
+    def __init__(self, public: PublicKey, p: int, q: int) -> None:
+        self.public = public
+        self.p, self.q = gmpy2.mpz(min(p, q)), gmpy2.mpz(max(p, q))
+        self._phe = _phe.PaillierPrivateKey(_phe.PaillierPublicKey(int(public.n)), int(self.p), int(self.q))
+        n = public.n
+        self._psq, self._qsq = self.p * self.p, self.q * self.q
+        self._qsq_inv = gmpy2.invert(self._qsq, self._psq)
+        self._n_mod_phi_psq = n % (self.p * (self.p - 1))
+        self._n_mod_phi_qsq = n % (self.q * (self.q - 1))
+        self._ninv_p = gmpy2.invert(n, self.p - 1)
+        self._ninv_q = gmpy2.invert(n, self.q - 1)
+        self._q_inv_p = gmpy2.invert(self.q, self.p)
+
+    def __repr__(self) -> str:  # never print the factors
+        return f"PrivateKey(bits={self.public.bits})"
+
+    def decrypt_raw(self, c) -> "gmpy2.mpz":
+        """The plaintext of ``c`` as an integer in ``[0, n)``."""
+        return gmpy2.mpz(self._phe.raw_decrypt(int(c)))
+
+    def decrypt(self, c) -> int:
+        """The signed plaintext of ``c``; a value in the wrapped middle third is refused."""
+        m = self.decrypt_raw(c)
+        n = self.public.n
+        if m <= self.public.max_plain:
+            return int(m)
+        if m >= n - self.public.max_plain:
+            return int(m - n)
+        raise OverflowError("decrypted value lies outside the signed range (overflow)")
+
+    def _crt(self, xp, xq, p, q, q_inv_p):
+        return xq + q * ((xp - xq) * q_inv_p % p)
+
+    def obfuscator(self, rng: RandomSource = SYSTEM_RANDOM):
+        """``r**n mod n**2`` computed modulo ``p**2`` and ``q**2`` (about 3x faster)."""
+        r = gmpy2.mpz(rng.randrange(1, int(self.public.n)))
+        xp = gmpy2.powmod(r, self._n_mod_phi_psq, self._psq)
+        xq = gmpy2.powmod(r, self._n_mod_phi_qsq, self._qsq)
+        return self._crt(xp, xq, self._psq, self._qsq, self._qsq_inv)
+
+    def encrypt(self, m: int, rng: RandomSource = SYSTEM_RANDOM):
+        """A fresh encryption of ``m`` (same distribution as the public one)."""
+        pub = self.public
+        return pub.encode_plain(m) * self.obfuscator(rng) % pub.nsquare
+
+    def decrypt_verifiably(self, c) -> Decryption:
+        """Plaintext and randomness of ``c``, checkable by :func:`verify_decryption`."""
+        pub = self.public
+        m = self.decrypt(c)
+        residue = gmpy2.mpz(c) * gmpy2.invert(pub.encode_plain(m), pub.nsquare) % pub.nsquare
+        rho_p = gmpy2.powmod(residue % self.p, self._ninv_p, self.p)
+        rho_q = gmpy2.powmod(residue % self.q, self._ninv_q, self.q)
+        rho = self._crt(rho_p, rho_q, self.p, self.q, self._q_inv_p)
+        return Decryption(plaintext=m, randomness=int(rho))
+
+
+def verify_decryption(public: PublicKey, c, decryption: Decryption) -> bool:
+    """Whether ``c == (1+n)**m * rho**n mod n**2``: anyone can call this."""
+    rho = gmpy2.mpz(decryption.randomness)
+    if not 0 < rho < public.n:
+        return False
+    try:
+        expected = public.encode_plain(decryption.plaintext)
+    except OverflowError:
+        return False
+    expected = expected * gmpy2.powmod(rho, public.n, public.nsquare) % public.nsquare
+    return expected == gmpy2.mpz(c) % public.nsquare
+
+
+def require_valid_decryption(public: PublicKey, c, decryption: Decryption) -> None:
+    """Raise :class:`ProofInvalid` unless the decryption checks."""
+    if not verify_decryption(public, c, decryption):
+        raise ProofInvalid("published decryption does not match its ciphertext")
+
+
+def generate_keypair(bits: int = DEFAULT_KEY_BITS) -> tuple[PublicKey, PrivateKey]:
+    """A fresh key pair; fewer than 2048 bits is refused."""
+    check_key_bits(bits)
+    pub, priv = _phe.generate_paillier_keypair(n_length=bits)
+    public = PublicKey(pub.n)
+    return public, PrivateKey(public, priv.p, priv.q)
