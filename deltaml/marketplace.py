@@ -23,7 +23,7 @@ from .protocol.errors import ProtocolError
 from .protocol.linear import gradient_descent, least_squares, sufficient_stats
 from .protocol.machine import Context
 from .protocol.owner import OwnerCore, OwnerData
-from .protocol.paillier import generate_keypair
+from .protocol.paillier import PrivateKey, PublicKey, generate_keypair
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class DemoConfig:
     poison_owner: int | None = None
     fixed_reward_wei: int = 10**16
     variable_pool_wei: int = 10**18
+    frac_bits: int = 32
+    magnitude_bits: int = 60
 
 
 @dataclass
@@ -104,7 +106,8 @@ def make_spec(config: DemoConfig, data: Dataset, public_hex: str, buyer: str) ->
     return m.JobSpec(buyer=buyer, features=list(data.features), target=data.target, ranges=ranges,
                      owners=config.owners, validators=config.validators, rounds=config.rounds, lr=config.lr,
                      eval_every=config.eval_every, key_bits=config.key_bits, public_key=public_hex,
-                     fixed_reward_wei=config.fixed_reward_wei, variable_pool_wei=config.variable_pool_wei)
+                     fixed_reward_wei=config.fixed_reward_wei, variable_pool_wei=config.variable_pool_wei,
+                     frac_bits=config.frac_bits, magnitude_bits=config.magnitude_bits)
 
 
 def baselines(parts: list[Dataset], config: DemoConfig) -> dict:
@@ -127,11 +130,12 @@ def baselines(parts: list[Dataset], config: DemoConfig) -> dict:
     return out
 
 
-def run_memory(config: DemoConfig, on_progress: Callable[[int, float, float], None] = lambda *a: None) -> dict:
+def run_memory(config: DemoConfig, on_progress: Callable[[int, float, float], None] = lambda *a: None,
+               keypair: tuple[PublicKey, PrivateKey] | None = None) -> dict:
     """Run one job through the pure cores; return the DESIGN §5 report."""
     started = time.perf_counter()
     data, parts = prepare_parts(config)
-    public, private = generate_keypair(config.key_bits)
+    public, private = keypair or generate_keypair(config.key_bits)
     buyer = BuyerCore(Context("buyer"), private)
     cores: dict[str, object] = {"buyer": buyer, "aggregator": AggregatorCore(Context("aggregator"))}
     names = owner_names(config.owners)

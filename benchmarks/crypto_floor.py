@@ -1,0 +1,133 @@
+"""The unavoidable Paillier work of the diabetes job, measured in one process.
+
+For one round of the DESIGN §5 job (5 owners, 1 validator, 11 coefficients,
+leave-one-out models, 2048-bit key) it times, with the protocol's own
+functions: one trainer's products and re-randomisation, the aggregator's
+update, the buyer's refresh (decryptions and encryptions) and the
+aggregator's masks, and one validator evaluation. Refreshes and evaluations
+do not happen every round, so the table also gives how often each happens
+in a 100-round job and what the job costs in total. Later end-to-end
+benchmarks compare their wall time with the "critical path" line.
+
+    python benchmarks/crypto_floor.py [--rounds 100] [--eval-every 10] [--key-bits 2048] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+from deltaml.data import demo_split, load_diabetes
+from deltaml.protocol.budget import can_evaluate, can_train
+from deltaml.protocol.fixedpoint import FixedPoint
+from deltaml.protocol.linear import encode_stats, encrypted_gradient, encrypted_update, step_size_q, sufficient_stats
+from deltaml.protocol.metric import encrypted_sse, mask_product_inputs, masked_products
+from deltaml.protocol.paillier import generate_keypair
+from deltaml.protocol.refresh import mask_for_refresh, refresh_masked, unmask_refreshed
+
+
+def timed(fn, repeat=3):
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def schedule(rounds: int, eval_every: int, key_bits: int, codec: FixedPoint) -> tuple[int, int]:
+    """How many refreshes and evaluations the aggregator's budget rule makes in a job."""
+    f, b = codec.frac_bits, codec.magnitude_bits
+    scale, refreshes, evals = f, 0, 0
+    for r in range(rounds + 1):
+        if r == 0 or r == rounds or r % eval_every == 0:
+            if not can_evaluate(scale, f, b, key_bits):
+                refreshes, scale = refreshes + 1, f
+            evals += 1
+        if r == rounds:
+            break
+        if not can_train(scale, f, b, key_bits):
+            refreshes, scale = refreshes + 1, f
+        scale += 2 * f
+    return refreshes, evals
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--key-bits", type=int, default=2048)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    codec, rng = FixedPoint(), random.Random(0)
+    pub, priv = generate_keypair(args.key_bits)
+    parts = demo_split(load_diabetes(), 5)
+    trainers, validator = parts[:4], parts[4]
+    T = len(trainers)
+    models = T + 1  # full model and one leave-one-out model per trainer
+    per_trainer = T  # the full model and T-1 leave-one-out models
+    enc_t = encode_stats(sufficient_stats(trainers[0].X, trainers[0].y), codec)
+    enc_v = encode_stats(sufficient_stats(validator.X, validator.y), codec)
+    d = enc_t.stats.dim
+    w = [priv.encrypt(codec.encode(0.5 * j)) for j in range(d)]
+    s = codec.frac_bits
+
+    t_grad, grad = timed(lambda: encrypted_gradient(pub, enc_t, w, s, rng))
+    t_products, _ = timed(lambda: [pub.dot(w, row) for row in enc_t.gram_q])
+    t_update, new = timed(lambda: encrypted_update(pub, codec, w, [grad] * T, step_size_q(codec, 1.5, 353)))
+    vb, drop = codec.value_bits(s + 2 * codec.frac_bits), 2 * codec.frac_bits
+    t_mask, (masked, masks) = timed(lambda: mask_for_refresh(pub, new, vb, drop, rng))
+    t_refresh, fresh = timed(lambda: refresh_masked(priv, masked, vb, drop, rng))
+    t_unmask, _ = timed(lambda: unmask_refreshed(pub, fresh, masks))
+    t_v1, (u, v, ub, _, sec) = timed(lambda: mask_product_inputs(pub, enc_v, w, s, rng))
+    t_buyer_prod, prods = timed(lambda: masked_products(priv, u, v, ub, rng))
+    t_v3, sse = timed(lambda: encrypted_sse(pub, enc_v, prods, sec, rng))
+    t_publish, _ = timed(lambda: priv.decrypt_verifiably(sse))
+    t_enc, _ = timed(lambda: pub.encrypt(12345, rng), repeat=20)
+    t_crt, _ = timed(lambda: priv.encrypt(12345, rng), repeat=20)
+    t_dec, _ = timed(lambda: priv.decrypt(sse), repeat=20)
+
+    refreshes, evals = schedule(args.rounds, args.eval_every, args.key_bits, codec)
+    R = args.rounds
+    eval_models_total = (evals - 1) * 1 + models  # every evaluation scores the full model; the last all models
+    rows = [
+        # (component, who, count in the job, seconds each)
+        ("trainer products (d*d per model)", "trainer", R * per_trainer, t_products),
+        ("trainer re-randomisation (d enc per model)", "trainer", R * per_trainer, t_grad - t_products),
+        ("aggregator update (per model)", "aggregator", R * models, t_update),
+        ("refresh masks (d enc per model)", "aggregator", refreshes * models, t_mask + t_unmask),
+        ("buyer refresh (d dec + d enc per model)", "buyer", refreshes * models, t_refresh),
+        ("validator masks (per model)", "validator", eval_models_total, t_v1 + t_v3),
+        ("buyer masked products (per model)", "buyer", eval_models_total, t_buyer_prod),
+        ("buyer verifiable decryption (per model)", "buyer", eval_models_total, t_publish),
+    ]
+    print(f"Paillier {pub.bits}-bit; d={d}; {T} trainers, {models} models; {R} rounds, "
+          f"{refreshes} refreshes, {evals} evaluations")
+    print(f"single operations: encrypt {t_enc*1e3:.2f} ms, encrypt via CRT {t_crt*1e3:.2f} ms, "
+          f"decrypt {t_dec*1e3:.2f} ms\n")
+    print(f"{'component':<46}{'party':<12}{'count':>7}{'ms each':>10}{'s in job':>10}")
+    by_party: dict[str, float] = {}
+    for name, party, count, each in rows:
+        by_party[party] = by_party.get(party, 0.0) + count * each
+        print(f"{name:<46}{party:<12}{count:>7}{each*1e3:>10.2f}{count*each:>10.2f}")
+    # The trainer rows are one trainer's work. Trainers work in parallel, so one trainer's share
+    # is on the critical path; the aggregator, buyer and validator wait for each other.
+    rest = sum(v for k, v in by_party.items() if k != "trainer")
+    total = T * by_party["trainer"] + rest
+    critical = by_party["trainer"] + rest
+    print(f"\n{'all Paillier work, one process':<68}{total:>10.2f} s")
+    print(f"{'critical path (trainers in parallel)':<68}{critical:>10.2f} s")
+    print(f"{'per round on the critical path':<68}{critical / R * 1e3:>10.1f} ms")
+    if args.json:
+        result = {"key_bits": pub.bits, "rounds": R, "refreshes": refreshes, "evaluations": evals,
+                  "components": [{"name": n, "party": p, "count": c, "seconds_each": e} for n, p, c, e in rows],
+                  "total_seconds": total, "critical_path_seconds": critical}
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""State machines: defined transitions work, undefined ones are errors, refusals change nothing."""
+
+import copy
+
+import numpy as np
+import pytest
+
+from deltaml.protocol import messages as m
+from deltaml.protocol.aggregator import AggPhase, AggregatorCore
+from deltaml.protocol.buyer import BuyerCore, BuyerPhase
+from deltaml.protocol.errors import DecryptionRefused, InvalidTransition, ProtocolError
+from deltaml.protocol.machine import Context, table
+from deltaml.protocol.owner import OwnerCore, OwnerData, OwnerPhase
+
+FEATURES = ["a", "b"]
+
+
+def spec(pub, **kw):
+    base = dict(buyer="buyer", features=FEATURES, target="y", ranges=[(-10, 10), (-10, 10)], owners=3,
+                validators=1, rounds=4, lr=0.5, eval_every=2, key_bits=2048, public_key=pub.to_hex())
+    return m.JobSpec(**{**base, **kw})
+
+
+def env(payload, sender="aggregator", recipient="x", round_=0, job="j"):
+    return m.Envelope(message_id="id", job_id=job, round=round_, sender=sender, recipient=recipient, payload=payload)
+
+
+def owner(columns=("a", "b", "y"), seed=0):
+    X = np.random.default_rng(seed).uniform(-1, 1, size=(10, len(columns)))
+    return OwnerCore(Context("owner-1"), OwnerData(tuple(columns), X))
+
+
+def test_table_refuses_duplicate_transitions():
+    with pytest.raises(ValueError):
+        table((OwnerPhase.WAITING, "job_offer", None, ()), (OwnerPhase.WAITING, "job_offer", None, ()))
+
+
+def test_owner_walks_its_phases(keypair):
+    pub, _ = keypair
+    core = owner()
+    out = core.handle(env(m.JobOffer(spec=spec(pub))))
+    assert core.jobs["j"].phase is OwnerPhase.READY and out[0].payload.rows == 10
+    out = core.handle(env(m.RoleAssignment(role="trainer", models=["all"])))
+    assert core.jobs["j"].phase is OwnerPhase.INITIATED and out[0].type == "role_accepted"
+    zero = [pub.encrypt(0) for _ in range(3)]
+    out = core.handle(env(m.GradientRequest(scale_bits=32, models={"all": zero}), round_=1))
+    assert core.jobs["j"].phase is OwnerPhase.IN_PROGRESS and out[0].type == "gradient_reply"
+    core.handle(env(m.JobFinished(ok=True)))
+    assert core.jobs["j"].phase is OwnerPhase.FINISHED
+
+
+@pytest.mark.parametrize("columns", [("a", "y"), ("a", "b", "z")])
+def test_owner_with_data_that_does_not_match_stays_waiting(keypair, columns):
+    core = owner(columns)
+    assert core.handle(env(m.JobOffer(spec=spec(keypair[0])))) == []
+    assert core.jobs["j"].phase is OwnerPhase.WAITING
+
+
+def test_owner_with_values_outside_the_ranges_stays_waiting(keypair):
+    core = owner()
+    assert core.handle(env(m.JobOffer(spec=spec(keypair[0], ranges=[(0, 1), (0, 1)])))) == []
+    assert core.jobs["j"].phase is OwnerPhase.WAITING
+
+
+def test_owner_undefined_transitions_are_errors(keypair):
+    pub, _ = keypair
+    core = owner()
+    core.handle(env(m.JobOffer(spec=spec(pub))))
+    with pytest.raises(InvalidTransition):
+        core.handle(env(m.GradientRequest(scale_bits=32, models={}), round_=1))
+    assert core.jobs["j"].phase is OwnerPhase.READY
+    with pytest.raises(ProtocolError, match="unknown job"):
+        core.handle(env(m.RoleAssignment(role="trainer", models=[]), job="other"))
+
+
+def test_trainer_refuses_a_model_it_is_not_in_and_a_stranger(keypair):
+    pub, _ = keypair
+    core = owner()
+    core.handle(env(m.JobOffer(spec=spec(pub))))
+    core.handle(env(m.RoleAssignment(role="trainer", models=["all"])))
+    w = [pub.encrypt(0) for _ in range(3)]
+    with pytest.raises(ProtocolError, match="not in"):
+        core.handle(env(m.GradientRequest(scale_bits=32, models={"without:owner-1": w}), round_=1))
+    with pytest.raises(ProtocolError, match="non-trainer"):
+        core.handle(env(m.GradientRequest(scale_bits=32, models={"all": w}), sender="mallory", round_=1))
+    assert core.jobs["j"].phase is OwnerPhase.INITIATED
+
+
+def started_aggregator(keypair):
+    pub, priv = keypair
+    core = AggregatorCore(Context("aggregator"))
+    zero = [pub.encrypt(0) for _ in range(3)]
+    core.handle(env(m.JobRequest(spec=spec(pub), initial_model=zero), sender="buyer"))
+    for name in ("owner-1", "owner-2", "owner-3"):
+        core.handle(env(m.JoinRequest(rows=10), sender=name))
+    for name, role in (("owner-1", "trainer"), ("owner-2", "trainer"), ("owner-3", "validator")):
+        core.handle(env(m.RoleAccepted(role=role, rows=10), sender=name))
+    return core
+
+
+def test_aggregator_rejects_undefined_and_duplicate_messages(keypair):
+    pub, _ = keypair
+    core = AggregatorCore(Context("aggregator"))
+    with pytest.raises(ProtocolError, match="unknown job"):
+        core.handle(env(m.JoinRequest(rows=1), sender="owner-1"))
+    core = started_aggregator(keypair)
+    job = core.jobs["j"]
+    assert job.phase is AggPhase.EVALUATING and job.validators == ["owner-3"]
+    with pytest.raises(InvalidTransition):
+        core.handle(env(m.GradientReply(rows=10, gradients={}), sender="owner-1", round_=1))
+    with pytest.raises(ProtocolError, match="not expected"):
+        core.handle(env(m.EvalReply(rows=10, sse_scale_bits=96, sse={"all": 1}), sender="owner-1"))
+    assert core.jobs["j"] is job  # a refused message leaves the state untouched
+
+
+def test_aggregator_job_request_must_come_from_its_buyer(keypair):
+    pub, _ = keypair
+    core = AggregatorCore(Context("aggregator"))
+    zero = [pub.encrypt(0) for _ in range(3)]
+    with pytest.raises(ProtocolError, match="buyer"):
+        core.handle(env(m.JobRequest(spec=spec(pub), initial_model=zero), sender="mallory"))
+
+
+@pytest.fixture
+def buyer(keypair):
+    pub, priv = keypair
+    core = BuyerCore(Context("buyer"), priv)
+    core.open_job("j", spec(pub))
+    with pytest.raises(InvalidTransition):
+        core.handle(env(m.RefreshRequest(value_bits=124, drop_bits=32, models={}), round_=1))
+    core.handle(env(m.Participants(trainers=["owner-1", "owner-2"], validators=["owner-3"])))
+    assert core.jobs["j"].phase is BuyerPhase.TRAINING
+    return core
+
+
+def masked(pub, value_bits):
+    from deltaml.protocol.refresh import draw_mask
+    return [pub.encrypt(draw_mask(value_bits, __import__("random").Random(1))) for _ in range(3)]
+
+
+def test_buyer_answers_one_refresh_per_round_and_only_the_aggregator(keypair, buyer):
+    pub, _ = keypair
+    req = m.RefreshRequest(value_bits=60 + 96, drop_bits=64, models={"all": masked(pub, 156)})
+    with pytest.raises(DecryptionRefused, match="not the aggregator"):
+        buyer.handle(env(req, sender="owner-1", round_=1))
+    out = buyer.handle(env(req, round_=1))
+    assert out[0].type == "refresh_reply"
+    before = copy.deepcopy(buyer.jobs["j"])
+    with pytest.raises(DecryptionRefused, match="not expected"):
+        buyer.handle(env(req, round_=1))
+    with pytest.raises(DecryptionRefused, match="base scale"):
+        buyer.handle(env(m.RefreshRequest(value_bits=156, drop_bits=10, models=req.models), round_=2))
+    with pytest.raises(DecryptionRefused, match="out of range"):
+        big = m.RefreshRequest(value_bits=156, drop_bits=64, models={"all": [pub.encrypt(2**400)] * 3})
+        buyer.handle(env(big, round_=2))
+    assert buyer.jobs["j"].refreshed == before.refreshed == {1}
+
+
+def test_buyer_refuses_unexpected_products_and_metrics(keypair, buyer):
+    pub, _ = keypair
+    pair = m.MaskedPair(u=masked(pub, 92), v=masked(pub, 140), u_bits=92)
+    ask = m.ProductRequest(models={"all": pair})
+    with pytest.raises(DecryptionRefused, match="not a validator"):
+        buyer.handle(env(ask, sender="owner-1", round_=2))
+    with pytest.raises(DecryptionRefused, match="not evaluated"):
+        buyer.handle(env(ask, sender="owner-3", round_=1))
+    with pytest.raises(DecryptionRefused, match="not due"):
+        buyer.handle(env(m.ProductRequest(models={"without:owner-1": pair}), sender="owner-3", round_=2))
+    assert buyer.handle(env(ask, sender="owner-3", round_=2))[0].type == "product_reply"
+    with pytest.raises(DecryptionRefused, match="already served"):
+        buyer.handle(env(ask, sender="owner-3", round_=2))
+    part = pub.encrypt(5 * 2**96)
+    forged = m.MetricRequest(sse_scale_bits=96, totals={"all": pub.encrypt(7)},
+                             parts=[m.ValidatorPart(validator="owner-3", rows=10, sse={"all": part})])
+    with pytest.raises(DecryptionRefused, match="not the sum"):
+        buyer.handle(env(forged, round_=2))
+    with pytest.raises(DecryptionRefused, match="not every validator"):
+        buyer.handle(env(forged, round_=4))
+    honest = forged.model_copy(update={"totals": {"all": part}})
+    reply = buyer.handle(env(honest, round_=2))[0].payload.metrics["all"]
+    assert reply.mse == 0.5
+    with pytest.raises(DecryptionRefused, match="already published"):
+        buyer.handle(env(honest, round_=2))
+    with pytest.raises(DecryptionRefused, match="last round"):
+        buyer.handle(env(m.JobResult(scale_bits=32, model=[1, 2, 3], mse_history=[], final_mse={}), round_=2))

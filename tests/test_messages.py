@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from deltaml.protocol import messages as m
+from deltaml.protocol.errors import DecodeError
+
+
+def envelope(**payload_fields):
+    payload = m.GradientReply(rows=3, gradients={"all": [2**4000 + 1, 5]}, **payload_fields)
+    return m.Envelope(message_id="x", job_id="j", round=1, sender="owner-1", recipient="aggregator", payload=payload)
+
+
+def test_round_trip():
+    env = envelope()
+    assert m.decode(m.encode(env)) == env
+
+
+def test_envelope_is_frozen():
+    env = envelope()
+    with pytest.raises(Exception):
+        env.round = 2
+
+
+def mutate(**changes):
+    raw = json.loads(m.encode(envelope()))
+    for path, value in changes.items():
+        target = raw
+        *parents, leaf = path.split("__")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return json.dumps(raw)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"not json", "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (mutate(schema_version=2), "unsupported schema version 2"),
+    (mutate(schema_version="1"), "schema_version"),
+    (mutate(payload__type="steal_key"), "payload"),
+    (mutate(payload__rows="many"), "payload.gradient_reply.rows"),
+    (mutate(payload__gradients={"all": ["zz"]}), "hex"),
+    (mutate(round=-1), "round"),
+    (mutate(extra_field=1), "extra_field"),
+])
+def test_bad_messages_are_refused_with_a_reason(data, reason):
+    with pytest.raises(DecodeError, match=reason):
+        m.decode(data)
+
+
+def test_older_versions_are_upgraded_at_the_boundary(monkeypatch):
+    raw = json.loads(m.encode(envelope()))
+    raw["schema_version"] = 0
+    raw["payload"]["row_count"] = raw["payload"].pop("rows")
+
+    def upgrade(old):
+        old["payload"]["rows"] = old["payload"].pop("row_count")
+        return old
+
+    monkeypatch.setitem(m.UPGRADES, 0, upgrade)
+    assert m.decode(json.dumps(raw)).payload.rows == 3

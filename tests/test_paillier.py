@@ -1,0 +1,76 @@
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from deltaml.protocol.errors import KeyTooShort
+from deltaml.protocol.paillier import Decryption, PublicKey, generate_keypair, verify_decryption
+
+small = st.integers(min_value=-(2**200), max_value=2**200)
+
+
+def test_short_keys_are_refused():
+    with pytest.raises(KeyTooShort):
+        generate_keypair(1024)
+    with pytest.raises(KeyTooShort):
+        PublicKey.from_hex(format((1 << 1023) + 1, "x"))
+
+
+def test_key_of_2048_bits_by_default(keypair):
+    assert keypair[0].bits == 2048
+
+
+@settings(max_examples=25, deadline=None)
+@given(a=small, b=small, k=st.integers(min_value=-(2**64), max_value=2**64))
+def test_homomorphic_operations(keypair, a, b, k):
+    pub, priv = keypair
+    ca, cb = pub.encrypt(a), priv.encrypt(b)
+    assert priv.decrypt(ca) == a and priv.decrypt(cb) == b
+    assert priv.decrypt(pub.add(ca, cb)) == a + b
+    assert priv.decrypt(pub.add_plain(ca, b)) == a + b
+    assert priv.decrypt(pub.mul(ca, k)) == a * k
+    assert priv.decrypt(pub.dot([ca, cb], [k, -3])) == a * k - 3 * b
+    assert priv.decrypt(pub.neg(ca)) == -a
+    assert priv.decrypt(pub.rerandomize(ca)) == a and pub.rerandomize(ca) != ca
+
+
+def test_plaintext_beyond_signed_range_is_refused(keypair):
+    pub, _ = keypair
+    with pytest.raises(OverflowError):
+        pub.encrypt(pub.n // 2)
+
+
+def test_ciphertexts_travel_as_json_strings(keypair):
+    from deltaml.protocol.messages import GradientReply
+
+    pub, priv = keypair
+    c = pub.encrypt(-5)
+    text = GradientReply(rows=1, gradients={"all": [c]}).model_dump_json()
+    assert isinstance(json.loads(text)["gradients"]["all"][0], str)
+    back = GradientReply.model_validate_json(text)
+    assert priv.decrypt(back.gradients["all"][0]) == -5
+
+
+@settings(max_examples=10, deadline=None)
+@given(m=small)
+def test_verifiable_decryption_accepts_the_honest_answer(keypair, m):
+    pub, priv = keypair
+    c = pub.encrypt(m)
+    proof = priv.decrypt_verifiably(c)
+    assert proof.plaintext == m
+    assert verify_decryption(pub, c, proof)
+
+
+def test_verifiable_decryption_rejects_lies(keypair):
+    pub, priv = keypair
+    c = pub.encrypt(1234)
+    honest = priv.decrypt_verifiably(c)
+    assert not verify_decryption(pub, c, Decryption(1235, honest.randomness))
+    assert not verify_decryption(pub, c, Decryption(1234, honest.randomness + 1))
+    assert not verify_decryption(pub, c, Decryption(1234, 0))
+    assert not verify_decryption(pub, pub.encrypt(1234), honest)  # same value, other ciphertext
+
+
+def test_private_key_repr_hides_factors(keypair):
+    _, priv = keypair
+    assert str(int(priv.p)) not in repr(priv)
