@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench-floor clean
+.PHONY: demo test broker bench-floor clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,10 +12,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/deltaml demo --bus memory --owners 5 --validators 1 --rounds 100 --lr 1.5 --eval-every 10 --report report.json
+# Start RabbitMQ if none answers, enable the management UI, load deploy/rabbitmq/definitions.json.
+broker:
+	deploy/rabbitmq/ensure-broker.sh
 
-test: $(STAMP)
+demo: $(STAMP) broker
+	$(BIN)/deltaml demo --bus amqp --owners 5 --validators 1 --rounds 100 --lr 1.5 --eval-every 10 --report report.json
+
+test: $(STAMP) broker
 	$(BIN)/python -m pytest -q
 
 bench-floor: $(STAMP)

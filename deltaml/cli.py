@@ -1,75 +1,253 @@
-"""The ``deltaml`` command line (DESIGN §5)."""
+"""The ``deltaml`` command line (DESIGN §5): daemons, the buyer, the demo, tools."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+import time
+import uuid
 from pathlib import Path
 
 from .data import DataError
 from .protocol.errors import KeyTooShort, ProtocolError
 from .protocol.paillier import check_key_bits
+from .settings import Settings
 
 
-def _demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run a whole marketplace locally")
-    p.add_argument("--owners", type=int, default=5)
-    p.add_argument("--validators", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1.5)
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--key-bits", type=int, default=2048)
-    p.add_argument("--dataset", default="diabetes", help="diabetes or a CSV file (last column is the target)")
-    p.add_argument("--bus", choices=["memory", "amqp"], default="memory")
-    p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
-    p.add_argument("--chain", default="embedded")
-    p.add_argument("--poison-owner", type=int, default=None)
-    p.add_argument("--report", type=Path, default=None)
+class CliError(Exception):
+    """A one-line error for the user."""
+
+
+def _common(p: argparse.ArgumentParser, settings: Settings) -> None:
+    p.add_argument("--amqp-url", default=settings.amqp_url)
+    p.add_argument("--log-format", choices=["console", "json"], default=settings.log_format)
+    p.add_argument("--log-level", default=settings.log_level)
+    p.add_argument("--trace", type=Path, default=None, help="append every message in and out (JSON lines)")
 
 
 def _progress(round_: int, mse: float, elapsed: float) -> None:
     print(f"round {round_:>5}  validation MSE {mse:12.4f}  elapsed {elapsed:8.1f}s", flush=True)
 
 
-def _demo(args) -> int:
-    from .marketplace import DemoConfig, run_memory
-
-    check_key_bits(args.key_bits)
-    if args.bus != "memory":
-        raise SystemExit("deltaml: error: --bus amqp is not available yet; use --bus memory")
-    if args.chain != "embedded":
-        raise SystemExit("deltaml: error: only the embedded chain is available yet")
-    config = DemoConfig(owners=args.owners, validators=args.validators, rounds=args.rounds, lr=args.lr,
-                        eval_every=args.eval_every, key_bits=args.key_bits, dataset=args.dataset,
-                        poison_owner=args.poison_owner)
-    report = run_memory(config, _progress)
-    rel = abs(report["final_mse"] - report["centralized_gd_mse"]) / report["centralized_gd_mse"]
-    print(f"final MSE {report['final_mse']:.4f}  centralised GD {report['centralized_gd_mse']:.4f} "
-          f"(relative difference {rel:.1e})  least squares {report['closed_form_mse']:.4f}")
+def _print_earnings(report: dict) -> None:
     print(f"{'owner':<12}{'contribution':>14}{'paid (wei)':>24}")
     for owner, paid in report["payments_wei"].items():
         c = report["contributions"].get(owner)
         print(f"{owner:<12}{'validator' if c is None else f'{c:.4f}':>14}{paid:>24}")
-    print(f"refund to buyer {report['refund_wei']} wei of {report['deposit_wei']}; "
-          f"wall time {report['wall_seconds']:.1f}s")
-    if args.report:
-        args.report.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"report written to {args.report}")
+    print(f"refund to buyer {report['refund_wei']} wei of {report['deposit_wei']}")
+
+
+def _write_report(report: dict, path: Path | None) -> None:
+    if path:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report written to {path}")
+
+
+def cmd_demo(args) -> int:
+    from .agents.runtime import configure_logging
+    from .marketplace import DemoConfig, run_demo
+
+    configure_logging("console", "warning")
+    check_key_bits(args.key_bits)
+    if args.chain != "embedded":
+        raise CliError("only the embedded chain is available yet")
+    config = DemoConfig(owners=args.owners, validators=args.validators, rounds=args.rounds, lr=args.lr,
+                        eval_every=args.eval_every, key_bits=args.key_bits, dataset=args.dataset,
+                        poison_owner=args.poison_owner)
+    report = run_demo(config, args.bus, _progress, amqp_url=args.amqp_url)
+    rel = abs(report["final_mse"] - report["centralized_gd_mse"]) / report["centralized_gd_mse"]
+    print(f"final MSE {report['final_mse']:.4f}  centralised GD {report['centralized_gd_mse']:.4f} "
+          f"(relative difference {rel:.1e})  least squares {report['closed_form_mse']:.4f}")
+    _print_earnings(report)
+    print(f"wall time {report['wall_seconds']:.1f}s over the {args.bus} bus")
+    _write_report(report, args.report)
     return 0
+
+
+def _serve(role: str, name: str, core, args, header: dict) -> int:
+    from .agents.agent import Agent, Trace
+    from .agents.amqp import AmqpBus
+    from .agents.runtime import configure_logging, until_signalled
+
+    configure_logging(args.log_format, args.log_level)
+
+    async def main() -> None:
+        bus = await AmqpBus(args.amqp_url).connect()
+        trace = Trace(args.trace, {"role": role, "name": name, "seed": core.ctx.rng.seed_bytes.hex(), **header}) \
+            if args.trace else None
+        agent = Agent(role, name, core, bus, trace)
+        await agent.start()
+        import structlog
+        structlog.get_logger().info("agent started", role=role, name=name)
+        await until_signalled()
+        structlog.get_logger().info("agent stopping", role=role, name=name)
+        await bus.close()
+        if trace:
+            trace.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_aggregator(args) -> int:
+    from .agents.parties import aggregator_core
+
+    return _serve("aggregator", "aggregator", aggregator_core(), args, {})
+
+
+def cmd_owner(args) -> int:
+    from .agents.parties import owner_core
+
+    name = args.name or Path(args.data).stem
+    core = owner_core(name, str(args.data), args.auto_accept)
+    if not args.auto_accept:
+        print(f"owner {name}: without --auto-accept, job offers are logged and not joined", file=sys.stderr)
+    header = {"data": str(Path(args.data).resolve()), "auto_accept": args.auto_accept}
+    return _serve("owner", name, core, args, header)
+
+
+def cmd_buyer_train(args) -> int:
+    from .agents.agent import Agent, Trace
+    from .agents.amqp import AmqpBus
+    from .agents.parties import buyer_core, new_key, save_key
+    from .agents.runtime import buyer_report, configure_logging, run_buyer_job
+    from .protocol import messages as m
+    from .protocol.buyer import BuyerPhase
+
+    check_key_bits(args.key_bits)
+    configure_logging(args.log_format, args.log_level)
+    key = new_key(args.key_bits)
+    spec = m.JobSpec(buyer=args.name, features=args.features.split(","), target=args.target, owners=args.owners,
+                     validators=args.validators, rounds=args.rounds, lr=args.lr, eval_every=args.eval_every,
+                     key_bits=args.key_bits, public_key=key.public.to_hex())
+    core = buyer_core(args.name, key)
+
+    async def main():
+        bus = await AmqpBus(args.amqp_url).connect()
+        trace = None
+        if args.trace:
+            key_path = args.trace.with_suffix(".key.json")
+            save_key(key, key_path)
+            trace = Trace(args.trace, {"role": "buyer", "name": args.name,
+                                       "seed": core.ctx.rng.seed_bytes.hex(), "key": str(key_path.resolve())})
+        agent = Agent("buyer", args.name, core, bus, trace)
+        await agent.start()
+        job_id = uuid.uuid4().hex
+        try:
+            return job_id, await run_buyer_job(agent, spec, on_progress=_progress, job_id=job_id)
+        finally:
+            await bus.close()
+
+    started = time.perf_counter()
+    job_id, job = asyncio.run(main())
+    if job.phase is not BuyerPhase.FINISHED:
+        raise CliError(f"job {job_id} failed: {job.reason}")
+    report = buyer_report(job, job_id, args.key_bits, time.perf_counter() - started)
+    _print_earnings(report)
+    _write_report(report, args.report)
+    if args.model_out:
+        args.model_out.write_text(json.dumps({"features": spec.features, "target": spec.target,
+                                              "intercept": report["model"][0],
+                                              "coefficients": report["model"][1:]}, indent=2) + "\n")
+    return 0
+
+
+def cmd_dataset_split(args) -> int:
+    from .data import demo_split, load, write_csv
+
+    parts = demo_split(load(args.source), args.parts)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, part in enumerate(parts, start=1):
+        path = args.out / f"owner-{i}.csv"
+        write_csv(part, path)
+        print(f"{path}: {len(part.y)} rows")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from .agents.replay import replay
+
+    count, diffs = replay(args.file)
+    for d in diffs:
+        print(d)
+    print(f"{count} inputs replayed, {len(diffs)} differences")
+    return 1 if diffs else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    settings = Settings()
+    parser = argparse.ArgumentParser(prog="deltaml", description="DeltaML: a privacy-preserving ML marketplace")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run a whole marketplace locally")
+    p.add_argument("--owners", type=int, default=5)
+    p.add_argument("--validators", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1.5)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--key-bits", type=int, default=settings.key_bits)
+    p.add_argument("--dataset", default="diabetes", help="diabetes or a CSV file (last column is the target)")
+    p.add_argument("--bus", choices=["memory", "amqp"], default=settings.bus)
+    p.add_argument("--amqp-url", default=settings.amqp_url)
+    p.add_argument("--chain", default=settings.chain)
+    p.add_argument("--poison-owner", type=int, default=None)
+    p.add_argument("--report", type=Path, default=None)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("aggregator", help="run the aggregator daemon")
+    _common(p, settings)
+    p.set_defaults(func=cmd_aggregator)
+
+    p = sub.add_parser("owner", help="run a data owner daemon")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--name", default=None, help="defaults to the data file's name")
+    p.add_argument("--auto-accept", action="store_true", help="join every job the data matches")
+    _common(p, settings)
+    p.set_defaults(func=cmd_owner)
+
+    buyer = sub.add_parser("buyer", help="buy a model").add_subparsers(dest="action", required=True)
+    p = buyer.add_parser("train", help="request a model, follow it, write the report")
+    p.add_argument("--features", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--owners", type=int, required=True)
+    p.add_argument("--validators", type=int, required=True)
+    p.add_argument("--rounds", type=int, required=True)
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--key-bits", type=int, default=settings.key_bits)
+    p.add_argument("--name", default="buyer")
+    p.add_argument("--report", type=Path, default=None)
+    p.add_argument("--model-out", type=Path, default=None)
+    _common(p, settings)
+    p.set_defaults(func=cmd_buyer_train)
+
+    data = sub.add_parser("dataset", help="data tools").add_subparsers(dest="action", required=True)
+    p = data.add_parser("split", help="the DESIGN §5 split as one CSV per owner")
+    p.add_argument("source", help="diabetes or a CSV file")
+    p.add_argument("--parts", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_dataset_split)
+
+    p = sub.add_parser("replay", help="replay a trace into a fresh core and compare outputs")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_replay)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deltaml`` command."""
-    parser = argparse.ArgumentParser(prog="deltaml", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _demo_parser(sub)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    from .agents.amqp import BrokerUnavailable
+
     try:
-        return {"demo": _demo}[args.command](args)
-    except (DataError, KeyTooShort, ProtocolError, RuntimeError) as exc:
+        return args.func(args)
+    except (CliError, DataError, KeyTooShort, ProtocolError, RuntimeError, BrokerUnavailable, OSError) as exc:
         print(f"deltaml: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

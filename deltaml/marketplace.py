@@ -1,29 +1,41 @@
-"""A whole marketplace in one process: the pure cores wired by an in-process router.
+"""A whole marketplace on one machine: every party an agent, on the memory bus or RabbitMQ.
 
-Every message is encoded to bytes and decoded again on its way, exactly as on
-a broker, so the wire format is exercised. A message a core refuses is kept
-with its reason (the router's dead letters) and the run goes on.
+``--bus memory`` runs all agents in one event loop on :class:`MemoryBus`;
+``--bus amqp`` starts the aggregator and each owner as a separate OS process
+(``deltaml aggregator``, ``deltaml owner``) and runs the buyer here, all
+talking through RabbitMQ. Either way the report adds plain-numpy baselines
+computed on the same split, so a run proves itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .data import Dataset, DataError, demo_split, load
+from .agents import topology
+from .agents.agent import Agent
+from .agents.bus import MemoryBus
+from .agents.parties import aggregator_core, buyer_core, context
+from .agents.runtime import buyer_report, run_buyer_job
+from .data import Dataset, DataError, demo_split, load, write_csv
 from .protocol import messages as m
-from .protocol.aggregator import AggregatorCore
-from .protocol.buyer import BuyerCore
-from .protocol.errors import ProtocolError
+from .protocol.buyer import BuyerPhase
 from .protocol.linear import gradient_descent, least_squares, sufficient_stats
-from .protocol.machine import Context
 from .protocol.owner import OwnerCore, OwnerData
 from .protocol.paillier import PrivateKey, PublicKey, generate_keypair
+
+Progress = Callable[[int, float, float], None]
 
 
 @dataclass(frozen=True)
@@ -44,44 +56,13 @@ class DemoConfig:
     magnitude_bits: int = 60
 
 
-@dataclass
-class Router:
-    """Delivers envelopes FIFO to named cores; ``owners`` is a broadcast."""
-
-    cores: dict[str, object]
-    owners: list[str]
-    on_progress: Callable[[m.Envelope], None] = lambda env: None
-    dead_letters: list[tuple[m.Envelope, str]] = field(default_factory=list)
-    delivered: int = 0
-
-    def run(self, first: list[m.Envelope]) -> None:
-        queue = deque(first)
-        while queue:
-            env = m.decode(m.encode(queue.popleft()))
-            if env.recipient == "progress":
-                self.on_progress(env)
-                continue
-            targets = self.owners if env.recipient == "owners" else [env.recipient]
-            for name in targets:
-                core = self.cores.get(name)
-                if core is None:
-                    self.dead_letters.append((env, f"no such recipient {name}"))
-                    continue
-                try:
-                    queue.extend(core.handle(env))
-                    self.delivered += 1
-                except ProtocolError as exc:
-                    self.dead_letters.append((env, str(exc)))
-
-
 def owner_names(count: int) -> list[str]:
     return [f"owner-{i}" for i in range(1, count + 1)]
 
 
 def poison(part: Dataset, seed: int = 1) -> Dataset:
     """The same rows with their targets shuffled."""
-    y = np.random.default_rng(seed).permutation(part.y)
-    return Dataset(part.features, part.target, part.X, y)
+    return Dataset(part.features, part.target, part.X, np.random.default_rng(seed).permutation(part.y))
 
 
 def prepare_parts(config: DemoConfig) -> tuple[Dataset, list[Dataset]]:
@@ -112,58 +93,97 @@ def make_spec(config: DemoConfig, data: Dataset, public_hex: str, buyer: str) ->
 
 def baselines(parts: list[Dataset], config: DemoConfig) -> dict:
     """Centralised GD and least squares on the trainers' rows, scored on the validators' rows."""
-    trainers = [sufficient_stats(p.X, p.y) for p in parts[: config.owners - config.validators]]
-    validators = [sufficient_stats(p.X, p.y) for p in parts[config.owners - config.validators:]]
+    split = config.owners - config.validators
+    trainers = [sufficient_stats(p.X, p.y) for p in parts[:split]]
+    validators = [sufficient_stats(p.X, p.y) for p in parts[split:]]
     rows = sum(v.rows for v in validators)
 
     def mse(w):
         return sum(v.sse(w) for v in validators) / rows
 
     w_gd = gradient_descent(trainers, config.lr, config.rounds)
-    out = {"centralized_gd_mse": mse(w_gd), "closed_form_mse": mse(least_squares(trainers)),
-           "centralized_gd_model": w_gd.tolist()}
+    full = mse(w_gd)
     names = owner_names(config.owners)
-    out["centralized_contributions"] = {
-        names[i]: mse(gradient_descent(trainers[:i] + trainers[i + 1:], config.lr, config.rounds)) - out["centralized_gd_mse"]
-        for i in range(len(trainers))
-    }
-    return out
+    loo = {names[i]: mse(gradient_descent(trainers[:i] + trainers[i + 1:], config.lr, config.rounds)) - full
+           for i in range(len(trainers))}
+    return {"centralized_gd_mse": full, "closed_form_mse": mse(least_squares(trainers)),
+            "centralized_gd_model": w_gd.tolist(), "centralized_contributions": loo}
 
 
-def run_memory(config: DemoConfig, on_progress: Callable[[int, float, float], None] = lambda *a: None,
-               keypair: tuple[PublicKey, PrivateKey] | None = None) -> dict:
-    """Run one job through the pure cores; return the DESIGN §5 report."""
+async def _memory_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, key: PrivateKey,
+                      on_progress: Progress) -> tuple:
+    bus = MemoryBus()
+    agents = [Agent("aggregator", "aggregator", aggregator_core(), bus)]
+    for name, part in zip(owner_names(config.owners), parts):
+        agents.append(Agent("owner", name, OwnerCore(context(name), OwnerData(part.columns, part.table())), bus))
+    buyer = Agent("buyer", "buyer", buyer_core("buyer", key), bus)
+    for agent in [*agents, buyer]:
+        await agent.start()
+    job_id = uuid.uuid4().hex
+    try:
+        job = await run_buyer_job(buyer, spec, on_progress=on_progress, job_id=job_id)
+    finally:
+        await bus.close()
+    return job, job_id, [d.reason for d in bus.dead]
+
+
+def _spawn(args: list[str], url: str) -> subprocess.Popen:
+    env = {**os.environ, "DELTAML_AMQP_URL": url, "DELTAML_LOG_LEVEL": os.environ.get("DELTAML_LOG_LEVEL", "warning")}
+    return subprocess.Popen([sys.executable, "-m", "deltaml.cli", *args], env=env)
+
+
+async def _amqp_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, key: PrivateKey,
+                    on_progress: Progress, url: str) -> tuple:
+    from .agents.amqp import AmqpBus
+
+    bus = await AmqpBus(url).connect()
+    children: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="deltaml-demo-") as tmp:
+        try:
+            await bus.declare("aggregator", "aggregator")
+            children.append(_spawn(["aggregator"], url))
+            for name, part in zip(owner_names(config.owners), parts):
+                path = Path(tmp) / f"{name}.csv"
+                write_csv(part, path)
+                await bus.declare("owner", name)  # the offer waits in the queue until the owner is up
+                children.append(_spawn(["owner", "--data", str(path), "--name", name, "--auto-accept"], url))
+            buyer = Agent("buyer", "buyer", buyer_core("buyer", key), bus)
+            await buyer.start()
+            job_id = uuid.uuid4().hex
+            job = await run_buyer_job(buyer, spec, on_progress=on_progress, job_id=job_id)
+        finally:
+            for child in children:
+                child.send_signal(signal.SIGTERM)
+            for child in children:
+                try:
+                    child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+            await bus.close()
+    return job, job_id, []
+
+
+def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = lambda *a: None,
+             keypair: tuple[PublicKey, PrivateKey] | None = None,
+             amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/") -> dict:
+    """Run one job end to end; return the DESIGN §5 report."""
     started = time.perf_counter()
     data, parts = prepare_parts(config)
     public, private = keypair or generate_keypair(config.key_bits)
-    buyer = BuyerCore(Context("buyer"), private)
-    cores: dict[str, object] = {"buyer": buyer, "aggregator": AggregatorCore(Context("aggregator"))}
-    names = owner_names(config.owners)
-    for name, part in zip(names, parts):
-        cores[name] = OwnerCore(Context(name), OwnerData(part.columns, part.table()))
     spec = make_spec(config, data, public.to_hex(), "buyer")
-    job_id = uuid.uuid4().hex
-    router = Router(cores, names, lambda env: on_progress(env.round, env.payload.mse, time.perf_counter() - started))
-    router.run(buyer.open_job(job_id, spec))
-    job = buyer.jobs[job_id]
-    if job.settlement is None:
-        reasons = "; ".join(r for _, r in router.dead_letters[:3]) or job.reason or "no result"
-        raise RuntimeError(f"job did not finish: {reasons}")
-    agg_job = cores["aggregator"].jobs[job_id]
-    report = {
-        "job_id": job_id, "bus": "memory", "dataset": config.dataset,
-        "rounds": config.rounds, "owners": config.owners, "validators": config.validators,
-        "lr": config.lr, "eval_every": config.eval_every, "key_bits": public.bits,
-        "mse_history": [[r, mse] for r, mse in agg_job.mse_history],
-        "final_mse": job.published[config.rounds]["all"],
-        **baselines(parts, config),
-        "model": list(job.model),
-        "contributions": job.contributions,
-        "payments_wei": job.settlement.payments,
-        "deposit_wei": job.settlement.deposit,
-        "refund_wei": job.settlement.refund,
-        "messages_delivered": router.delivered,
-        "messages_refused": [[e.type, reason] for e, reason in router.dead_letters],
-    }
+    if bus == "memory":
+        job, job_id, refused = asyncio.run(_memory_job(config, parts, spec, private, on_progress))
+    else:
+        job, job_id, refused = asyncio.run(_amqp_job(config, parts, spec, private, on_progress, amqp_url))
+    if job.phase is not BuyerPhase.FINISHED:
+        raise RuntimeError(f"job did not finish: {job.reason or 'failed'}")
+    report = buyer_report(job, job_id, public.bits, 0.0)
+    report.update({"bus": bus, "dataset": config.dataset, **baselines(parts, config), "messages_refused": refused})
     report["wall_seconds"] = time.perf_counter() - started
     return report
+
+
+def run_memory(config: DemoConfig, on_progress: Progress = lambda *a: None,
+               keypair: tuple[PublicKey, PrivateKey] | None = None) -> dict:
+    """The demo on the memory bus."""
+    return run_demo(config, "memory", on_progress, keypair)

@@ -12,9 +12,8 @@ no I/O: ids, time and randomness come from the :class:`Context`.
 from __future__ import annotations
 
 import copy
-import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
@@ -33,7 +32,11 @@ class Context:
     name: str
     rng: RandomSource = SYSTEM_RANDOM
     clock: Callable[[], float] = lambda: 0.0
-    ids: Callable[[], str] = field(default_factory=lambda: _counter_ids())
+    ids: Callable[[], str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.ids is None:  # 128 random bits: unique across agents, reproducible from a seeded rng
+            self.ids = lambda: format(self.rng.getrandbits(128), "032x")
 
     def message(self, job_id: str, round_: int, recipient: str, payload: Any,
                 correlation_id: str | None = None) -> Envelope:
@@ -45,11 +48,6 @@ class Context:
         """An answer to ``to``, correlated with it."""
         return self.message(to.job_id, to.round if round_ is None else round_, to.sender, payload,
                             correlation_id=to.message_id)
-
-
-def _counter_ids() -> Callable[[], str]:
-    counter = itertools.count(1)
-    return lambda: f"m{next(counter)}"
 
 
 @dataclass(frozen=True)

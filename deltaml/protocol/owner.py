@@ -57,6 +57,7 @@ class OwnerData:
 
     columns: tuple[str, ...]
     X: np.ndarray  # all columns, rows × columns
+    auto_accept: bool = True
 
     def select(self, spec: m.JobSpec) -> tuple[np.ndarray, np.ndarray] | None:
         """The job's features and target from these rows, or None if they do not match."""
@@ -76,7 +77,7 @@ class OwnerData:
 
 def _on_offer(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:
     selected = data.select(job.spec)
-    if selected is None:
+    if selected is None or not data.auto_accept:
         return []
     job.phase = OwnerPhase.READY
     return [ctx.reply(env, m.JoinRequest(rows=len(selected[1])))]

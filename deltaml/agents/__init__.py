@@ -1,0 +1,1 @@
+"""Agents: thin asyncio adapters that connect the pure cores to a bus."""

@@ -1,0 +1,60 @@
+"""An agent: a pure core on a bus, with an optional JSON-lines trace.
+
+The agent is deliberately thin: the ack policy decodes, deduplicates and
+steps the core; the agent publishes what the core returns and records every
+message in and out. A trace starts with a header naming the role, the agent
+and what its core needs to be rebuilt (the random seed, the data file, the
+key file), so ``deltaml replay`` can feed the inputs to a fresh core and
+compare the outputs. A trace holds the seed: it is as secret as a key file
+and is written with mode 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..protocol import messages as m
+from .bus import Bus
+from .policy import AckPolicy
+
+
+class Trace:
+    """Appends ``{"dir": ..., "message": ...}`` lines after a header line."""
+
+    def __init__(self, path: str | Path, header: dict[str, Any]) -> None:
+        self.path = Path(path)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.handle = os.fdopen(fd, "a", buffering=1)
+        self.handle.write(json.dumps({"trace": 1, **header}) + "\n")
+
+    def record(self, direction: str, env: m.Envelope) -> None:
+        self.handle.write(json.dumps({"dir": direction, "message": env.model_dump(mode="json")}) + "\n")
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class Agent:
+    """A party running on a bus."""
+
+    def __init__(self, role: str, name: str, core: Any, bus: Bus, trace: Trace | None = None) -> None:
+        self.role, self.name, self.core, self.bus, self.trace = role, name, core, bus, trace
+        self.policy = AckPolicy(core.handle, self.publish, trace.record if trace else lambda d, e: None)
+
+    async def publish(self, env: m.Envelope) -> None:
+        """Send one envelope to its recipient."""
+        await self.bus.publish(env.recipient, m.encode(env), env.message_id)
+
+    async def start(self) -> None:
+        """Begin consuming this agent's queue."""
+        await self.bus.consume(self.role, self.name, self.policy)
+
+    async def send_all(self, envelopes: list[m.Envelope], direction: str = "out") -> None:
+        """Publish messages the core produced outside a delivery (a buyer opening a job)."""
+        for env in envelopes:
+            if self.trace:
+                self.trace.record(direction, env)
+            await self.publish(env)

@@ -1,0 +1,103 @@
+"""``AmqpBus``: the bus on RabbitMQ through aio-pika.
+
+A robust connection (it reconnects and restores the consumer after a broker
+restart), publisher confirms on every publish, persistent messages, durable
+queues, a bounded prefetch and manual acknowledgement driven by the
+:class:`~deltaml.agents.bus.Outcome` the ack policy returns. Exchanges come
+from ``deploy/rabbitmq/definitions.json`` and are looked up passively, so a
+role's broker user needs no right to create them.
+"""
+
+from __future__ import annotations
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from . import topology as t
+from .bus import MAX_ATTEMPTS, Delivery, Handler, Verdict
+
+ATTEMPTS_HEADER = "x-deltaml-attempts"
+
+
+class BrokerUnavailable(ConnectionError):
+    """No broker answers at the given URL."""
+
+
+class AmqpBus:
+    """The RabbitMQ transport."""
+
+    def __init__(self, url: str, prefetch: int = 8) -> None:
+        self.url = url
+        self.prefetch = prefetch
+        self.connection: aio_pika.abc.AbstractRobustConnection | None = None
+
+    async def connect(self) -> "AmqpBus":
+        try:
+            self.connection = await aio_pika.connect_robust(self.url, timeout=10)
+        except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
+            raise BrokerUnavailable(
+                f"no RabbitMQ at {_redact(self.url)} ({exc.__class__.__name__}); start one with `make broker`"
+            ) from None
+        self.channel = await self.connection.channel(publisher_confirms=True)
+        await self.channel.set_qos(prefetch_count=self.prefetch)
+        try:
+            self.protocol = await self.channel.get_exchange(t.PROTOCOL_EXCHANGE, ensure=True)
+            self.progress = await self.channel.get_exchange(t.PROGRESS_EXCHANGE, ensure=True)
+            self.dead = await self.channel.get_exchange(t.DEAD_LETTER_EXCHANGE, ensure=True)
+        except aio_pika.exceptions.ChannelClosed as exc:
+            raise BrokerUnavailable(
+                f"the broker lacks DeltaML's exchanges ({exc}); load deploy/rabbitmq/definitions.json with `make broker`"
+            ) from None
+        return self
+
+    async def publish(self, recipient: str, body: bytes, message_id: str, headers: dict | None = None) -> None:
+        message = aio_pika.Message(body, message_id=message_id, content_type="application/json",
+                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers or {})
+        if recipient == t.PROGRESS:
+            await self.progress.publish(message, routing_key="")
+        else:
+            await self.protocol.publish(message, routing_key=t.routing_key(recipient))
+
+    async def declare(self, role: str, name: str):
+        """An agent's durable queue and its bindings, so messages wait for it."""
+        queue = await self.channel.declare_queue(t.queue_name(role, name), durable=True,
+                                                 arguments=t.QUEUE_ARGUMENTS)
+        for key in t.bindings(role, name):
+            await queue.bind(self.protocol, key)
+        return queue
+
+    async def consume(self, role: str, name: str, handler: Handler) -> None:
+        queue_name = t.queue_name(role, name)
+        queue = await self.declare(role, name)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            headers = dict(message.headers or {})
+            attempts = int(headers.get(ATTEMPTS_HEADER, 0))
+            outcome = await handler(Delivery(message.body, headers, attempts))
+            if outcome.verdict is Verdict.RETRY and attempts + 1 < MAX_ATTEMPTS:
+                headers[ATTEMPTS_HEADER] = attempts + 1
+                await self.channel.default_exchange.publish(
+                    aio_pika.Message(message.body, message_id=message.message_id, headers=headers,
+                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=queue_name)
+            elif outcome.verdict is not Verdict.ACK:
+                headers.update({t.REASON_HEADER: outcome.reason[:1000], "x-deltaml-queue": queue_name})
+                await self.dead.publish(
+                    aio_pika.Message(message.body, message_id=message.message_id, headers=headers,
+                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=queue_name)
+            await message.ack()  # only after the dead letter or retry copy is confirmed
+
+        await queue.consume(on_message)
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1) if "://" in url else ("", url)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if scheme else f"{user}:***@{host}"

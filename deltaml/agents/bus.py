@@ -1,0 +1,117 @@
+"""The transport: a narrow interface, a RabbitMQ implementation and its in-memory twin.
+
+A bus publishes envelopes by recipient and delivers each agent's queue to one
+handler. The handler returns an :class:`Outcome`; the bus alone acks, retries
+or dead-letters (the ack policy lives in :mod:`deltaml.agents.policy`).
+Dead-lettered messages keep their body and carry the reason in a header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Awaitable, Callable, Protocol
+
+from . import topology as t
+
+
+class Verdict(Enum):
+    ACK = "ack"
+    DEAD_LETTER = "dead-letter"
+    RETRY = "retry"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to do with a delivery, and why."""
+
+    verdict: Verdict
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message as received: body, headers and redelivery count."""
+
+    body: bytes
+    headers: dict
+    attempts: int = 0
+
+
+Handler = Callable[[Delivery], Awaitable[Outcome]]
+MAX_ATTEMPTS = 3
+
+
+class Bus(Protocol):
+    """What agents need from a transport."""
+
+    async def publish(self, recipient: str, body: bytes, message_id: str) -> None: ...
+
+    async def consume(self, role: str, name: str, handler: Handler) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class DeadLetter:
+    """A message the bus gave up on, with its reason."""
+
+    body: bytes
+    reason: str
+    queue: str
+
+
+@dataclass
+class MemoryBus:
+    """The in-memory twin: same routing, same ack policy, real dead letters."""
+
+    queues: dict[str, asyncio.Queue] = field(default_factory=dict)
+    routes: dict[str, list[str]] = field(default_factory=dict)
+    dead: list[DeadLetter] = field(default_factory=list)
+    progress: list[bytes] = field(default_factory=list)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    def declare(self, role: str, name: str) -> str:
+        """Create an agent's queue and its bindings (as the definitions do)."""
+        queue = t.queue_name(role, name)
+        self.queues.setdefault(queue, asyncio.Queue())
+        for key in t.bindings(role, name):
+            if queue not in self.routes.setdefault(key, []):
+                self.routes[key].append(queue)
+        return queue
+
+    async def publish(self, recipient: str, body: bytes, message_id: str) -> None:
+        if recipient == t.PROGRESS:
+            self.progress.append(body)
+            return
+        targets = self.routes.get(t.routing_key(recipient), [])
+        if not targets:
+            self.dead.append(DeadLetter(body, f"unroutable: no queue for {recipient}", ""))
+        for queue in targets:
+            await self.queues[queue].put(Delivery(body, {"message_id": message_id}))
+
+    async def consume(self, role: str, name: str, handler: Handler) -> None:
+        queue = self.declare(role, name)
+        self.tasks.append(asyncio.create_task(self._pump(queue, handler)))
+
+    async def _pump(self, queue: str, handler: Handler) -> None:
+        q = self.queues[queue]
+        while True:
+            delivery = await q.get()
+            outcome = await handler(delivery)
+            if outcome.verdict is Verdict.RETRY and delivery.attempts + 1 < MAX_ATTEMPTS:
+                await q.put(Delivery(delivery.body, delivery.headers, delivery.attempts + 1))
+            elif outcome.verdict is not Verdict.ACK:
+                self.dead.append(DeadLetter(delivery.body, outcome.reason, queue))
+            q.task_done()
+
+    async def drain(self) -> None:
+        """Wait until every queue is empty and every delivery handled."""
+        while any(q.qsize() or q._unfinished_tasks for q in self.queues.values()):  # noqa: SLF001
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -1,0 +1,69 @@
+"""The one place that decides what happens to a delivery.
+
+Success acks. A message that fails to decode or breaks the protocol is
+dead-lettered with the reason. A message already handled (same message id)
+is acknowledged again and its recorded answers are re-published, so a
+redelivery after a crash between "publish" and "ack" changes nothing. Any
+other exception is a transient failure, retried a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from typing import Awaitable, Callable
+
+import structlog
+
+from ..protocol import messages as m
+from ..protocol.errors import DecodeError, ProtocolError
+from .bus import Delivery, Outcome, Verdict
+
+log = structlog.get_logger()
+REMEMBERED = 10_000
+
+
+class AckPolicy:
+    """Decode, deduplicate, step the core, publish, decide the verdict."""
+
+    def __init__(self, step: Callable[[m.Envelope], list[m.Envelope]],
+                 publish: Callable[[m.Envelope], Awaitable[None]],
+                 record: Callable[[str, m.Envelope], None] = lambda d, e: None) -> None:
+        self.step = step
+        self.publish = publish
+        self.record = record
+        self.answers: OrderedDict[str, list[m.Envelope]] = OrderedDict()
+        self.lock = asyncio.Lock()
+
+    async def __call__(self, delivery: Delivery) -> Outcome:
+        try:
+            env = m.decode(delivery.body)
+        except DecodeError as exc:
+            log.warning("message refused", reason=str(exc))
+            return Outcome(Verdict.DEAD_LETTER, f"undecodable: {exc}")
+        bound = log.bind(job=env.job_id, round=env.round, message_id=env.message_id, type=env.type,
+                         sender=env.sender)
+        async with self.lock:
+            if env.message_id in self.answers:
+                for out in self.answers[env.message_id]:
+                    await self.publish(out)
+                bound.info("duplicate delivery acknowledged")
+                return Outcome(Verdict.ACK, "duplicate")
+            try:
+                outgoing = await asyncio.to_thread(self.step, env)
+            except ProtocolError as exc:
+                self.record("refused", env)
+                bound.warning("message refused", reason=str(exc))
+                return Outcome(Verdict.DEAD_LETTER, f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # a bug or a transient fault: bounded retries, then dead letter
+                bound.exception("handler failed")
+                return Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
+            self.record("in", env)
+            self.answers[env.message_id] = outgoing
+            while len(self.answers) > REMEMBERED:
+                self.answers.popitem(last=False)
+            for out in outgoing:
+                self.record("out", out)
+                await self.publish(out)
+            bound.debug("handled", sent=[o.type for o in outgoing])
+            return Outcome(Verdict.ACK)

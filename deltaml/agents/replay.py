@@ -1,0 +1,73 @@
+"""Replay a trace into a fresh pure core and report every output that differs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..protocol import messages as m
+from ..protocol.errors import ProtocolError
+from . import parties
+
+
+def _core(header: dict, base: Path):
+    seed = bytes.fromhex(header["seed"])
+    role, name = header["role"], header["name"]
+    if role == "owner":
+        return parties.owner_core(name, str(base / header["data"]), header.get("auto_accept", True), seed)
+    if role == "aggregator":
+        return parties.aggregator_core(name, seed)
+    if role == "buyer":
+        return parties.buyer_core(name, parties.load_key(base / header["key"]), seed)
+    raise ValueError(f"cannot replay role {role}")
+
+
+def _segments(path: Path) -> list[tuple[dict, list[dict]]]:
+    segments: list[tuple[dict, list[dict]]] = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        record = json.loads(line)
+        if "trace" in record:
+            segments.append((record, []))
+        elif not segments:
+            raise ValueError(f"{path}: line {number}: record before the trace header")
+        else:
+            segments[-1][1].append(record)
+    return segments
+
+
+def replay(path: str | Path) -> tuple[int, list[str]]:
+    """Feed a trace's inputs to fresh cores; return (inputs replayed, differences)."""
+    path = Path(path)
+    replayed, diffs = 0, []
+    for header, records in _segments(path):
+        core = _core(header, path.parent)
+        i = 0
+        while i < len(records):
+            record = records[i]
+            env = m.Envelope.model_validate(record["message"])
+            i += 1
+            expected = []
+            while i < len(records) and records[i]["dir"] == "out":
+                expected.append(m.Envelope.model_validate(records[i]["message"]))
+                i += 1
+            replayed += 1
+            where = f"{env.type} {env.message_id} (round {env.round})"
+            if record["dir"] == "open":
+                got = core.open_job(env.job_id, env.payload.spec, env.recipient)
+                expected = [env, *expected]
+            elif record["dir"] == "refused":
+                try:
+                    core.handle(env)
+                except ProtocolError:
+                    continue
+                diffs.append(f"{where}: was refused, now accepted")
+                continue
+            else:
+                try:
+                    got = core.handle(env)
+                except ProtocolError as exc:
+                    diffs.append(f"{where}: now refused: {exc}")
+                    continue
+            if [m.encode(e) for e in got] != [m.encode(e) for e in expected]:
+                diffs.append(f"{where}: {len(got)} outputs differ from the {len(expected)} recorded")
+    return replayed, diffs

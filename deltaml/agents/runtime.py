@@ -1,0 +1,73 @@
+"""Running agents: logging, signals, and the buyer's side of a job."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+import uuid
+from typing import Callable
+
+import structlog
+
+from ..protocol import messages as m
+from ..protocol.buyer import BuyerCore, BuyerJob, BuyerPhase
+from .agent import Agent
+
+log = structlog.get_logger()
+
+
+def configure_logging(fmt: str = "console", level: str = "info") -> None:
+    """structlog to stderr: JSON lines or readable lines."""
+    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
+                    structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+async def until_signalled() -> None:
+    """Wait for SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_buyer_job(agent: Agent, spec: m.JobSpec, aggregator: str = "aggregator",
+                        on_progress: Callable[[int, float, float], None] = lambda *a: None,
+                        job_id: str | None = None, poll: float = 0.05) -> BuyerJob:
+    """Open a job, report each published metric, return the job when it ends."""
+    core: BuyerCore = agent.core
+    job_id = job_id or uuid.uuid4().hex
+    started = time.perf_counter()
+    await agent.send_all(core.open_job(job_id, spec, aggregator), direction="open")
+    log.info("job requested", job=job_id, owners=spec.owners, rounds=spec.rounds)
+    shown: set[int] = set()
+    while True:
+        job = core.jobs[job_id]
+        for round_ in sorted(set(job.published) - shown):
+            shown.add(round_)
+            on_progress(round_, job.published[round_]["all"], time.perf_counter() - started)
+        if job.phase in (BuyerPhase.FINISHED, BuyerPhase.FAILED):
+            return job
+        await asyncio.sleep(poll)
+
+
+def buyer_report(job: BuyerJob, job_id: str, key_bits: int, wall: float) -> dict:
+    """The DESIGN §5 report fields the buyer knows by itself."""
+    spec = job.spec
+    return {
+        "job_id": job_id, "rounds": spec.rounds, "owners": spec.owners, "validators": spec.validators,
+        "lr": spec.lr, "eval_every": spec.eval_every, "key_bits": key_bits,
+        "mse_history": [[r, v["all"]] for r, v in sorted(job.published.items())],
+        "final_mse": job.published[spec.rounds]["all"],
+        "model": list(job.model), "contributions": job.contributions,
+        "payments_wei": job.settlement.payments, "deposit_wei": job.settlement.deposit,
+        "refund_wei": job.settlement.refund, "wall_seconds": wall,
+    }

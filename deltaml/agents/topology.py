@@ -1,0 +1,43 @@
+"""The broker layout, mirroring ``deploy/rabbitmq/definitions.json``.
+
+A topic exchange carries protocol traffic, routed by recipient
+(``to.<name>``; owners also hear ``to.owners``). Every agent consumes its own
+durable queue, which dead-letters into ``deltaml.dlx``/``deltaml.dead``.
+Progress goes to a fan-out exchange that anyone may watch through
+``deltaml.progress``. A test checks the JSON against these names.
+"""
+
+from __future__ import annotations
+
+PROTOCOL_EXCHANGE = "deltaml.protocol"
+DEAD_LETTER_EXCHANGE = "deltaml.dlx"
+DEAD_LETTER_QUEUE = "deltaml.dead"
+PROGRESS_EXCHANGE = "deltaml.progress"
+PROGRESS_QUEUE = "deltaml.progress"
+BROADCAST_OWNERS = "owners"
+PROGRESS = "progress"
+REASON_HEADER = "x-deltaml-reason"
+ROLES = ("aggregator", "buyer", "owner", "ledger")
+
+
+def routing_key(recipient: str) -> str:
+    """Routing key of a message for ``recipient``."""
+    return f"to.{recipient}"
+
+
+def queue_name(role: str, name: str) -> str:
+    """The durable queue an agent consumes: ``deltaml.<role>.<name>``."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role}")
+    return f"deltaml.{role}.{name}"
+
+
+def bindings(role: str, name: str) -> list[str]:
+    """Routing keys bound to an agent's queue."""
+    keys = [routing_key(name)]
+    if role == "owner":
+        keys.append(routing_key(BROADCAST_OWNERS))
+    return keys
+
+
+QUEUE_ARGUMENTS = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE, "x-queue-type": "classic"}

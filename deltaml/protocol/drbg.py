@@ -1,0 +1,54 @@
+"""A deterministic, cryptographically strong random source (SHAKE-256 in counter mode).
+
+Agents draw every mask and every Paillier randomness from one of these,
+seeded from the operating system. Recording the seed in an agent's private
+trace is what makes a run replayable bit for bit; without the seed the
+stream is as unpredictable as the OS's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+
+class Drbg(random.Random):
+    """``random.Random`` interface over a SHAKE-256 keystream."""
+
+    def __init__(self, seed: bytes | None = None) -> None:
+        self._seed = os.urandom(32) if seed is None else bytes(seed)
+        self._counter = 0
+        self._buffer = b""
+        super().__init__(0)
+
+    @property
+    def seed_bytes(self) -> bytes:
+        """The seed (secret: whoever has it can recompute every mask)."""
+        return self._seed
+
+    def seed(self, a=None, version=2) -> None:  # random.Random calls this from __init__
+        pass
+
+    def _take(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            block = hashlib.shake_256(self._seed + self._counter.to_bytes(8, "big")).digest(4096)
+            self._counter += 1
+            self._buffer += block
+        out, self._buffer = self._buffer[:n], self._buffer[n:]
+        return out
+
+    def getrandbits(self, k: int) -> int:
+        if k <= 0:
+            return 0
+        value = int.from_bytes(self._take((k + 7) // 8), "big")
+        return value >> ((8 - k % 8) % 8)
+
+    def random(self) -> float:
+        return self.getrandbits(53) / (1 << 53)
+
+    def getstate(self):
+        raise NotImplementedError("a DRBG's state is its seed and counter, not exported")
+
+    def setstate(self, state) -> None:
+        raise NotImplementedError("a DRBG's state is its seed and counter, not exported")
