@@ -29,3 +29,10 @@ def rows():
     X = gen.normal(size=(40, 3))
     y = X @ np.array([2.0, -1.0, 0.5]) + 4 + gen.normal(size=40)
     return X, y
+
+
+from deltaml.agents.runtime import configure_logging
+
+configure_logging("console", "warning")
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"

@@ -1,0 +1,131 @@
+"""One contract, two buses: the in-memory twin and the real RabbitMQ broker."""
+
+import asyncio
+import uuid
+
+import aio_pika
+import pytest
+
+from deltaml.agents import topology as t
+from deltaml.agents.amqp import AmqpBus
+from deltaml.agents.bus import MAX_ATTEMPTS, MemoryBus, Outcome, Verdict
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+class MemoryHarness:
+    async def start(self):
+        self.bus = MemoryBus()
+        return self.bus
+
+    async def dead_letters(self):
+        await self.bus.drain()
+        return [(d.body, d.reason) for d in self.bus.dead]
+
+    async def stop(self):
+        await self.bus.close()
+
+
+class AmqpHarness:
+    """The real broker; dead letters are read from a private queue bound to the fan-out DLX."""
+
+    async def start(self):
+        self.bus = await AmqpBus(AMQP_URL).connect()
+        self.spy_conn = await aio_pika.connect_robust(AMQP_URL)
+        ch = await self.spy_conn.channel()
+        self.spy = await ch.declare_queue(exclusive=True)
+        await self.spy.bind(t.DEAD_LETTER_EXCHANGE)
+        self.names = []
+        return self.bus
+
+    async def dead_letters(self):
+        await asyncio.sleep(0.5)
+        out = []
+        while (msg := await self.spy.get(fail=False, timeout=2)) is not None:
+            await msg.ack()
+            out.append((msg.body, (msg.headers or {}).get(t.REASON_HEADER, "")))
+        return out
+
+    async def stop(self):
+        await self.bus.close()
+        await self.spy_conn.close()
+
+
+@pytest.fixture(params=["memory", "amqp"])
+async def harness(request):
+    h = MemoryHarness() if request.param == "memory" else AmqpHarness()
+    await h.start()
+    yield h
+    await h.stop()
+
+
+def unique(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def collect(bus, role, name, verdict=Verdict.ACK, reason=""):
+    got = []
+
+    async def handler(delivery):
+        got.append(delivery)
+        return Outcome(verdict, reason)
+
+    await bus.consume(role, name, handler)
+    return got
+
+
+async def wait_for(predicate, timeout=10.0):
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+async def test_messages_reach_the_named_agent_only(harness):
+    bus = harness.bus
+    a, b = unique("o"), unique("o")
+    got_a, got_b = await collect(bus, "owner", a), await collect(bus, "owner", b)
+    await bus.publish(a, b"for a", "m1")
+    await wait_for(lambda: len(got_a) == 1)
+    await asyncio.sleep(0.2)
+    assert got_a[0].body == b"for a" and got_b == []
+
+
+async def test_owners_broadcast_reaches_every_owner(harness):
+    bus = harness.bus
+    owners = [unique("o") for _ in range(3)]
+    got = [await collect(bus, "owner", o) for o in owners]
+    buyer = await collect(bus, "buyer", unique("b"))
+    mark = uuid.uuid4().hex.encode()
+    await bus.publish(t.BROADCAST_OWNERS, mark, "m2")
+    await wait_for(lambda: all(any(d.body == mark for d in g) for g in got))
+    assert not any(d.body == mark for d in buyer)
+
+
+async def test_rejected_message_is_dead_lettered_with_its_reason(harness):
+    bus = harness.bus
+    name = unique("o")
+    await collect(bus, "owner", name, Verdict.DEAD_LETTER, "bad payload: rows must be positive")
+    body = uuid.uuid4().hex.encode()
+    await bus.publish(name, body, "m3")
+    dead = await harness.dead_letters()
+    assert (body, "bad payload: rows must be positive") in dead
+
+
+async def test_transient_failures_are_retried_then_dead_lettered(harness):
+    bus = harness.bus
+    name = unique("o")
+    got = await collect(bus, "owner", name, Verdict.RETRY, "database briefly away")
+    body = uuid.uuid4().hex.encode()
+    await bus.publish(name, body, "m4")
+    await wait_for(lambda: len(got) == MAX_ATTEMPTS)
+    dead = await harness.dead_letters()
+    assert (body, "database briefly away") in dead
+    assert [d.attempts for d in got] == list(range(MAX_ATTEMPTS))
+
+
+async def test_unroutable_messages_are_not_lost(harness):
+    body = uuid.uuid4().hex.encode()
+    await harness.bus.publish(unique("nobody"), body, "m5")
+    assert any(b == body for b, _ in await harness.dead_letters())
