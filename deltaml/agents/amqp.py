@@ -10,6 +10,8 @@ role's broker user needs no right to create them.
 
 from __future__ import annotations
 
+import logging
+
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -32,12 +34,19 @@ class AmqpBus:
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
 
     async def connect(self) -> "AmqpBus":
+        quiet = [logging.getLogger(n) for n in ("aio_pika", "aiormq")]
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.CRITICAL)  # the first failure is ours to report, in one line
         try:
             self.connection = await aio_pika.connect_robust(self.url, timeout=10)
         except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
             raise BrokerUnavailable(
                 f"no RabbitMQ at {_redact(self.url)} ({exc.__class__.__name__}); start one with `make broker`"
             ) from None
+        finally:
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)
         self.channel = await self.connection.channel(publisher_confirms=True)
         await self.channel.set_qos(prefetch_count=self.prefetch)
         try:

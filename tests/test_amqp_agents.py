@@ -1,0 +1,196 @@
+"""Agents on the real broker: garbage is dead-lettered with a reason, the honest job is unaffected."""
+
+import asyncio
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import aio_pika
+import aiormq
+import numpy as np
+import pytest
+
+from deltaml.agents import topology as t
+from deltaml.agents.agent import Agent
+from deltaml.agents.amqp import AmqpBus
+from deltaml.agents.parties import aggregator_core, buyer_core, context
+from deltaml.agents.runtime import run_buyer_job
+from deltaml.marketplace import DemoConfig, baselines, make_spec, owner_names, prepare_parts
+from deltaml.protocol import messages as m
+from deltaml.protocol.buyer import BuyerPhase
+from deltaml.protocol.owner import OwnerCore, OwnerData
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+ROOT = Path(__file__).parent.parent
+
+
+async def read_dead_letters(queue):
+    await asyncio.sleep(1.0)
+    out = {}
+    while (msg := await queue.get(fail=False, timeout=2)) is not None:
+        await msg.ack()
+        out[msg.message_id] = (msg.headers or {}).get(t.REASON_HEADER, "")
+    return out
+
+
+async def test_bad_messages_are_dead_lettered_while_an_honest_job_finishes(keypair):
+    pub, priv = keypair
+    config = DemoConfig(rounds=2, eval_every=2)
+    data, parts = prepare_parts(config)
+    tag = uuid.uuid4().hex[:6]
+    agg_name, buyer_name = f"aggregator-{tag}", f"buyer-{tag}"
+    names = [f"{n}-{tag}" for n in owner_names(config.owners)]
+
+    spy_conn = await aio_pika.connect_robust(AMQP_URL)
+    spy = await (await spy_conn.channel()).declare_queue(exclusive=True)
+    await spy.bind(t.DEAD_LETTER_EXCHANGE)
+
+    bus = await AmqpBus(AMQP_URL).connect()
+    agents = [Agent("aggregator", agg_name, aggregator_core(agg_name), bus)]
+    for name, part in zip(names, parts):
+        agents.append(Agent("owner", name, OwnerCore(context(name), OwnerData(part.columns, part.table())), bus))
+    buyer = Agent("buyer", buyer_name, buyer_core(buyer_name, priv), bus)
+    for a in [*agents, buyer]:
+        await a.start()
+
+    spec = make_spec(config, data, pub.to_hex(), buyer_name)
+    job_id = uuid.uuid4().hex
+    job_task = asyncio.create_task(run_buyer_job(buyer, spec, aggregator=agg_name, job_id=job_id))
+
+    good = m.Envelope(message_id="x", job_id=job_id, sender=names[0], recipient=agg_name,
+                      payload=m.JoinRequest(rows=5))
+    raw = json.loads(m.encode(good))
+    garbage = {
+        "g-notjson": b"{{{ not json",
+        "g-version": json.dumps({**raw, "schema_version": 99}).encode(),
+        "g-type": json.dumps({**raw, "payload": {"type": "give_me_the_key"}}).encode(),
+        "g-invalid": json.dumps({**raw, "payload": {"type": "join_request", "rows": -3}}).encode(),
+        "g-unknown-job": m.encode(good.model_copy(update={"job_id": "no-such-job", "message_id": "u"})),
+        "g-forged-join": m.encode(good.model_copy(update={"sender": "mallory", "message_id": "f",
+                                                          "payload": m.GradientReply(rows=1, gradients={})})),
+    }
+    for message_id, body in garbage.items():
+        await bus.publish(agg_name, body, message_id)
+        await bus.publish(names[1], body, message_id)
+
+    job = await asyncio.wait_for(job_task, timeout=300)
+    dead = await read_dead_letters(spy)
+    await bus.close()
+    await spy_conn.close()
+
+    assert job.phase is BuyerPhase.FINISHED
+    expected = baselines(parts, config)["centralized_gd_mse"]
+    assert abs(job.published[config.rounds]["all"] - expected) / expected < 1e-6
+    reasons = {k: v for k, v in dead.items() if k in garbage}
+    assert set(reasons) == set(garbage)
+    assert "not JSON" in reasons["g-notjson"]
+    assert "unsupported schema version 99" in reasons["g-version"]
+    assert "give_me_the_key" in reasons["g-type"]
+    assert "rows" in reasons["g-invalid"]
+    assert "unknown job" in reasons["g-unknown-job"]
+    assert "InvalidTransition" in reasons["g-forged-join"] or "ProtocolError" in reasons["g-forged-join"]
+
+
+async def test_a_duplicate_delivery_is_acknowledged_and_answered_again(keypair):
+    pub, priv = keypair
+    tag = uuid.uuid4().hex[:6]
+    agg_name = f"aggregator-{tag}"
+    bus = await AmqpBus(AMQP_URL).connect()
+    agent = Agent("aggregator", agg_name, aggregator_core(agg_name), bus)
+    await agent.start()
+    owner_q = await bus.declare("owner", f"watch-{tag}")
+    spec = make_spec(DemoConfig(), prepare_parts(DemoConfig())[0], pub.to_hex(), f"buyer-{tag}")
+    request = m.Envelope(message_id=f"req-{tag}", job_id=f"job-{tag}", sender=f"buyer-{tag}", recipient=agg_name,
+                         payload=m.JobRequest(spec=spec, initial_model=[pub.encrypt(0) for _ in range(11)]))
+    for _ in range(2):
+        await bus.publish(agg_name, m.encode(request), request.message_id)
+    offers = []
+    for _ in range(40):
+        msg = await owner_q.get(fail=False, timeout=1)
+        if msg is not None:
+            await msg.ack()
+            offers.append(m.decode(msg.body))
+        elif len(offers) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    await bus.close()
+    mine = [o for o in offers if o.job_id == f"job-{tag}"]
+    assert len(mine) == 2 and mine[0].message_id == mine[1].message_id  # the same answer, not a new job
+    assert len(agent.core.jobs) == 1
+
+
+async def test_an_owner_broker_user_cannot_read_the_buyer_queue():
+    admin = await AmqpBus(AMQP_URL).connect()
+    await admin.declare("buyer", "buyer")
+    await admin.close()
+    conn = await aio_pika.connect_robust("amqp://deltaml-owner:deltaml-owner@127.0.0.1:5672/")
+    try:
+        channel = await conn.channel()
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused, match="ACCESS_REFUSED"):
+            queue = await channel.get_queue("deltaml.buyer.buyer", ensure=False)
+            async def ignore(message):
+                pass
+
+            await queue.consume(ignore)
+        own = await AmqpBus("amqp://deltaml-owner:deltaml-owner@127.0.0.1:5672/").connect()
+        await own.declare("owner", f"perm-{uuid.uuid4().hex[:6]}")  # its own role's queue is fine
+        await own.close()
+    finally:
+        await conn.close()
+
+
+def test_definitions_mirror_the_topology_module():
+    defs = json.loads((ROOT / "deploy/rabbitmq/definitions.json").read_text())
+    exchanges = {e["name"]: e for e in defs["exchanges"]}
+    assert exchanges[t.PROTOCOL_EXCHANGE]["type"] == "topic"
+    assert exchanges[t.PROTOCOL_EXCHANGE]["arguments"]["alternate-exchange"] == t.DEAD_LETTER_EXCHANGE
+    assert exchanges[t.PROGRESS_EXCHANGE]["type"] == "fanout"
+    assert exchanges[t.DEAD_LETTER_EXCHANGE]["type"] == "fanout"
+    queues = {q["name"]: q for q in defs["queues"]}
+    assert {t.DEAD_LETTER_QUEUE, t.PROGRESS_QUEUE, t.queue_name("aggregator", "aggregator")} <= set(queues)
+    assert queues[t.queue_name("aggregator", "aggregator")]["arguments"] == t.QUEUE_ARGUMENTS
+    users = {u["name"] for u in defs["users"]}
+    assert users == {f"deltaml-{r}" for r in t.ROLES}
+    for perm in defs["permissions"]:
+        role = perm["user"].removeprefix("deltaml-")
+        others = [r for r in t.ROLES if r != role]
+        import re
+        for kind in ("configure", "write", "read"):
+            assert re.match(perm[kind], t.queue_name(role, "x"))
+            assert not any(re.match(perm[kind], t.queue_name(o, "x")) for o in others)
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "deltaml.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_demo_over_rabbitmq_with_separate_processes(tmp_path):
+    report_path = tmp_path / "r.json"
+    proc = run_cli("demo", "--bus", "amqp", "--rounds", "2", "--eval-every", "1", "--report", str(report_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(report_path.read_text())
+    assert report["bus"] == "amqp" and report["key_bits"] == 2048
+    assert abs(report["final_mse"] - report["centralized_gd_mse"]) / report["centralized_gd_mse"] < 1e-6
+    assert [r for r, _ in report["mse_history"]] == [0, 1, 2]
+    assert sum(report["payments_wei"].values()) + report["refund_wei"] == report["deposit_wei"]
+
+
+def test_no_broker_is_one_clear_line():
+    proc = run_cli("demo", "--bus", "amqp", "--rounds", "1", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/",
+                   timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1
+    assert "no RabbitMQ" in lines[0] and "make broker" in lines[0] and "guest:***" in lines[0]
+
+
+def test_dataset_split_writes_the_design_split(tmp_path):
+    proc = run_cli("dataset", "split", "diabetes", "--parts", "5", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    from deltaml.data import load_csv
+    parts = [load_csv(tmp_path / f"owner-{i}.csv") for i in range(1, 6)]
+    assert [len(p.y) for p in parts] == [89, 89, 88, 88, 88]
+    assert parts[0].features[0] == "age" and parts[0].target == "progression"
+    assert np.isclose(sum(p.y.sum() for p in parts), prepare_parts(DemoConfig())[0].y.sum())
