@@ -23,7 +23,6 @@ from typing import Callable
 
 import numpy as np
 
-from .agents import topology
 from .agents.agent import Agent
 from .agents.bus import MemoryBus
 from .agents.parties import aggregator_core, buyer_core, context
