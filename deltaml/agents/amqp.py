@@ -85,14 +85,10 @@ class AmqpBus:
             outcome = await handler(Delivery(message.body, headers, attempts))
             if outcome.verdict is Verdict.RETRY and attempts + 1 < MAX_ATTEMPTS:
                 headers[ATTEMPTS_HEADER] = attempts + 1
-                await self.channel.default_exchange.publish(
-                    aio_pika.Message(message.body, message_id=message.message_id, headers=headers,
-                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=queue_name)
+                await self.channel.default_exchange.publish(_copy(message, headers), routing_key=queue_name)
             elif outcome.verdict is not Verdict.ACK:
                 headers.update({t.REASON_HEADER: outcome.reason[:1000], "x-deltaml-queue": queue_name})
-                await self.dead.publish(
-                    aio_pika.Message(message.body, message_id=message.message_id, headers=headers,
-                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=queue_name)
+                await self.dead.publish(_copy(message, headers), routing_key=queue_name)
             await message.ack()  # only after the dead letter or retry copy is confirmed
 
         await queue.consume(on_message)
@@ -100,6 +96,12 @@ class AmqpBus:
     async def close(self) -> None:
         if self.connection is not None:
             await self.connection.close()
+
+
+def _copy(message: AbstractIncomingMessage, headers: dict) -> aio_pika.Message:
+    """A persistent copy of a delivery with new headers (for a retry or a dead letter)."""
+    return aio_pika.Message(message.body, message_id=message.message_id, headers=headers,
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
 
 
 def _redact(url: str) -> str:

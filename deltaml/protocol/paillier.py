@@ -12,6 +12,7 @@ Verifiable decryption: ``c = (1+n)**m * rho**n mod n**2`` determines ``m`` and
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -66,8 +67,9 @@ class PublicKey:
         return format(self.n, "x")
 
     @classmethod
+    @functools.lru_cache(maxsize=64)
     def from_hex(cls, text: str) -> "PublicKey":
-        """Parse and check a key received from another party."""
+        """Parse and check a key received from another party (cached: jobs ask on every message)."""
         key = cls(int(text, 16))
         check_key_bits(key.bits)
         return key
