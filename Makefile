@@ -4,13 +4,22 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test broker bench-floor clean
+.PHONY: demo test broker contracts bench-floor clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# The pinned Solidity compiler and dev chain (npm), then the ABI and bytecode Python deploys.
+NODE_MODULES := contracts/node_modules/.package-lock.json
+$(NODE_MODULES): contracts/package.json contracts/package-lock.json
+	cd contracts && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_MODULES)
+
+contracts: $(NODE_MODULES)
+	cd contracts && node compile.js
 
 # Start RabbitMQ if none answers, enable the management UI, load deploy/rabbitmq/definitions.json.
 broker:
@@ -19,11 +28,11 @@ broker:
 demo: $(STAMP) broker
 	$(BIN)/deltaml demo --bus amqp --owners 5 --validators 1 --rounds 100 --lr 1.5 --eval-every 10 --report report.json
 
-test: $(STAMP) broker
+test: $(STAMP) $(NODE_MODULES) broker
 	$(BIN)/python -m pytest -q
 
 bench-floor: $(STAMP)
 	$(BIN)/python benchmarks/crypto_floor.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis contracts/node_modules

@@ -27,16 +27,23 @@ def _common(p: argparse.ArgumentParser, settings: Settings) -> None:
     p.add_argument("--trace", type=Path, default=None, help="append every message in and out (JSON lines)")
 
 
+def _key(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key", type=Path, default=None,
+                   help="this party's Ethereum key file, created with mode 0600 if missing")
+
+
 def _progress(round_: int, mse: float, elapsed: float) -> None:
     print(f"round {round_:>5}  validation MSE {mse:12.4f}  elapsed {elapsed:8.1f}s", flush=True)
 
 
 def _print_earnings(report: dict) -> None:
-    print(f"{'owner':<12}{'contribution':>14}{'paid (wei)':>24}")
-    for owner, paid in report["payments_wei"].items():
-        c = report["contributions"].get(owner)
-        print(f"{owner:<12}{'validator' if c is None else f'{c:.4f}':>14}{paid:>24}")
-    print(f"refund to buyer {report['refund_wei']} wei of {report['deposit_wei']}")
+    names = {a: n for n, a in report.get("participants", {}).items()}
+    print(f"{'owner':<10}{'address':<44}{'contribution':>14}{'paid (wei)':>22}")
+    for address, paid in report["payments_wei"].items():
+        c = report["contributions"].get(address)
+        print(f"{names.get(address, ''):<10}{address:<44}{'validator' if c is None else f'{c:.4f}':>14}{paid:>22}")
+    print(f"refund to buyer {report['refund_wei']} wei of a {report['deposit_wei']} wei deposit "
+          f"(paid + refund = {sum(report['payments_wei'].values()) + report['refund_wei']})")
 
 
 def _write_report(report: dict, path: Path | None) -> None:
@@ -51,11 +58,9 @@ def cmd_demo(args) -> int:
 
     configure_logging("console", "warning")
     check_key_bits(args.key_bits)
-    if args.chain != "embedded":
-        raise CliError("only the embedded chain is available yet")
     config = DemoConfig(owners=args.owners, validators=args.validators, rounds=args.rounds, lr=args.lr,
                         eval_every=args.eval_every, key_bits=args.key_bits, dataset=args.dataset,
-                        poison_owner=args.poison_owner)
+                        poison_owner=args.poison_owner, chain=args.chain)
     report = run_demo(config, args.bus, _progress, amqp_url=args.amqp_url)
     rel = abs(report["final_mse"] - report["centralized_gd_mse"]) / report["centralized_gd_mse"]
     print(f"final MSE {report['final_mse']:.4f}  centralised GD {report['centralized_gd_mse']:.4f} "
@@ -79,6 +84,9 @@ def _serve(role: str, name: str, core, args, header: dict) -> int:
             if args.trace else None
         agent = Agent(role, name, core, bus, trace)
         await agent.start()
+        wallet = getattr(core, "wallet", None)
+        if wallet is not None:  # the ledger must know this party before any event concerns it
+            await agent.send_all(wallet.greet(core.ctx))
         import structlog
         structlog.get_logger().info("agent started", role=role, name=name)
         await until_signalled()
@@ -91,17 +99,39 @@ def _serve(role: str, name: str, core, args, header: dict) -> int:
     return 0
 
 
+def _wallet(args):
+    from .agents.parties import load_wallet
+
+    try:
+        return load_wallet(args.key)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def cmd_aggregator(args) -> int:
     from .agents.parties import aggregator_core
 
-    return _serve("aggregator", "aggregator", aggregator_core(), args, {})
+    return _serve("aggregator", "aggregator", aggregator_core(wallet=_wallet(args)), args, {})
+
+
+def cmd_ledger(args) -> int:
+    from .agents.ledger import Chain, ChainUnavailable, LedgerCore
+    from .agents.parties import context
+    from .protocol.chain import LEDGER
+
+    try:
+        chain = Chain(args.chain, contract=args.contract)
+    except ChainUnavailable as exc:
+        raise CliError(str(exc)) from None
+    print(f"ledger: escrow contract {chain.address} on chain {chain.chain_id} ({args.chain})", file=sys.stderr)
+    return _serve("ledger", LEDGER, LedgerCore(context(LEDGER), chain), args, {"chain": args.chain})
 
 
 def cmd_owner(args) -> int:
     from .agents.parties import owner_core
 
     name = args.name or Path(args.data).stem
-    core = owner_core(name, str(args.data), args.auto_accept)
+    core = owner_core(name, str(args.data), args.auto_accept, wallet=_wallet(args))
     if not args.auto_accept:
         print(f"owner {name}: without --auto-accept, job offers are logged and not joined", file=sys.stderr)
     header = {"data": str(Path(args.data).resolve()), "auto_accept": args.auto_accept}
@@ -121,8 +151,10 @@ def cmd_buyer_train(args) -> int:
     key = new_key(args.key_bits)
     spec = m.JobSpec(buyer=args.name, features=args.features.split(","), target=args.target, owners=args.owners,
                      validators=args.validators, rounds=args.rounds, lr=args.lr, eval_every=args.eval_every,
-                     key_bits=args.key_bits, public_key=key.public.to_hex())
-    core = buyer_core(args.name, key)
+                     key_bits=args.key_bits, public_key=key.public.to_hex(), escrow=True,
+                     deadline=int(time.time()) + args.deadline_hours * 3600,
+                     fixed_reward_wei=args.fixed_reward_wei, variable_pool_wei=args.variable_pool_wei)
+    core = buyer_core(args.name, key, wallet=_wallet(args))
 
     async def main():
         bus = await AmqpBus(args.amqp_url).connect()
@@ -198,13 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("aggregator", help="run the aggregator daemon")
     _common(p, settings)
+    _key(p)
     p.set_defaults(func=cmd_aggregator)
+
+    p = sub.add_parser("ledger", help="run the ledger daemon, the only chain client")
+    p.add_argument("--chain", default=settings.chain, help="embedded (an in-process EVM) or a JSON-RPC URL")
+    p.add_argument("--contract", default=None, help="use this deployed escrow instead of deploying one")
+    _common(p, settings)
+    p.set_defaults(func=cmd_ledger)
 
     p = sub.add_parser("owner", help="run a data owner daemon")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--name", default=None, help="defaults to the data file's name")
     p.add_argument("--auto-accept", action="store_true", help="join every job the data matches")
     _common(p, settings)
+    _key(p)
     p.set_defaults(func=cmd_owner)
 
     buyer = sub.add_parser("buyer", help="buy a model").add_subparsers(dest="action", required=True)
@@ -220,7 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="buyer")
     p.add_argument("--report", type=Path, default=None)
     p.add_argument("--model-out", type=Path, default=None)
+    p.add_argument("--fixed-reward-wei", type=int, default=10**16)
+    p.add_argument("--variable-pool-wei", type=int, default=10**18)
+    p.add_argument("--deadline-hours", type=int, default=24)
     _common(p, settings)
+    _key(p)
     p.set_defaults(func=cmd_buyer_train)
 
     data = sub.add_parser("dataset", help="data tools").add_subparsers(dest="action", required=True)

@@ -25,11 +25,13 @@ import numpy as np
 
 from .agents.agent import Agent
 from .agents.bus import MemoryBus
-from .agents.parties import aggregator_core, buyer_core, context
+from .agents.ledger import Chain, LedgerCore
+from .agents.parties import aggregator_core, buyer_core, context, load_wallet
 from .agents.runtime import buyer_report, run_buyer_job
 from .data import Dataset, DataError, demo_split, load, write_csv
 from .protocol import messages as m
 from .protocol.buyer import BuyerPhase
+from .protocol.chain import DEFAULT_DEADLINE, LEDGER
 from .protocol.linear import gradient_descent, least_squares, sufficient_stats
 from .protocol.owner import OwnerCore, OwnerData
 from .protocol.paillier import PrivateKey, PublicKey, generate_keypair
@@ -53,6 +55,7 @@ class DemoConfig:
     variable_pool_wei: int = 10**18
     frac_bits: int = 32
     magnitude_bits: int = 60
+    chain: str = "embedded"
 
 
 def owner_names(count: int) -> list[str]:
@@ -87,7 +90,8 @@ def make_spec(config: DemoConfig, data: Dataset, public_hex: str, buyer: str) ->
                      owners=config.owners, validators=config.validators, rounds=config.rounds, lr=config.lr,
                      eval_every=config.eval_every, key_bits=config.key_bits, public_key=public_hex,
                      fixed_reward_wei=config.fixed_reward_wei, variable_pool_wei=config.variable_pool_wei,
-                     frac_bits=config.frac_bits, magnitude_bits=config.magnitude_bits)
+                     frac_bits=config.frac_bits, magnitude_bits=config.magnitude_bits,
+                     escrow=True, deadline=int(time.time()) + DEFAULT_DEADLINE)
 
 
 def baselines(parts: list[Dataset], config: DemoConfig) -> dict:
@@ -109,21 +113,41 @@ def baselines(parts: list[Dataset], config: DemoConfig) -> dict:
             "centralized_gd_model": w_gd.tolist(), "centralized_contributions": loo}
 
 
+def _ledger(bus, chain_url: str):
+    ledger = LedgerCore(context(LEDGER), Chain(chain_url))
+    return ledger, Agent("ledger", LEDGER, ledger, bus)
+
+
 async def _memory_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, key: PrivateKey,
                       on_progress: Progress) -> tuple:
     bus = MemoryBus()
-    agents = [Agent("aggregator", "aggregator", aggregator_core(), bus)]
+    ledger, ledger_agent = _ledger(bus, config.chain)
+    agents = [ledger_agent, Agent("aggregator", "aggregator", aggregator_core(wallet=load_wallet(None)), bus)]
     for name, part in zip(owner_names(config.owners), parts):
-        agents.append(Agent("owner", name, OwnerCore(context(name), OwnerData(part.columns, part.table())), bus))
-    buyer = Agent("buyer", "buyer", buyer_core("buyer", key), bus)
+        core = OwnerCore(context(name, wallet=load_wallet(None)), OwnerData(part.columns, part.table()))
+        agents.append(Agent("owner", name, core, bus))
+    buyer = Agent("buyer", "buyer", buyer_core("buyer", key, wallet=load_wallet(None)), bus)
     for agent in [*agents, buyer]:
         await agent.start()
     job_id = uuid.uuid4().hex
     try:
         job = await run_buyer_job(buyer, spec, on_progress=on_progress, job_id=job_id)
+        await _withdrawals(ledger, job)
     finally:
         await bus.close()
-    return job, job_id, [d.reason for d in bus.dead]
+    return job, job_id, [d.reason for d in bus.dead], ledger
+
+
+async def _withdrawals(ledger: LedgerCore, job, timeout: float = 60.0) -> None:
+    """Wait until every credited party has withdrawn: the pull payments are part of the job."""
+    if job.phase is not BuyerPhase.FINISHED:
+        return
+    payees = [*job.payments_wei, *([job.buyer_address] if job.refund_wei else [])]
+    deadline = time.monotonic() + timeout
+    while any(ledger.chain.credit(a) for a in payees):
+        if time.monotonic() > deadline:
+            raise RuntimeError("payments were credited but not withdrawn in time")
+        await asyncio.sleep(0.05)
 
 
 def _spawn(args: list[str], url: str) -> subprocess.Popen:
@@ -139,17 +163,21 @@ async def _amqp_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, k
     children: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="deltaml-demo-") as tmp:
         try:
+            ledger, ledger_agent = _ledger(bus, config.chain)
+            await ledger_agent.start()
             await bus.declare("aggregator", "aggregator")
-            children.append(_spawn(["aggregator"], url))
+            children.append(_spawn(["aggregator", "--key", str(Path(tmp) / "aggregator.key")], url))
             for name, part in zip(owner_names(config.owners), parts):
                 path = Path(tmp) / f"{name}.csv"
                 write_csv(part, path)
                 await bus.declare("owner", name)  # the offer waits in the queue until the owner is up
-                children.append(_spawn(["owner", "--data", str(path), "--name", name, "--auto-accept"], url))
-            buyer = Agent("buyer", "buyer", buyer_core("buyer", key), bus)
+                children.append(_spawn(["owner", "--data", str(path), "--name", name, "--auto-accept",
+                                        "--key", str(Path(tmp) / f"{name}.key")], url))
+            buyer = Agent("buyer", "buyer", buyer_core("buyer", key, wallet=load_wallet(None)), bus)
             await buyer.start()
             job_id = uuid.uuid4().hex
             job = await run_buyer_job(buyer, spec, on_progress=on_progress, job_id=job_id)
+            await _withdrawals(ledger, job)
         finally:
             for child in children:
                 child.send_signal(signal.SIGTERM)
@@ -159,7 +187,7 @@ async def _amqp_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, k
                 except subprocess.TimeoutExpired:
                     child.kill()
             await bus.close()
-    return job, job_id, []
+    return job, job_id, [], ledger
 
 
 def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = lambda *a: None,
@@ -171,15 +199,25 @@ def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = la
     public, private = keypair or generate_keypair(config.key_bits)
     spec = make_spec(config, data, public.to_hex(), "buyer")
     if bus == "memory":
-        job, job_id, refused = asyncio.run(_memory_job(config, parts, spec, private, on_progress))
+        job, job_id, refused, ledger = asyncio.run(_memory_job(config, parts, spec, private, on_progress))
     else:
-        job, job_id, refused = asyncio.run(_amqp_job(config, parts, spec, private, on_progress, amqp_url))
+        job, job_id, refused, ledger = asyncio.run(_amqp_job(config, parts, spec, private, on_progress, amqp_url))
     if job.phase is not BuyerPhase.FINISHED:
         raise RuntimeError(f"job did not finish: {job.reason or 'failed'}")
     report = buyer_report(job, job_id, public.bits, 0.0)
     report.update({"bus": bus, "dataset": config.dataset, **baselines(parts, config), "messages_refused": refused})
+    report["chain"] = chain_report(ledger, job)
     report["wall_seconds"] = time.perf_counter() - started
     return report
+
+
+def chain_report(ledger: LedgerCore, job) -> dict:
+    """What the chain says: the escrow left in the contract, what each address withdrew, gas per function."""
+    c = ledger.chain
+    return {"url": c.url, "contract": c.address, "chain_id": c.chain_id,
+            "contract_balance_wei": c.balance(c.address),
+            "credit_left_wei": {a: c.credit(a) for a in [*job.payments_wei, job.buyer_address]},
+            "withdrawn_wei": dict(ledger.withdrawn), "gas": ledger.gas_report()}
 
 
 def run_memory(config: DemoConfig, on_progress: Progress = lambda *a: None,

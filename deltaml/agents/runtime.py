@@ -62,7 +62,7 @@ async def run_buyer_job(agent: Agent, spec: m.JobSpec, aggregator: str = "aggreg
 def buyer_report(job: BuyerJob, job_id: str, key_bits: int, wall: float) -> dict:
     """The DESIGN §5 report fields the buyer knows by itself."""
     spec = job.spec
-    return {
+    report = {
         "job_id": job_id, "rounds": spec.rounds, "owners": spec.owners, "validators": spec.validators,
         "lr": spec.lr, "eval_every": spec.eval_every, "key_bits": key_bits,
         "mse_history": [[r, v["all"]] for r, v in sorted(job.published.items())],
@@ -71,3 +71,15 @@ def buyer_report(job: BuyerJob, job_id: str, key_bits: int, wall: float) -> dict
         "payments_wei": job.settlement.payments, "deposit_wei": job.settlement.deposit,
         "refund_wei": job.settlement.refund, "wall_seconds": wall,
     }
+    if spec.escrow:  # what the contract paid, by address; the buyer's own prediction alongside
+        addr = job.addresses
+        predicted = {addr[n]: v for n, v in job.settlement.payments.items()}
+        report.update({
+            "participants": {n: addr[n] for n in [*job.trainers, *job.validators]},
+            "buyer_address": job.buyer_address, "aggregator_address": addr[job.aggregator],
+            "contributions": {addr[t]: c for t, c in job.contributions.items()},
+            "contributions_micro": job.chain_contributions,
+            "payments_wei": dict(job.payments_wei), "refund_wei": job.refund_wei, "deposit_wei": spec.deposit_wei,
+            "settlement_as_predicted": predicted == job.payments_wei and job.settlement.refund == job.refund_wei,
+        })
+    return report

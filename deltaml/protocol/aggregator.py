@@ -30,6 +30,7 @@ from .fixedpoint import FixedPoint
 from .linear import encrypted_update, step_size_q
 from .machine import (FULL_MODEL, Context, Machine, eval_models, is_eval_round, natural_key,
                       require, table, without)
+from .chain import LEDGER, ChainParty, job_key, key_hash, metric_args, model_index, same_address
 from .paillier import PublicKey, require_valid_decryption, Decryption
 from .refresh import RefreshMasks, mask_for_refresh, unmask_refreshed
 
@@ -65,6 +66,9 @@ class AggJob:
     mse_history: list[tuple[int, float]] = field(default_factory=list)
     final_mse: dict[str, float] = field(default_factory=dict)
     reason: str = ""
+    addresses: dict[str, str] = field(default_factory=dict)
+    training_started: bool = False
+    settled: bool = False
 
     @property
     def codec(self) -> FixedPoint:
@@ -136,7 +140,10 @@ def _from(job: AggJob, env: m.Envelope, parties: list[str], what: str) -> None:
 
 def _on_join(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     require(env.sender not in job.joined, f"{env.sender} already joined")
+    require(not job.spec.escrow or env.payload.address is not None, "a paid job needs the owner's address")
     job.joined[env.sender] = env.payload.rows
+    if env.payload.address is not None:
+        job.addresses[env.sender] = env.payload.address
     if len(job.joined) < job.spec.owners:
         return []
     names = sorted(job.joined, key=natural_key)
@@ -149,8 +156,12 @@ def _on_join(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     out = [ctx.message(env.job_id, 0, t, m.RoleAssignment(role="trainer", models=job.models_of(t)))
            for t in job.trainers]
     out += [ctx.message(env.job_id, 0, v, m.RoleAssignment(role="validator", models=[])) for v in job.validators]
+    addresses = {}
+    if job.spec.escrow:
+        addresses = {n: job.addresses[n] for n in job.trainers + job.validators}
+        addresses[ctx.name] = ctx.wallet.address
     out.append(ctx.message(env.job_id, 0, job.buyer,
-                           m.Participants(trainers=job.trainers, validators=job.validators)))
+                           m.Participants(trainers=job.trainers, validators=job.validators, addresses=addresses)))
     return out
 
 
@@ -164,9 +175,13 @@ def _on_accepted(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]
     require(env.payload.role == expected, f"{env.sender} accepted the wrong role")
     job.replies[env.sender] = env
     job.joined[env.sender] = env.payload.rows
-    if len(job.replies) < job.spec.owners:
-        return []
-    return _advance(job, ctx, env.job_id)
+    return _maybe_start(job, ctx, env.job_id)
+
+
+def _maybe_start(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
+    """Training starts once every owner has accepted and, for a paid job, the escrow is in place."""
+    ready = len(job.replies) == job.spec.owners and (job.training_started or not job.spec.escrow)
+    return _advance(job, ctx, job_id) if job.phase == AggPhase.STARTING and ready else []
 
 
 def _on_gradient(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
@@ -232,7 +247,62 @@ def _on_metric(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     if job.round == job.spec.rounds:
         job.final_mse = {mid: metric.mse for mid, metric in env.payload.metrics.items()}
     progress = m.Progress(phase="evaluated", mse=env.payload.metrics[FULL_MODEL].mse)
-    return [ctx.message(env.job_id, job.round, "progress", progress), *_advance(job, ctx, env.job_id)]
+    out = [ctx.message(env.job_id, job.round, "progress", progress)]
+    if job.spec.escrow:
+        out += _record_metrics(job, env, ctx, totals)
+    return out + _advance(job, ctx, env.job_id)
+
+
+def _record_metrics(job: AggJob, env: m.Envelope, ctx: Context, totals: dict[str, int]) -> list[m.Envelope]:
+    """Put every verified metric on chain (the ledger checks each proof again); settle after the last."""
+    out = []
+    scale = job.replies[job.validators[0]].payload.sse_scale_bits
+    for mid, metric in sorted(env.payload.metrics.items(), key=lambda kv: model_index(kv[0], job.trainers)):
+        args = metric_args(env.job_id, job.round, model_index(mid, job.trainers), totals[mid], metric.sse, scale,
+                           metric.rows, metric.randomness)
+        proof = m.MetricProof(ciphertext=totals[mid], public_key=job.spec.public_key)
+        out += ctx.wallet.call(ctx, env.job_id, job.round, "recordMetric", args, proof=proof)
+    if job.round == job.spec.rounds:
+        out += ctx.wallet.call(ctx, env.job_id, job.round, "settle", [job_key(env.job_id)])
+    return out
+
+
+def _fail(job: AggJob, ctx: Context, job_id: str, reason: str) -> list[m.Envelope]:
+    job.phase = AggPhase.FAILED
+    job.reason = reason
+    end = m.JobFinished(ok=False, reason=reason)
+    return [ctx.message(job_id, job.round, p, end) for p in [job.buyer, *job.trainers, *job.validators]]
+
+
+def _on_chain_event(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
+    """The escrow drives the start: post the participants once funded, train once all confirmed."""
+    require(env.sender == LEDGER, "chain events come from the ledger")
+    ev, spec = env.payload, job.spec
+    if ev.event == "JobCreated" and job.phase == AggPhase.STARTING and not job.training_started:
+        a = ev.args
+        expected = (ctx.wallet.address, spec.deposit_wei, spec.owners, spec.rounds, spec.fixed_reward_wei,
+                    spec.variable_pool_wei, "0x" + key_hash(job.public_key).hex())
+        got = (a["aggregator"], a["deposit"], a["owners"], a["rounds"], a["fixedReward"], a["variablePool"],
+               a["keyHash"])
+        if not same_address(got[0], expected[0]) or got[1:] != expected[1:]:
+            return _fail(job, ctx, env.job_id, "the escrow on chain does not match the job")
+        trainers = [job.addresses[t] for t in job.trainers]
+        validators = [job.addresses[v] for v in job.validators]
+        return ctx.wallet.call(ctx, env.job_id, 0, "setParticipants", [job_key(env.job_id), trainers, validators])
+    if ev.event == "TrainingStarted" and not job.training_started:
+        job.training_started = True
+        return _maybe_start(job, ctx, env.job_id)
+    if ev.event == "Settled":
+        job.settled = True
+    return []
+
+
+def _on_receipt(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
+    """A transaction of the aggregator's that failed fails the job while it runs."""
+    receipt: m.TxReceipt = env.payload
+    if receipt.ok or job.phase in (AggPhase.FINISHED, AggPhase.FAILED):
+        return []
+    return _fail(job, ctx, env.job_id, f"{receipt.function} failed on chain: {receipt.reason}")
 
 
 def _on_closed(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
@@ -243,10 +313,7 @@ def _on_closed(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
 
 def _on_failure(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     require(env.sender in [job.buyer, *job.trainers, *job.validators], "failure from a stranger")
-    job.phase = AggPhase.FAILED
-    job.reason = f"{env.sender}: {env.payload.reason}"
-    end = m.JobFinished(ok=False, reason=job.reason)
-    return [ctx.message(env.job_id, job.round, p, end) for p in [job.buyer, *job.trainers, *job.validators]]
+    return _fail(job, ctx, env.job_id, f"{env.sender}: {env.payload.reason}")
 
 
 A = AggPhase
@@ -263,19 +330,26 @@ AGGREGATOR_TABLE = table(
     (A.VERIFYING, "metric_reply", _on_metric, NEXT),
     (A.SETTLING, "job_closed", _on_closed, (A.FINISHED,)),
     (RUNNING, "failure", _on_failure, (A.FAILED,)),
+    (tuple(A), "chain_event", _on_chain_event, tuple(A)),
+    (tuple(A), "tx_receipt", _on_receipt, tuple(A)),
 )
 AGGREGATOR = Machine("aggregator", AGGREGATOR_TABLE)
 
 
-class AggregatorCore:
+class AggregatorCore(ChainParty):
     """The aggregator's pure core: all its jobs, one step per message."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self.wallet = ctx.wallet
         self.jobs: dict[str, AggJob] = {}
 
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
         """Apply one message; a job request opens a new job and offers it to the owners."""
+        out = self.chain_prelude(env, self.ctx)
+        return out if out is not None else self.guarded(self._step, env)
+
+    def _step(self, env: m.Envelope) -> list[m.Envelope]:
         job = self.jobs.get(env.job_id)
         if job is None:
             return self._open(env)
@@ -290,7 +364,9 @@ class AggregatorCore:
         require(req.spec.buyer == env.sender, "a job request must come from its buyer")
         require(len(req.initial_model) == len(req.spec.features) + 1, "initial model of the wrong length")
         require(req.spec.validators < req.spec.owners, "a job needs at least one trainer")
+        require(not req.spec.escrow or self.wallet is not None, "this aggregator takes no paid jobs (no key)")
         self.jobs[env.job_id] = AggJob(phase=AggPhase.RECRUITING, spec=req.spec, buyer=env.sender,
                                        models={FULL_MODEL: list(req.initial_model)},
                                        scale_bits=req.spec.frac_bits)
-        return [self.ctx.message(env.job_id, 0, "owners", m.JobOffer(spec=req.spec))]
+        greeting = self.wallet.greet(self.ctx) if req.spec.escrow else []
+        return [*greeting, self.ctx.message(env.job_id, 0, "owners", m.JobOffer(spec=req.spec))]

@@ -33,12 +33,14 @@ from .machine import FULL_MODEL, Context, Machine, eval_models, is_eval_round, t
 from .metric import masked_products
 from .paillier import PrivateKey
 from .refresh import refresh_masked
-from .settlement import Settlement, leave_one_out, settle, to_micro
+from .chain import LEDGER, ChainParty, expected_settlement, job_key, key_hash, model_index, mse_micro
+from .settlement import Settlement, leave_one_out
 
 
 class BuyerPhase(Enum):
     REQUESTED = auto()
     TRAINING = auto()
+    SETTLING = auto()
     FINISHED = auto()
     FAILED = auto()
 
@@ -59,10 +61,20 @@ class BuyerJob:
     contributions: dict[str, float] = field(default_factory=dict)
     settlement: Settlement | None = None
     reason: str = ""
+    addresses: dict[str, str] = field(default_factory=dict)
+    published_micro: dict[int, dict[str, int]] = field(default_factory=dict)
+    settled: bool = False
+    payments_wei: dict[str, int] = field(default_factory=dict)
+    refund_wei: int = 0
+    chain_contributions: dict[str, int] = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
         return len(self.spec.features) + 1
+
+    @property
+    def buyer_address(self) -> str | None:
+        return self.addresses.get(self.spec.buyer)
 
 
 def refuse_unless(condition: bool, reason: str) -> None:
@@ -83,7 +95,16 @@ def _on_participants(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateK
                   "participant counts differ from the job")
     job.trainers, job.validators = list(p.trainers), list(p.validators)
     job.phase = BuyerPhase.TRAINING
-    return []
+    if not job.spec.escrow:
+        return []
+    job.addresses = dict(p.addresses)
+    refuse_unless(set(job.addresses) == {job.aggregator, *job.trainers, *job.validators},
+                  "participants without an address each")
+    job.addresses[job.spec.buyer] = ctx.wallet.address
+    spec = job.spec
+    args = [job_key(env.job_id), job.addresses[job.aggregator], spec.owners, spec.rounds, spec.fixed_reward_wei,
+            spec.variable_pool_wei, spec.deadline, key_hash(key.public)]
+    return ctx.wallet.call(ctx, env.job_id, 0, "createJob", args, value=spec.deposit_wei)
 
 
 def _all_models(job: BuyerJob) -> list[str]:
@@ -144,6 +165,7 @@ def _on_metric(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) ->
         mse = FixedPoint().decode(dec.plaintext, req.sse_scale_bits) / rows
         metrics[mid] = m.PublishedMetric(sse=dec.plaintext, randomness=dec.randomness, rows=rows, mse=mse)
     job.published[env.round] = {mid: p.mse for mid, p in metrics.items()}
+    job.published_micro[env.round] = {mid: mse_micro(p.sse, req.sse_scale_bits, rows) for mid, p in metrics.items()}
     return [ctx.reply(env, m.MetricReply(metrics=metrics))]
 
 
@@ -157,14 +179,41 @@ def _on_result(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) ->
     job.model = [codec.decode(key.decrypt(c), res.scale_bits) for c in res.model]
     final = job.published[spec.rounds]
     job.contributions = leave_one_out(final[FULL_MODEL], {t: final[without(t)] for t in job.trainers})
-    job.settlement = settle(
-        fixed_reward=spec.fixed_reward_wei, variable_pool=spec.variable_pool_wei,
-        participants=[*job.trainers, *job.validators],
-        contributions_micro={t: to_micro(c) for t, c in job.contributions.items()},
-        mse0_micro=to_micro(job.published[0][FULL_MODEL]), mse_final_micro=to_micro(final[FULL_MODEL]))
-    job.phase = BuyerPhase.FINISHED
+    micro = job.published_micro[spec.rounds]
+    job.settlement = expected_settlement(
+        fixed_reward=spec.fixed_reward_wei, variable_pool=spec.variable_pool_wei, trainers=job.trainers,
+        validators=job.validators, mse0=job.published_micro[0][FULL_MODEL],
+        final={model_index(mid, job.trainers): v for mid, v in micro.items()})
+    job.phase = BuyerPhase.FINISHED if job.settled or not spec.escrow else BuyerPhase.SETTLING
     closed = m.JobClosed(payments_wei=job.settlement.payments, refund_wei=job.settlement.refund)
     return [ctx.reply(env, closed)]
+
+
+def _on_chain_event(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
+    """Follow the escrow: what each participant is credited, the refund, and take the refund back."""
+    refuse_unless(env.sender == LEDGER, "chain events come from the ledger")
+    ev = env.payload
+    if ev.event == "Credited":
+        job.payments_wei[ev.args["payee"]] = job.payments_wei.get(ev.args["payee"], 0) + ev.args["amount"]
+        job.chain_contributions[ev.args["payee"]] = ev.args["contribution"]
+    elif ev.event == "Settled" and not job.settled:
+        job.settled = True
+        job.refund_wei = ev.args["refund"]
+        if job.phase == BuyerPhase.SETTLING:
+            job.phase = BuyerPhase.FINISHED
+        if job.refund_wei > 0:
+            return ctx.wallet.call(ctx, env.job_id, env.round, "withdraw", [])
+    return []
+
+
+def _on_receipt(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
+    """A deposit that did not go through fails the job; the aggregator is told."""
+    receipt: m.TxReceipt = env.payload
+    if receipt.ok or receipt.function != "createJob" or job.phase not in (BuyerPhase.REQUESTED, BuyerPhase.TRAINING):
+        return []
+    job.phase = BuyerPhase.FAILED
+    job.reason = f"deposit failed: {receipt.reason}"
+    return [ctx.message(env.job_id, 0, job.aggregator, m.Failure(reason=job.reason))]
 
 
 def _on_end(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
@@ -180,17 +229,20 @@ BUYER_TABLE = table(
     (B.TRAINING, "refresh_request", _on_refresh, (B.TRAINING,)),
     (B.TRAINING, "product_request", _on_products, (B.TRAINING,)),
     (B.TRAINING, "metric_request", _on_metric, (B.TRAINING,)),
-    (B.TRAINING, "job_result", _on_result, (B.FINISHED,)),
-    ((B.REQUESTED, B.TRAINING), "job_finished", _on_end, (B.FAILED,)),
+    (B.TRAINING, "job_result", _on_result, (B.FINISHED, B.SETTLING)),
+    ((B.REQUESTED, B.TRAINING, B.SETTLING), "job_finished", _on_end, (B.FAILED,)),
+    (tuple(B), "chain_event", _on_chain_event, tuple(B)),
+    (tuple(B), "tx_receipt", _on_receipt, tuple(B)),
 )
 
 
-class BuyerCore:
+class BuyerCore(ChainParty):
     """The buyer's pure core: its key, its jobs, one step per message."""
 
     def __init__(self, ctx: Context, key: PrivateKey) -> None:
         self.ctx = ctx
         self.key = key
+        self.wallet = ctx.wallet
         self.jobs: dict[str, BuyerJob] = {}
         self.machine = Machine("buyer", {
             k: type(t)(lambda job, env, c, h=t.handler: h(job, env, c, self.key), t.to)
@@ -203,12 +255,18 @@ class BuyerCore:
             raise ValueError(f"job {job_id} already exists")
         if spec.public_key != self.key.public.to_hex() or spec.buyer != self.ctx.name:
             raise ValueError("the job's key and buyer must be this buyer's")
+        if spec.escrow and self.wallet is None:
+            raise ValueError("a job with escrow needs the buyer's Ethereum key")
         zero = [self.key.encrypt(0, self.ctx.rng) for _ in range(len(spec.features) + 1)]
         self.jobs[job_id] = BuyerJob(phase=BuyerPhase.REQUESTED, spec=spec, aggregator=aggregator)
         return [self.ctx.message(job_id, 0, aggregator, m.JobRequest(spec=spec, initial_model=zero))]
 
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
         """Apply one message to its job."""
+        out = self.chain_prelude(env, self.ctx)
+        return out if out is not None else self.guarded(self._step, env)
+
+    def _step(self, env: m.Envelope) -> list[m.Envelope]:
         job = self.jobs.get(env.job_id)
         refuse_unless(job is not None, f"message for unknown job {env.job_id}")
         new, out = self.machine.step(job, env, self.ctx)

@@ -33,6 +33,7 @@ class Context:
     rng: RandomSource = SYSTEM_RANDOM
     clock: Callable[[], float] = lambda: 0.0
     ids: Callable[[], str] | None = None
+    wallet: Any = None  # a chain.Wallet for parties that sign transactions
 
     def __post_init__(self) -> None:
         if self.ids is None:  # 128 random bits: unique across agents, reproducible from a seeded rng

@@ -11,7 +11,7 @@ and upgrades older versions at this boundary so handlers see current models.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Callable, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError
 
@@ -62,6 +62,13 @@ class JobSpec(_Payload):
     magnitude_bits: int = Field(default=60, ge=16, le=256)
     fixed_reward_wei: int = Field(default=10**16, ge=0)
     variable_pool_wei: int = Field(default=10**18, ge=0)
+    escrow: bool = False
+    deadline: int = Field(default=0, ge=0)
+
+    @property
+    def deposit_wei(self) -> int:
+        """The escrow the buyer locks: every owner's fixed reward and the variable pool."""
+        return self.fixed_reward_wei * self.owners + self.variable_pool_wei
 
     @property
     def trainers(self) -> int:
@@ -89,6 +96,7 @@ class JoinRequest(_Payload):
 
     type: Literal["join_request"] = "join_request"
     rows: int = Field(ge=1)
+    address: str | None = None
 
 
 class RoleAssignment(_Payload):
@@ -113,6 +121,7 @@ class Participants(_Payload):
     type: Literal["participants"] = "participants"
     trainers: list[str]
     validators: list[str]
+    addresses: dict[str, str] = Field(default_factory=dict)
 
 
 class GradientRequest(_Payload):
@@ -260,12 +269,69 @@ class Progress(_Payload):
     mse: float | None = None
 
 
+class ChainHello(_Payload):
+    """Any party → ledger: this is my address; tell me the chain and my nonce."""
+
+    type: Literal["chain_hello"] = "chain_hello"
+    address: str
+
+
+class ChainInfo(_Payload):
+    """Ledger → a party: what it needs to sign transactions."""
+
+    type: Literal["chain_info"] = "chain_info"
+    chain_id: int
+    contract: str
+    nonce: int
+    gas_price: int
+
+
+class MetricProof(_Payload):
+    """The ciphertext a metric decrypts and the key it is under, for the ledger to check the proof."""
+
+    ciphertext: Cipher
+    public_key: str
+
+
+class TxRequest(_Payload):
+    """A party → ledger: relay this transaction, which I signed."""
+
+    type: Literal["tx_request"] = "tx_request"
+    function: str
+    raw: str = Field(pattern=r"^0x[0-9a-f]+$")
+    proof: MetricProof | None = None
+
+
+class TxReceipt(_Payload):
+    """Ledger → the signer: what became of its transaction."""
+
+    type: Literal["tx_receipt"] = "tx_receipt"
+    function: str
+    tx_hash: str | None = None
+    mined: bool
+    ok: bool
+    gas_used: int = 0
+    reason: str = ""
+    next_nonce: int | None = None
+
+
+class ChainEvent(_Payload):
+    """Ledger → every party of a job (and the progress exchange): an event the contract emitted."""
+
+    type: Literal["chain_event"] = "chain_event"
+    event: str
+    args: dict[str, Any]
+    tx_hash: str
+    block: int
+
+
 Payload = Annotated[
     Union[
         JobRequest, JobOffer, JoinRequest, RoleAssignment, RoleAccepted, Participants,
         GradientRequest, GradientReply, RefreshRequest, RefreshReply, EvalRequest,
         ProductRequest, ProductReply, EvalReply, MetricRequest, MetricReply,
         JobResult, JobClosed, JobFinished, Failure, Progress,
+        ChainHello, ChainInfo, TxRequest, TxReceipt, ChainEvent,
     ],
     Field(discriminator="type"),
 ]

@@ -19,6 +19,7 @@ from enum import Enum, auto
 import numpy as np
 
 from . import messages as m
+from .chain import LEDGER, ChainParty, job_key, same_address
 from .fixedpoint import FixedPoint
 from .linear import EncodedStats, encode_stats, encrypted_gradient, sufficient_stats
 from .machine import Context, Machine, require, table
@@ -45,6 +46,8 @@ class OwnerJob:
     models: list[str] = field(default_factory=list)
     stats: EncodedStats | None = None
     pending: dict[int, dict[str, MetricSecrets]] = field(default_factory=dict)
+    confirmed: bool = False
+    paid_wei: int = 0
 
     @property
     def public_key(self) -> PublicKey:
@@ -80,7 +83,11 @@ def _on_offer(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> 
     if selected is None or not data.auto_accept:
         return []
     job.phase = OwnerPhase.READY
-    return [ctx.reply(env, m.JoinRequest(rows=len(selected[1])))]
+    if not job.spec.escrow:
+        return [ctx.reply(env, m.JoinRequest(rows=len(selected[1])))]
+    require(ctx.wallet is not None, "a paid job needs this owner's Ethereum key")
+    join = m.JoinRequest(rows=len(selected[1]), address=ctx.wallet.address)
+    return [*ctx.wallet.greet(ctx), ctx.reply(env, join)]
 
 
 def _on_role(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:
@@ -149,6 +156,28 @@ def _on_finished(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) 
     return []
 
 
+def _on_chain_event(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:
+    """Confirm my own participation once named on chain; withdraw what I am credited."""
+    require(env.sender == LEDGER, "chain events come from the ledger")
+    ev, me = env.payload, ctx.wallet.address if ctx.wallet else None
+    if ev.event == "ParticipantsSet" and not job.confirmed:
+        if any(same_address(a, me) for a in [*ev.args["trainers"], *ev.args["validators"]]):
+            job.confirmed = True
+            return ctx.wallet.call(ctx, env.job_id, 0, "confirm", [job_key(env.job_id)])
+    if ev.event == "Credited" and same_address(ev.args["payee"], me):
+        job.paid_wei += ev.args["amount"]
+        return ctx.wallet.call(ctx, env.job_id, env.round, "withdraw", [])
+    return []
+
+
+def _on_receipt(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:
+    """A confirmation that failed on chain is a failure to take part."""
+    receipt: m.TxReceipt = env.payload
+    if receipt.ok or receipt.function != "confirm" or job.phase == OwnerPhase.FINISHED:
+        return []
+    return [ctx.message(env.job_id, 0, job.aggregator, m.Failure(reason=f"confirm failed: {receipt.reason}"))]
+
+
 P = OwnerPhase
 ACTIVE = (P.READY, P.INITIATED, P.IN_PROGRESS)
 OWNER_TABLE = table(
@@ -158,14 +187,17 @@ OWNER_TABLE = table(
     ((P.INITIATED, P.IN_PROGRESS), "eval_request", _on_eval, (P.IN_PROGRESS,)),
     (P.IN_PROGRESS, "product_reply", _on_products, (P.IN_PROGRESS,)),
     (ACTIVE, "job_finished", _on_finished, (P.FINISHED,)),
+    (tuple(P), "chain_event", _on_chain_event, tuple(P)),
+    (tuple(P), "tx_receipt", _on_receipt, tuple(P)),
 )
 
 
-class OwnerCore:
+class OwnerCore(ChainParty):
     """An owner's pure core: its data, its jobs, one step per message."""
 
     def __init__(self, ctx: Context, data: OwnerData) -> None:
         self.ctx = ctx
+        self.wallet = ctx.wallet
         self.data = data
         self.jobs: dict[str, OwnerJob] = {}
         self.machine = Machine(
@@ -177,6 +209,10 @@ class OwnerCore:
 
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
         """Apply one message to its job; a new offer opens a job in WAITING."""
+        out = self.chain_prelude(env, self.ctx)
+        return out if out is not None else self.guarded(self._step, env)
+
+    def _step(self, env: m.Envelope) -> list[m.Envelope]:
         job = self.jobs.get(env.job_id)
         if job is None:
             require(env.type == "job_offer", f"message for unknown job {env.job_id}")

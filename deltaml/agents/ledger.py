@@ -1,0 +1,251 @@
+"""The ledger agent: the only chain client. It relays what parties signed and reports what happened.
+
+Theory of operation: a party greets the ledger with its address
+(``ChainHello``) and learns the chain id, the contract and its nonce
+(``ChainInfo``); on a development chain the ledger also tops its balance up
+from the node's first account (the faucet). A ``TxRequest`` carries a
+transaction the party signed itself; the ledger checks that the signer is
+the address that party registered, that it calls our contract for the job
+the envelope names, and — for a metric — that the Paillier decryption proof
+verifies against the job's key committed on chain. Only then does it send
+the transaction. The signer gets a ``TxReceipt``; every party of the job and
+the progress exchange get each event the contract emitted (``ChainEvent``).
+It decides nothing: the contract does.
+
+``embedded`` is an in-process EVM (eth-tester with py-evm); any other value
+is a JSON-RPC URL (anvil, a testnet node).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import structlog
+from eth_utils import is_address, to_checksum_address
+from web3 import Web3
+
+from ..protocol import chain
+from ..protocol import messages as m
+from ..protocol.errors import ProtocolError
+from ..protocol.machine import Context, require
+from .topology import PROGRESS
+
+log = structlog.get_logger()
+FAUCET_TOPUP = 100 * 10**18
+JOB_FUNCTIONS = {"createJob", "cancel", "setParticipants", "confirm", "recordMetric", "settle"}
+
+
+class ChainUnavailable(RuntimeError):
+    """No chain answers at the given URL."""
+
+
+class Chain:
+    """A web3 connection to a chain with the escrow contract deployed on it."""
+
+    def __init__(self, url: str = "embedded", contract: str | None = None, faucet: bool = True) -> None:
+        if url == "embedded":
+            from web3 import EthereumTesterProvider
+            self.w3 = Web3(EthereumTesterProvider())
+        else:
+            self.w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
+            if not self.w3.is_connected():
+                raise ChainUnavailable(f"no Ethereum node answers at {url} (start one, e.g. `anvil`, or use --chain embedded)")
+        self.url = url
+        art = chain.artifact()
+        accounts = self.w3.eth.accounts
+        self.faucet = accounts[0] if faucet and accounts else None
+        if contract is None:
+            if self.faucet is None:
+                raise ChainUnavailable("no contract address given and no unlocked account to deploy one")
+            factory = self.w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
+            tx = factory.constructor().transact({"from": self.faucet})
+            receipt = self.w3.eth.wait_for_transaction_receipt(tx)
+            contract = receipt.contractAddress
+            self.deploy_gas = receipt.gasUsed
+        else:
+            self.deploy_gas = 0
+        self.contract = self.w3.eth.contract(address=to_checksum_address(contract), abi=art["abi"])
+        self.chain_id = self.w3.eth.chain_id
+        self._events = {}
+        for entry in art["abi"]:
+            if entry["type"] == "event":
+                sig = f"{entry['name']}({','.join(chain._abi_type(i) for i in entry['inputs'])})"
+                self._events[Web3.keccak(text=sig)] = entry["name"]
+        self._errors = {}
+        for entry in art["abi"]:
+            if entry["type"] == "error":
+                sig = f"{entry['name']}({','.join(chain._abi_type(i) for i in entry['inputs'])})"
+                self._errors[Web3.keccak(text=sig)[:4].hex()] = entry["name"]
+
+    @property
+    def address(self) -> str:
+        return self.contract.address
+
+    def balance(self, address: str) -> int:
+        return self.w3.eth.get_balance(to_checksum_address(address))
+
+    def nonce(self, address: str) -> int:
+        return self.w3.eth.get_transaction_count(to_checksum_address(address), "pending")
+
+    def fund(self, address: str) -> None:
+        """Top a development account up so it can pay gas (and a deposit)."""
+        if self.faucet is None or self.balance(address) >= FAUCET_TOPUP // 2:
+            return
+        tx = self.w3.eth.send_transaction({"from": self.faucet, "to": to_checksum_address(address),
+                                           "value": FAUCET_TOPUP})
+        self.w3.eth.wait_for_transaction_receipt(tx)
+
+    def gas_price(self) -> int:
+        return 2 * self.w3.eth.gas_price
+
+    def key_hash(self, job: bytes) -> bytes:
+        return bytes(self.contract.functions.jobInfo(job).call()[5])
+
+    def credit(self, address: str) -> int:
+        return self.contract.functions.credit(to_checksum_address(address)).call()
+
+    def send(self, raw: bytes) -> tuple[Any, str]:
+        """Send a signed transaction; (receipt or None, revert reason)."""
+        try:
+            tx_hash = self.w3.eth.send_raw_transaction(raw)
+        except Exception as exc:  # rejected before mining, or reverted by eth-tester at once
+            return None, self.reason(exc)
+        receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
+        return receipt, "" if receipt.status == 1 else "reverted"
+
+    def reason(self, exc: Exception) -> str:
+        """A readable revert reason: the contract's custom error name where one can be found."""
+        text = " ".join(str(a) for a in exc.args) or type(exc).__name__
+        data = getattr(exc, "data", None)
+        for candidate in ([data] if isinstance(data, str) else []) + [text]:
+            for selector, name in self._errors.items():
+                if selector in candidate.replace("0x", ""):
+                    return name
+        return text[:200]
+
+    def events(self, receipt) -> list[tuple[str, dict]]:
+        """The contract's events in a receipt, in log order, with JSON-friendly arguments."""
+        out = []
+        for entry in receipt.logs:
+            if entry.address != self.contract.address or not entry.topics:
+                continue
+            name = self._events.get(bytes(entry.topics[0]))
+            if name is None:
+                continue
+            decoded = getattr(self.contract.events, name)().process_log(entry)
+            out.append((name, {k: _jsonable(v) for k, v in decoded.args.items()}))
+        return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (bytes, bytearray)):
+        return "0x" + bytes(v).hex()
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+class LedgerCore:
+    """Registers parties, checks and relays their transactions, fans chain events out."""
+
+    def __init__(self, ctx: Context, chain_: Chain) -> None:
+        self.ctx = ctx
+        self.chain = chain_
+        self.addresses: dict[str, str] = {}            # party name → address
+        self.names: dict[str, set[str]] = defaultdict(set)  # address (lower) → party names
+        self.jobs: dict[bytes, str] = {}               # contract job key → job id
+        self.parties: dict[str, set[str]] = defaultdict(set)  # job id → addresses (lower)
+        self.gas: dict[str, list[int]] = defaultdict(list)
+        self.withdrawn: dict[str, int] = defaultdict(int)  # address → wei withdrawn
+
+    def handle(self, env: m.Envelope) -> list[m.Envelope]:
+        if env.type == "chain_hello":
+            return self._hello(env)
+        if env.type == "tx_request":
+            return self._relay(env)
+        raise ProtocolError(f"the ledger takes chain_hello and tx_request, not {env.type}")
+
+    def _hello(self, env: m.Envelope) -> list[m.Envelope]:
+        address = env.payload.address
+        require(is_address(address), f"{address!r} is not an Ethereum address")
+        known = self.addresses.get(env.sender)
+        require(known is None or known.lower() == address.lower(),
+                f"{env.sender} is already registered with another address")
+        self.addresses[env.sender] = to_checksum_address(address)
+        self.names[address.lower()].add(env.sender)
+        self.chain.fund(address)
+        info = m.ChainInfo(chain_id=self.chain.chain_id, contract=self.chain.address,
+                           nonce=self.chain.nonce(address), gas_price=self.chain.gas_price())
+        return [self.ctx.reply(env, info)]
+
+    def _relay(self, env: m.Envelope) -> list[m.Envelope]:
+        req: m.TxRequest = env.payload
+        tx = chain.parse_tx(bytes.fromhex(req.raw[2:]))
+        registered = self.addresses.get(env.sender)
+        require(registered is not None, f"{env.sender} has not greeted the ledger")
+        require(tx.sender == registered, f"transaction signed by {tx.sender}, not by {env.sender}'s address")
+        try:
+            self._check(env, req, tx)
+        except ProtocolError as exc:
+            log.warning("transaction refused", sender=env.sender, function=req.function, reason=str(exc))
+            return [self._receipt(env, req, None, f"refused by the ledger: {exc}", tx.sender)]
+        receipt, reason = self.chain.send(bytes.fromhex(req.raw[2:]))
+        out = [self._receipt(env, req, receipt, reason, tx.sender)]
+        if receipt is not None:
+            self.gas[req.function].append(receipt.gasUsed)
+        if receipt is not None and receipt.status == 1:
+            out += self._publish(env, receipt)
+        log.info("transaction relayed", sender=env.sender, function=req.function, ok=not reason,
+                 gas=receipt.gasUsed if receipt is not None else 0, reason=reason or None)
+        return out
+
+    def _check(self, env: m.Envelope, req: m.TxRequest, tx: chain.RawTx) -> None:
+        require(tx.to == self.chain.address, "transaction is not addressed to the escrow contract")
+        function, args = chain.decode_call(tx.data)
+        require(function == req.function, f"calldata calls {function}, the request says {req.function}")
+        if function in JOB_FUNCTIONS:
+            key = chain.job_key(env.job_id)
+            require(args[0] == key, "transaction is for another job than its envelope")
+            if function == "createJob":
+                require(key not in self.jobs or self.jobs[key] == env.job_id, "job key already taken")
+                self.jobs[key] = env.job_id
+                self.parties[env.job_id].add(tx.sender.lower())
+        if function == "recordMetric":
+            chain.check_metric_proof(args, req.proof, self.chain.key_hash(args[0]))
+
+    def _receipt(self, env, req, receipt, reason: str, sender: str) -> m.Envelope:
+        payload = m.TxReceipt(
+            function=req.function, tx_hash=None if receipt is None else "0x" + bytes(receipt.transactionHash).hex(),
+            mined=receipt is not None, ok=receipt is not None and receipt.status == 1,
+            gas_used=0 if receipt is None else receipt.gasUsed, reason=reason, next_nonce=self.chain.nonce(sender))
+        return self.ctx.reply(env, payload)
+
+    def _publish(self, env: m.Envelope, receipt) -> list[m.Envelope]:
+        out = []
+        tx_hash = "0x" + bytes(receipt.transactionHash).hex()
+        for name, args in self.chain.events(receipt):
+            job_id = self.jobs.get(bytes.fromhex(args["job"][2:]), env.job_id) if "job" in args else env.job_id
+            for key in ("buyer", "aggregator"):
+                if name == "JobCreated":
+                    self.parties[job_id].add(args[key].lower())
+            if name == "ParticipantsSet":
+                self.parties[job_id].update(a.lower() for a in [*args["trainers"], *args["validators"]])
+            if name == "Withdrawn":
+                self.withdrawn[args["payee"]] += args["amount"]
+            event = m.ChainEvent(event=name, args=args, tx_hash=tx_hash, block=receipt.blockNumber)
+            recipients = sorted({n for a in self.parties[job_id] for n in self.names.get(a, ())})
+            if name == "Withdrawn":
+                recipients = [env.sender]
+            out += [self.ctx.message(job_id, env.round, r, event) for r in recipients]
+            out.append(self.ctx.message(job_id, env.round, PROGRESS, event))
+        return out
+
+    def gas_report(self) -> dict[str, dict[str, int]]:
+        """Gas per contract function: calls, mean, max, total."""
+        report = {fn: {"calls": len(v), "mean": sum(v) // len(v), "max": max(v), "total": sum(v)}
+                  for fn, v in sorted(self.gas.items())}
+        if self.chain.deploy_gas:
+            report["deploy"] = {"calls": 1, "mean": self.chain.deploy_gas, "max": self.chain.deploy_gas,
+                                "total": self.chain.deploy_gas}
+        return report

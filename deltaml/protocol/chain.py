@@ -1,0 +1,275 @@
+"""The escrow contract seen from pure code: call encoding, signing, proofs, the payment formula.
+
+Theory of operation: parties never talk to a chain. A party's :class:`Wallet`
+turns a contract call into a signed transaction (eth-account, deterministic
+signatures) and wraps it in a ``TxRequest`` for the ledger agent, the only
+chain client. Before its first transaction a wallet greets the ledger
+(``ChainHello``) and learns the chain id, the contract address and its nonce
+(``ChainInfo``); calls made before that wait in order. Every receipt carries
+the sender's next nonce, so a wallet never drifts from the chain.
+
+The contract's job key is ``keccak256(job_id)``; model index 0 is the model
+trained by everyone and ``i + 1`` the model without the ``i``-th trainer.
+:func:`mse_micro` and :func:`expected_settlement` are the contract's
+integer arithmetic, so anyone can predict a settlement to the wei.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Mapping, Sequence
+
+import eth_abi
+import rlp
+from eth_account import Account
+from eth_utils import keccak, to_checksum_address
+
+from . import messages as m
+from .errors import ProtocolError
+from .paillier import Decryption, PublicKey, verify_decryption
+from .settlement import Settlement, settle
+
+LEDGER = "ledger"
+CONTRACT = "DeltaEscrow"
+#: Gas limits the parties sign for; unused gas is not charged.
+GAS_LIMITS = {"createJob": 400_000, "cancel": 120_000, "setParticipants": 700_000, "confirm": 150_000,
+              "recordMetric": 400_000, "settle": 2_000_000, "withdraw": 120_000}
+#: Seconds a job may run before anyone can settle or refund it without the buyer.
+DEFAULT_DEADLINE = 24 * 3600
+
+
+@lru_cache(maxsize=None)
+def artifact(name: str = CONTRACT) -> dict:
+    """ABI and bytecode produced by ``make contracts`` (contracts/compile.js)."""
+    return json.loads(resources.files("deltaml.artifacts").joinpath(f"{name}.json").read_text())
+
+
+def job_key(job_id: str) -> bytes:
+    """The contract's key for a job."""
+    return keccak(text=job_id)
+
+
+def key_hash(public_key: PublicKey) -> bytes:
+    """The contract's commitment to the buyer's Paillier modulus."""
+    return keccak(int_bytes(public_key.n))
+
+
+def int_bytes(x: int) -> bytes:
+    """Big-endian bytes of a non-negative integer (at least one byte)."""
+    return int(x).to_bytes(max(1, (int(x).bit_length() + 7) // 8), "big")
+
+
+def model_index(model: str, trainers: Sequence[str]) -> int:
+    """0 for the full model, ``i + 1`` for the model without ``trainers[i]``."""
+    from .machine import FULL_MODEL, without
+    if model == FULL_MODEL:
+        return 0
+    for i, t in enumerate(trainers):
+        if model == without(t):
+            return i + 1
+    raise ProtocolError(f"unknown model {model}")
+
+
+def _abi_type(entry: Mapping[str, Any]) -> str:
+    if entry["type"].startswith("tuple"):
+        return "(" + ",".join(_abi_type(c) for c in entry["components"]) + ")" + entry["type"][5:]
+    return entry["type"]
+
+
+@lru_cache(maxsize=None)
+def _functions() -> dict[str, tuple[bytes, list[str]]]:
+    out = {}
+    for entry in artifact()["abi"]:
+        if entry["type"] == "function":
+            types = [_abi_type(i) for i in entry["inputs"]]
+            out[entry["name"]] = (keccak(text=f"{entry['name']}({','.join(types)})")[:4], types)
+    return out
+
+
+def encode_call(function: str, args: Sequence[Any]) -> bytes:
+    """Calldata for one contract function."""
+    if function not in _functions():
+        raise ValueError(f"the contract has no function {function}")
+    selector, types = _functions()[function]
+    return selector + eth_abi.encode(types, list(args))
+
+
+def decode_call(data: bytes) -> tuple[str, tuple]:
+    """The function name and arguments of calldata; :class:`ProtocolError` if unknown."""
+    for name, (selector, types) in _functions().items():
+        if data[:4] == selector:
+            try:
+                return name, tuple(eth_abi.decode(types, data[4:]))
+            except Exception as exc:
+                raise ProtocolError(f"calldata for {name} does not decode: {exc}") from None
+    raise ProtocolError("calldata names no function of the contract")
+
+
+@dataclass(frozen=True)
+class RawTx:
+    """The fields of a signed legacy (EIP-155) transaction, and its signer."""
+
+    sender: str
+    nonce: int
+    to: str
+    value: int
+    data: bytes
+    gas: int
+
+
+def parse_tx(raw: bytes) -> RawTx:
+    """Decode and authenticate a signed transaction; :class:`ProtocolError` if it is not one."""
+    try:
+        fields = rlp.decode(raw)
+        nonce, _gas_price, gas, to, value, data = fields[:6]
+        sender = Account.recover_transaction(raw)
+    except Exception as exc:
+        raise ProtocolError(f"not a signed legacy transaction: {exc}") from None
+    as_int = lambda b: int.from_bytes(b, "big")  # noqa: E731
+    return RawTx(sender=sender, nonce=as_int(nonce), to=to_checksum_address(to) if to else "",
+                 value=as_int(value), data=bytes(data), gas=as_int(gas))
+
+
+def check_metric_proof(args: tuple, proof: m.MetricProof | None, job_key_hash: bytes) -> None:
+    """A recordMetric call is relayed only with a valid Paillier decryption proof."""
+    if proof is None:
+        raise ProtocolError("a metric needs its decryption proof")
+    _, (round_, model, ciphertext_hash, sse, scale_bits, rows, randomness) = args
+    pub = PublicKey.from_hex(proof.public_key)
+    if key_hash(pub) != job_key_hash:
+        raise ProtocolError("the proof's key is not the job's key")
+    if keccak(int_bytes(proof.ciphertext)) != ciphertext_hash:
+        raise ProtocolError("the metric's ciphertext hash does not match the ciphertext")
+    plain = Decryption(int.from_bytes(sse, "big"), int.from_bytes(randomness, "big"))
+    if not verify_decryption(pub, proof.ciphertext, plain):
+        raise ProtocolError("the decryption proof does not verify: the published metric is wrong")
+
+
+def metric_args(job_id: str, round_: int, model: int, ciphertext: int, sse: int, scale_bits: int, rows: int,
+                randomness: int) -> list:
+    """Arguments of ``recordMetric`` for one published metric."""
+    return [job_key(job_id), (round_, model, keccak(int_bytes(ciphertext)), int_bytes(sse), scale_bits, rows,
+                              int_bytes(randomness))]
+
+
+KEPT_BITS = 64
+
+
+def mse_micro(sse: int, scale_bits: int, rows: int) -> int:
+    """The contract's ``mseMicro``: the SSE cut to 64 fractional bits, times 10**6, over rows, floored."""
+    t = sse >> (scale_bits - KEPT_BITS) if scale_bits >= KEPT_BITS else sse << (KEPT_BITS - scale_bits)
+    return (t * 1_000_000 // rows) >> KEPT_BITS
+
+
+def expected_settlement(*, fixed_reward: int, variable_pool: int, trainers: Sequence[str],
+                        validators: Sequence[str], mse0: int, final: Mapping[int, int]) -> Settlement:
+    """What the contract pays for a complete job, from its recorded micro-MSEs (index → value)."""
+    contributions = {t: final[i + 1] - final[0] for i, t in enumerate(trainers)}
+    return settle(fixed_reward=fixed_reward, variable_pool=variable_pool, participants=[*trainers, *validators],
+                  contributions_micro=contributions, mse0_micro=mse0, mse_final_micro=final[0])
+
+
+@dataclass
+class Wallet:
+    """A party's Ethereum key and the transactions it has signed."""
+
+    private_key: bytes
+    chain_id: int | None = None
+    contract: str | None = None
+    gas_price: int = 0
+    nonce: int = 0
+    greeted: bool = False
+    queue: list[tuple[str, int, str, list, int, m.MetricProof | None]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return Account.from_key(self.private_key).address
+
+    def snapshot(self) -> dict:
+        return copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "private_key"})
+
+    def restore(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def hello(self, ctx) -> m.Envelope:
+        """Greet the ledger: it answers with the chain's id, the contract and this address's nonce."""
+        self.greeted = True
+        return ctx.message("", 0, LEDGER, m.ChainHello(address=self.address))
+
+    def greet(self, ctx) -> list[m.Envelope]:
+        """A greeting unless one was sent: the ledger must know this party before events concern it."""
+        return [] if self.greeted else [self.hello(ctx)]
+
+    def call(self, ctx, job_id: str, round_: int, function: str, args: list, value: int = 0,
+             proof: m.MetricProof | None = None) -> list[m.Envelope]:
+        """A signed call for the ledger to relay, or a greeting first if the chain is not known yet."""
+        if self.chain_id is None:
+            self.queue.append((job_id, round_, function, args, value, proof))
+            return [] if self.greeted else [self.hello(ctx)]
+        return [self._sign(ctx, job_id, round_, function, args, value, proof)]
+
+    def _sign(self, ctx, job_id, round_, function, args, value, proof) -> m.Envelope:
+        tx = {"to": self.contract, "data": encode_call(function, args), "value": value,
+              "gas": GAS_LIMITS[function], "gasPrice": self.gas_price, "nonce": self.nonce, "chainId": self.chain_id}
+        raw = Account.sign_transaction(tx, self.private_key).raw_transaction
+        self.nonce += 1
+        return ctx.message(job_id, round_, LEDGER, m.TxRequest(function=function, raw="0x" + bytes(raw).hex(),
+                                                               proof=proof))
+
+    def on_info(self, ctx, info: m.ChainInfo) -> list[m.Envelope]:
+        """Learn the chain; sign what was waiting, in order."""
+        self.chain_id, self.contract, self.gas_price = info.chain_id, info.contract, info.gas_price
+        self.nonce = max(self.nonce, info.nonce) if self.nonce else info.nonce
+        queued, self.queue = self.queue, []
+        return [self._sign(ctx, *q) for q in queued]
+
+    def on_receipt(self, receipt: m.TxReceipt) -> None:
+        """Follow the chain's count: a rejected transaction frees its nonce, a mined one confirms it."""
+        if receipt.next_nonce is None:
+            return
+        if not receipt.mined or receipt.next_nonce > self.nonce:
+            self.nonce = receipt.next_nonce
+
+
+class ChainParty:
+    """What every paying or paid party does with chain messages, around its own state machine."""
+
+    wallet: Wallet | None
+
+    def chain_prelude(self, env: m.Envelope, ctx) -> list[m.Envelope] | None:
+        """Handle messages that belong to the wallet rather than to a job; None if not one."""
+        if env.type == "chain_info":
+            if env.sender != LEDGER or self.wallet is None:
+                raise ProtocolError("chain info from a party that is not the ledger")
+            return self.wallet.on_info(ctx, env.payload)
+        if env.type == "tx_receipt":
+            if env.sender != LEDGER or self.wallet is None:
+                raise ProtocolError("receipt from a party that is not the ledger")
+            self.wallet.on_receipt(env.payload)
+        return None
+
+    def guarded(self, step, env: m.Envelope) -> list[m.Envelope]:
+        """Run ``step``; if it refuses the message, the wallet forgets what it signed meanwhile."""
+        if self.wallet is None:
+            return step(env)
+        saved = self.wallet.snapshot()
+        try:
+            return step(env)
+        except Exception:
+            self.wallet.restore(saved)
+            raise
+
+
+def event_for(env: m.Envelope, name: str) -> dict | None:
+    """The arguments of a chain event of this name, else None."""
+    if env.type == "chain_event" and env.payload.event == name:
+        return env.payload.args
+    return None
+
+
+def same_address(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and a.lower() == b.lower()
