@@ -8,8 +8,12 @@ const solc = require("solc");
 const here = __dirname;
 const out = path.resolve(process.argv[2] || path.join(here, "..", "deltaml", "artifacts"));
 const sources = {};
-for (const f of fs.readdirSync(here).filter((f) => f.endsWith(".sol")).sort()) {
-  sources[f] = { content: fs.readFileSync(path.join(here, f), "utf8") };
+// The escrow, and under test/ the contracts only the test suite deploys.
+for (const dir of ["", "test"]) {
+  for (const f of fs.readdirSync(path.join(here, dir)).filter((f) => f.endsWith(".sol")).sort()) {
+    const name = path.join(dir, f);
+    sources[name] = { content: fs.readFileSync(path.join(here, name), "utf8") };
+  }
 }
 const input = {
   language: "Solidity",
@@ -29,6 +33,7 @@ fs.mkdirSync(out, { recursive: true });
 for (const [file, contracts] of Object.entries(result.contracts)) {
   const sha = crypto.createHash("sha256").update(sources[file].content).digest("hex");
   for (const [name, c] of Object.entries(contracts)) {
+    if (!c.evm.bytecode.object) continue; // interfaces
     const artefact = {
       contract: name,
       source: file,
