@@ -81,7 +81,7 @@ def prepare_parts(config: DemoConfig) -> tuple[Dataset, list[Dataset]]:
     return data, parts
 
 
-def make_spec(config: DemoConfig, data: Dataset, public_hex: str, buyer: str) -> m.JobSpec:
+def make_spec(config: DemoConfig, data: Dataset, public_hex: str, buyer: str, escrow: bool = True) -> m.JobSpec:
     """The buyer's request for this data's schema."""
     lo, hi = data.X.min(axis=0), data.X.max(axis=0)
     pad = np.maximum(np.abs(hi - lo), 1.0)
@@ -91,7 +91,7 @@ def make_spec(config: DemoConfig, data: Dataset, public_hex: str, buyer: str) ->
                      eval_every=config.eval_every, key_bits=config.key_bits, public_key=public_hex,
                      fixed_reward_wei=config.fixed_reward_wei, variable_pool_wei=config.variable_pool_wei,
                      frac_bits=config.frac_bits, magnitude_bits=config.magnitude_bits,
-                     escrow=True, deadline=int(time.time()) + DEFAULT_DEADLINE)
+                     escrow=escrow, deadline=int(time.time()) + DEFAULT_DEADLINE if escrow else 0)
 
 
 def baselines(parts: list[Dataset], config: DemoConfig) -> dict:

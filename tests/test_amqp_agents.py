@@ -15,7 +15,9 @@ import pytest
 from deltaml.agents import topology as t
 from deltaml.agents.agent import Agent
 from deltaml.agents.amqp import AmqpBus
-from deltaml.agents.parties import aggregator_core, buyer_core, context
+from deltaml.agents.ledger import Chain, LedgerCore
+from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
+from deltaml.protocol.chain import LEDGER
 from deltaml.agents.runtime import run_buyer_job
 from deltaml.marketplace import DemoConfig, baselines, make_spec, owner_names, prepare_parts
 from deltaml.protocol import messages as m
@@ -48,10 +50,13 @@ async def test_bad_messages_are_dead_lettered_while_an_honest_job_finishes(keypa
     await spy.bind(t.DEAD_LETTER_EXCHANGE)
 
     bus = await AmqpBus(AMQP_URL).connect()
-    agents = [Agent("aggregator", agg_name, aggregator_core(agg_name), bus)]
+    ledger = LedgerCore(context(LEDGER), Chain("embedded"))
+    agents = [Agent("ledger", LEDGER, ledger, bus),
+              Agent("aggregator", agg_name, aggregator_core(agg_name, wallet=load_wallet(None)), bus)]
     for name, part in zip(names, parts):
-        agents.append(Agent("owner", name, OwnerCore(context(name), OwnerData(part.columns, part.table())), bus))
-    buyer = Agent("buyer", buyer_name, buyer_core(buyer_name, priv), bus)
+        core = OwnerCore(context(name, wallet=load_wallet(None)), OwnerData(part.columns, part.table()))
+        agents.append(Agent("owner", name, core, bus))
+    buyer = Agent("buyer", buyer_name, buyer_core(buyer_name, priv, wallet=load_wallet(None)), bus)
     for a in [*agents, buyer]:
         await a.start()
 
@@ -81,6 +86,7 @@ async def test_bad_messages_are_dead_lettered_while_an_honest_job_finishes(keypa
     await spy_conn.close()
 
     assert job.phase is BuyerPhase.FINISHED
+    assert job.settled and sum(job.payments_wei.values()) + job.refund_wei == job.spec.deposit_wei
     expected = baselines(parts, config)["centralized_gd_mse"]
     assert abs(job.published[config.rounds]["all"] - expected) / expected < 1e-6
     reasons = {k: v for k, v in dead.items() if k in garbage}
@@ -101,7 +107,7 @@ async def test_a_duplicate_delivery_is_acknowledged_and_answered_again(keypair):
     agent = Agent("aggregator", agg_name, aggregator_core(agg_name), bus)
     await agent.start()
     owner_q = await bus.declare("owner", f"watch-{tag}")
-    spec = make_spec(DemoConfig(), prepare_parts(DemoConfig())[0], pub.to_hex(), f"buyer-{tag}")
+    spec = make_spec(DemoConfig(), prepare_parts(DemoConfig())[0], pub.to_hex(), f"buyer-{tag}", escrow=False)
     request = m.Envelope(message_id=f"req-{tag}", job_id=f"job-{tag}", sender=f"buyer-{tag}", recipient=agg_name,
                          payload=m.JobRequest(spec=spec, initial_model=[pub.encrypt(0) for _ in range(11)]))
     for _ in range(2):
@@ -176,6 +182,7 @@ def test_demo_over_rabbitmq_with_separate_processes(tmp_path):
     assert abs(report["final_mse"] - report["centralized_gd_mse"]) / report["centralized_gd_mse"] < 1e-6
     assert [r for r, _ in report["mse_history"]] == [0, 1, 2]
     assert sum(report["payments_wei"].values()) + report["refund_wei"] == report["deposit_wei"]
+    assert report["settlement_as_predicted"] and report["chain"]["contract_balance_wei"] == 0
 
 
 def test_no_broker_is_one_clear_line():

@@ -41,10 +41,22 @@ def assert_matches_centralised(report):
     rel = abs(report["final_mse"] - report["centralized_gd_mse"]) / report["centralized_gd_mse"]
     assert rel < 1e-6
     assert np.allclose(report["model"], report["centralized_gd_model"], rtol=1e-6, atol=1e-6)
-    for owner, c in report["contributions"].items():
-        assert c == pytest.approx(report["centralized_contributions"][owner], rel=1e-4, abs=1e-4)
-    assert sum(report["payments_wei"].values()) + report["refund_wei"] == report["deposit_wei"]
+    names = {a: n for n, a in report["participants"].items()}
+    for address, c in report["contributions"].items():
+        assert c == pytest.approx(report["centralized_contributions"][names[address]], rel=1e-4, abs=1e-4)
+    assert_settled_on_chain(report)
     assert report["messages_refused"] == []
+
+
+def assert_settled_on_chain(report):
+    """The contract paid what the buyer predicted, everyone withdrew it, the escrow is empty."""
+    assert sum(report["payments_wei"].values()) + report["refund_wei"] == report["deposit_wei"]
+    assert report["settlement_as_predicted"]
+    chain = report["chain"]
+    assert chain["contract_balance_wei"] == 0 and not any(chain["credit_left_wei"].values())
+    withdrawn = dict(chain["withdrawn_wei"])
+    assert withdrawn.pop(report["buyer_address"], 0) == report["refund_wei"]
+    assert withdrawn == {a: v for a, v in report["payments_wei"].items()}
 
 
 def test_diabetes_job_equals_centralised_gd_and_the_buyer_sees_only_masks(keypair):
@@ -74,7 +86,9 @@ def test_any_csv_gives_the_same_equality(tmp_path, keypair):
 def test_poisoned_owner_gets_no_variable_share(keypair):
     report = run_memory(DemoConfig(rounds=10, eval_every=10, poison_owner=1), keypair=keypair)
     assert_matches_centralised(report)
-    c, paid = report["contributions"], report["payments_wei"]
+    address = report["participants"]
+    c = {n: report["contributions"].get(a) for n, a in address.items()}
+    paid = {n: report["payments_wei"][a] for n, a in address.items()}
     fixed = 10**16
     assert c["owner-1"] < 0 and paid["owner-1"] == fixed
     assert all(c[o] > 0 and paid[o] > fixed for o in ("owner-2", "owner-3", "owner-4"))

@@ -18,6 +18,8 @@ is a JSON-RPC URL (anvil, a testnet node).
 
 from __future__ import annotations
 
+import ast
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -105,20 +107,33 @@ class Chain:
     def credit(self, address: str) -> int:
         return self.contract.functions.credit(to_checksum_address(address)).call()
 
-    def send(self, raw: bytes) -> tuple[Any, str]:
+    def send(self, raw: bytes, tx: chain.RawTx) -> tuple[Any, str]:
         """Send a signed transaction; (receipt or None, revert reason)."""
         try:
             tx_hash = self.w3.eth.send_raw_transaction(raw)
         except Exception as exc:  # rejected before mining, or reverted by eth-tester at once
             return None, self.reason(exc)
         receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
-        return receipt, "" if receipt.status == 1 else "reverted"
+        if receipt.status == 1:
+            return receipt, ""
+        try:  # replay on the state before it to learn the contract's reason
+            self.w3.eth.call({"from": tx.sender, "to": tx.to, "data": tx.data, "value": tx.value},
+                             block_identifier=receipt.blockNumber - 1)
+        except Exception as exc:
+            return receipt, self.reason(exc)
+        return receipt, "reverted"
 
     def reason(self, exc: Exception) -> str:
         """A readable revert reason: the contract's custom error name where one can be found."""
         text = " ".join(str(a) for a in exc.args) or type(exc).__name__
-        data = getattr(exc, "data", None)
-        for candidate in ([data] if isinstance(data, str) else []) + [text]:
+        candidates = [text, str(getattr(exc, "data", "") or "")]
+        candidates += [a.hex() for a in exc.args if isinstance(a, (bytes, bytearray))]
+        for literal in re.findall(r"b'(?:[^'\\]|\\.)*'", text):  # eth-tester prints the revert data as bytes
+            try:
+                candidates.append(ast.literal_eval(literal).hex())
+            except (ValueError, SyntaxError):
+                pass
+        for candidate in candidates:
             for selector, name in self._errors.items():
                 if selector in candidate.replace("0x", ""):
                     return name
@@ -190,7 +205,7 @@ class LedgerCore:
         except ProtocolError as exc:
             log.warning("transaction refused", sender=env.sender, function=req.function, reason=str(exc))
             return [self._receipt(env, req, None, f"refused by the ledger: {exc}", tx.sender)]
-        receipt, reason = self.chain.send(bytes.fromhex(req.raw[2:]))
+        receipt, reason = self.chain.send(bytes.fromhex(req.raw[2:]), tx)
         out = [self._receipt(env, req, receipt, reason, tx.sender)]
         if receipt is not None:
             self.gas[req.function].append(receipt.gasUsed)

@@ -47,7 +47,7 @@ async def main() -> None:
     buyer = traced("buyer", "buyer", buyer_core("buyer", key, seed("buyer")), {"key": "buyer.key.json"})
     for agent in [*agents, buyer]:
         await agent.start()
-    spec = make_spec(config, data, key.public.to_hex(), "buyer")
+    spec = make_spec(config, data, key.public.to_hex(), "buyer", escrow=False)
     job = await run_buyer_job(buyer, spec, job_id="trace-job")
     await bus.close()
     for agent in [*agents, buyer]:

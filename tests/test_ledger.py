@@ -1,0 +1,197 @@
+"""The ledger agent: it relays only what the right party signed, and only verified metrics.
+
+Then the whole job against a real anvil node started here (npm @foundry-rs/anvil), with the
+contract's balances read back from that node rather than from the report.
+"""
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from web3 import Web3
+
+from deltaml.agents.ledger import Chain, ChainUnavailable, LedgerCore
+from deltaml.agents.parties import load_wallet
+from deltaml.marketplace import DemoConfig, run_demo
+from deltaml.protocol import messages as m
+from deltaml.protocol.chain import LEDGER, artifact, job_key, key_hash, metric_args
+from deltaml.protocol.errors import ProtocolError
+from deltaml.protocol.machine import Context
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Party:
+    def __init__(self, name, ledger):
+        self.ctx = Context(name, wallet=load_wallet(None))
+        self.ledger = ledger
+        self.events: list[m.Envelope] = []
+        self.receipts: list[m.TxReceipt] = []
+        self.deliver(ledger.handle(self.ctx.wallet.hello(self.ctx)))
+
+    @property
+    def address(self):
+        return self.ctx.wallet.address
+
+    def deliver(self, envelopes):
+        for env in envelopes:
+            if env.type == "chain_info" and env.recipient == self.ctx.name:
+                self.ctx.wallet.on_info(self.ctx, env.payload)
+            elif env.type == "tx_receipt" and env.recipient == self.ctx.name:
+                self.ctx.wallet.on_receipt(env.payload)
+                self.receipts.append(env.payload)
+            elif env.recipient == self.ctx.name:
+                self.events.append(env)
+
+    def call(self, job_id, function, args, value=0, proof=None, everyone=()):
+        [request] = self.ctx.wallet.call(self.ctx, job_id, 0, function, args, value=value, proof=proof)
+        out = self.ledger.handle(request)
+        for p in (self, *everyone):
+            p.deliver(out)
+        return self.receipts[-1]
+
+
+@pytest.fixture(scope="module")
+def ledger():
+    return LedgerCore(Context(LEDGER), Chain("embedded"))
+
+
+@pytest.fixture
+def training(ledger, keypair):
+    """A job in training: created, staffed, every participant confirmed, all through the ledger."""
+    pub, _ = keypair
+    job = f"job-{time.monotonic_ns()}"
+    buyer, agg = Party(f"buyer-{job}", ledger), Party(f"aggregator-{job}", ledger)
+    owners = [Party(f"owner-{i}-{job}", ledger) for i in range(3)]
+    everyone = (buyer, agg, *owners)
+    deadline = ledger.chain.w3.eth.get_block("latest")["timestamp"] + 3600
+    r = buyer.call(job, "createJob", [job_key(job), agg.address, 3, 1, 10, 100, deadline, key_hash(pub)],
+                   value=130, everyone=everyone)
+    assert r.ok, r.reason
+    assert [e.payload.event for e in agg.events] == ["JobCreated"]  # the aggregator hears of it
+    assert agg.call(job, "setParticipants", [job_key(job), [o.address for o in owners[:2]], [owners[2].address]],
+                    everyone=everyone).ok
+    for o in owners:
+        assert o.call(job, "confirm", [job_key(job)], everyone=everyone).ok
+    assert "TrainingStarted" in [e.payload.event for e in agg.events]
+    return job, buyer, agg, owners
+
+
+def metric_call(job, keypair, sse=12345 << 64, tamper=None):
+    pub, priv = keypair
+    c = pub.encrypt(sse)
+    dec = priv.decrypt_verifiably(c)
+    plain, rand, cipher, key = dec.plaintext, dec.randomness, c, pub.to_hex()
+    if tamper == "plaintext":
+        plain += 1
+    elif tamper == "randomness":
+        rand = rand * 2 % pub.n
+    elif tamper == "ciphertext":
+        cipher = pub.encrypt(sse)  # same plaintext, another ciphertext: the hash no longer matches
+    args = metric_args(job, 0, 0, c, plain, 64, 10, rand)
+    return args, m.MetricProof(ciphertext=cipher, public_key=key)
+
+
+@pytest.mark.parametrize("tamper", ["plaintext", "randomness", "ciphertext", "no proof", "other key"])
+def test_a_wrong_metric_proof_is_refused_and_nothing_is_recorded(ledger, training, keypair, tamper):
+    job, buyer, agg, owners = training
+    args, proof = metric_call(job, keypair, tamper=tamper if tamper in ("plaintext", "randomness", "ciphertext")
+                              else None)
+    if tamper == "no proof":
+        proof = None
+    if tamper == "other key":
+        proof = m.MetricProof(ciphertext=proof.ciphertext, public_key=format(int(proof.public_key, 16) + 2, "x"))
+    receipt = agg.call(job, "recordMetric", args, proof=proof)
+    assert not receipt.mined and not receipt.ok and receipt.reason.startswith("refused by the ledger")
+    assert not ledger.chain.contract.functions.metricOf(job_key(job), 0, 0).call()[3]
+    # the refused transaction did not use up the aggregator's nonce: the honest one goes through next
+    args, proof = metric_call(job, keypair)
+    assert agg.call(job, "recordMetric", args, proof=proof, everyone=(buyer,)).ok
+    recorded = [e for e in buyer.events if e.payload.event == "MetricRecorded"]
+    assert recorded and recorded[-1].payload.args["mseMicro"] == 12345 * 10**6 // 10
+
+
+def test_a_transaction_signed_by_someone_else_is_refused(ledger, training):
+    job, buyer, agg, owners = training
+    [request] = owners[0].ctx.wallet.call(owners[0].ctx, job, 0, "settle", [job_key(job)])
+    forged = request.model_copy(update={"sender": agg.ctx.name})
+    with pytest.raises(ProtocolError, match="not by aggregator"):
+        ledger.handle(forged)
+
+
+def test_a_transaction_for_another_job_than_its_envelope_is_refused(ledger, training):
+    job, buyer, agg, owners = training
+    receipt = agg.call("some-other-job", "settle", [job_key(job)])
+    assert not receipt.mined and "another job" in receipt.reason
+
+
+def test_a_revert_is_reported_with_the_contracts_reason(ledger, training):
+    job, buyer, agg, owners = training
+    receipt = owners[0].call(job, "settle", [job_key(job)])  # not complete, deadline not passed
+    assert not receipt.ok and "TooEarly" in receipt.reason
+    assert owners[0].call(job, "confirm", [job_key(job)]).reason  # confirming twice is refused too
+
+
+def test_the_ledger_takes_only_its_two_messages(ledger):
+    env = m.Envelope(message_id="x", job_id="j", sender="buyer", recipient=LEDGER, payload=m.Failure(reason="?"))
+    with pytest.raises(ProtocolError):
+        ledger.handle(env)
+    hello = m.Envelope(message_id="y", job_id="", sender="z", recipient=LEDGER,
+                       payload=m.ChainHello(address="0xnot-an-address"))
+    with pytest.raises(ProtocolError):
+        ledger.handle(hello)
+
+
+def test_no_node_at_the_url_is_one_clear_error():
+    with pytest.raises(ChainUnavailable, match="no Ethereum node answers"):
+        Chain("http://127.0.0.1:1")
+
+
+# ---- the whole job against a real anvil ----------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def anvil():
+    binary = ROOT / "contracts/node_modules/.bin/anvil"
+    assert binary.exists() and shutil.which("node"), "make test installs @foundry-rs/anvil first"
+    port = free_port()
+    proc = subprocess.Popen([str(binary), "--port", str(port), "--silent"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    w3 = Web3(Web3.HTTPProvider(url))
+    for _ in range(100):
+        if w3.is_connected():
+            break
+        time.sleep(0.1)
+    assert w3.is_connected(), "anvil did not start"
+    yield url, w3
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_a_whole_job_settles_on_a_real_anvil_node(anvil, keypair):
+    url, w3 = anvil
+    report = run_demo(DemoConfig(rounds=2, eval_every=1, chain=url), "amqp", keypair=keypair)
+    chain = report["chain"]
+    assert chain["chain_id"] == 31337 and chain["url"] == url
+    escrow = w3.eth.contract(address=chain["contract"], abi=artifact()["abi"])
+    assert w3.eth.get_balance(escrow.address) == 0
+    payees = [*report["payments_wei"], report["buyer_address"]]
+    assert all(escrow.functions.credit(a).call() == 0 for a in payees)
+    # every Withdrawn on anvil's own log matches the report, to the wei
+    logs = escrow.events.Withdrawn().get_logs(from_block=0)
+    withdrawn = {}
+    for log in logs:
+        withdrawn[log.args.payee] = withdrawn.get(log.args.payee, 0) + log.args.amount
+    assert withdrawn.pop(report["buyer_address"]) == report["refund_wei"]
+    assert withdrawn == report["payments_wei"]
+    assert sum(report["payments_wei"].values()) + report["refund_wei"] == report["deposit_wei"]
+    assert report["settlement_as_predicted"]
