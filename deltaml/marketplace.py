@@ -163,9 +163,12 @@ async def _amqp_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, k
     children: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="deltaml-demo-") as tmp:
         try:
+            # a demo owns its agents' queues: nothing a killed earlier run left there may leak in
+            for role, name in [("ledger", LEDGER), ("aggregator", "aggregator"), ("buyer", "buyer"),
+                               *(("owner", o) for o in owner_names(config.owners))]:
+                await (await bus.declare(role, name)).purge()
             ledger, ledger_agent = _ledger(bus, config.chain)
             await ledger_agent.start()
-            await bus.declare("aggregator", "aggregator")
             children.append(_spawn(["aggregator", "--key", str(Path(tmp) / "aggregator.key")], url))
             for name, part in zip(owner_names(config.owners), parts):
                 path = Path(tmp) / f"{name}.csv"

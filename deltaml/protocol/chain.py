@@ -183,6 +183,8 @@ class Wallet:
     gas_price: int = 0
     nonce: int = 0
     greeted: bool = False
+    hello_id: str | None = None
+    sent: dict[str, str] = field(default_factory=dict)  # request message id → function, until its receipt
     queue: list[tuple[str, int, str, list, int, m.MetricProof | None]] = field(default_factory=list)
 
     @property
@@ -198,7 +200,9 @@ class Wallet:
     def hello(self, ctx) -> m.Envelope:
         """Greet the ledger: it answers with the chain's id, the contract and this address's nonce."""
         self.greeted = True
-        return ctx.message("", 0, LEDGER, m.ChainHello(address=self.address))
+        env = ctx.message("", 0, LEDGER, m.ChainHello(address=self.address))
+        self.hello_id = env.message_id
+        return env
 
     def greet(self, ctx) -> list[m.Envelope]:
         """A greeting unless one was sent: the ledger must know this party before events concern it."""
@@ -217,8 +221,10 @@ class Wallet:
               "gas": GAS_LIMITS[function], "gasPrice": self.gas_price, "nonce": self.nonce, "chainId": self.chain_id}
         raw = Account.sign_transaction(tx, self.private_key).raw_transaction
         self.nonce += 1
-        return ctx.message(job_id, round_, LEDGER, m.TxRequest(function=function, raw="0x" + bytes(raw).hex(),
-                                                               proof=proof))
+        env = ctx.message(job_id, round_, LEDGER, m.TxRequest(function=function, raw="0x" + bytes(raw).hex(),
+                                                              proof=proof))
+        self.sent[env.message_id] = function
+        return env
 
     def on_info(self, ctx, info: m.ChainInfo) -> list[m.Envelope]:
         """Learn the chain; sign what was waiting, in order."""
@@ -245,10 +251,14 @@ class ChainParty:
         if env.type == "chain_info":
             if env.sender != LEDGER or self.wallet is None:
                 raise ProtocolError("chain info from a party that is not the ledger")
+            if env.correlation_id is None or env.correlation_id != self.wallet.hello_id:
+                raise ProtocolError("chain info that answers no greeting of this wallet (stale?)")
             return self.wallet.on_info(ctx, env.payload)
         if env.type == "tx_receipt":
             if env.sender != LEDGER or self.wallet is None:
                 raise ProtocolError("receipt from a party that is not the ledger")
+            if self.wallet.sent.pop(env.correlation_id or "", None) is None:
+                raise ProtocolError("receipt for a transaction this wallet did not send (stale?)")
             self.wallet.on_receipt(env.payload)
         return None
 

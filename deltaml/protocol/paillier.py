@@ -13,6 +13,7 @@ Verifiable decryption: ``c = (1+n)**m * rho**n mod n**2`` determines ``m`` and
 from __future__ import annotations
 
 import functools
+import hashlib
 import secrets
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -36,6 +37,42 @@ class RandomSource(Protocol):
 
 
 SYSTEM_RANDOM: RandomSource = secrets.SystemRandom()
+
+
+class FixedBase:
+    """``base**x mod modulus`` for many ``x`` through a table of ``base**(d * 256**i)``."""
+
+    def __init__(self, base, modulus, exponent_bits: int) -> None:
+        self.modulus = gmpy2.mpz(modulus)
+        self.width = (exponent_bits + 7) // 8
+        self.rows = []
+        step = gmpy2.mpz(base) % self.modulus
+        for _ in range(self.width):
+            row = [gmpy2.mpz(1), step]
+            for _ in range(254):
+                row.append(row[-1] * step % self.modulus)
+            self.rows.append(row)
+            step = row[-1] * step % self.modulus  # base ** (256 ** (i + 1))
+
+    def pow(self, x: int):
+        """``base**x`` for ``0 <= x < 256**width``: one multiplication per non-zero byte of ``x``."""
+        acc = gmpy2.mpz(1)
+        mod = self.modulus
+        for row, digit in zip(self.rows, int(x).to_bytes(self.width, "little")):
+            if digit:
+                acc = acc * row[digit] % mod
+        return acc
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_base(n) -> FixedBase:
+    """The DJN base of a key: ``h = -y**2 mod n`` with ``y`` hashed from ``n``; table of ``h**n``."""
+    n = gmpy2.mpz(n)
+    digest = hashlib.shake_256(b"deltaml-djn-base" + int(n).to_bytes((n.bit_length() + 7) // 8, "big"))
+    y = gmpy2.mpz(int.from_bytes(digest.digest((n.bit_length() + 7) // 8 + 16), "big")) % n
+    h = (-(y * y)) % n
+    nsquare = n * n
+    return FixedBase(gmpy2.powmod(h, n, nsquare), nsquare, int(n.bit_length()))
 
 
 def check_key_bits(bits: int) -> None:
@@ -84,7 +121,16 @@ class PublicKey:
         return (1 + self._plain(m) * self.n) % self.nsquare
 
     def obfuscator(self, rng: RandomSource = SYSTEM_RANDOM):
-        """A fresh ``r**n mod n**2``, the costly half of an encryption."""
+        """A fresh random n-th residue ``h_s**x mod n**2``, the costly half of an encryption.
+
+        Damgård–Jurik–Nielsen's fixed-base variant: ``h_s = (-y**2)**n`` for a ``y`` derived
+        from the key (public, like ``g``), ``x`` uniform of the modulus' length. A windowed
+        table of powers of ``h_s`` makes this about ten times cheaper than ``r**n``.
+        """
+        return _fixed_base(self.n).pow(rng.getrandbits(self.bits))
+
+    def obfuscator_slow(self, rng: RandomSource = SYSTEM_RANDOM):
+        """The textbook ``r**n mod n**2`` (kept for the benchmark of the lever)."""
         r = gmpy2.mpz(rng.randrange(1, int(self.n)))
         return gmpy2.powmod(r, self.n, self.nsquare)
 
@@ -182,7 +228,11 @@ class PrivateKey:
         return xq + q * ((xp - xq) * q_inv_p % p)
 
     def obfuscator(self, rng: RandomSource = SYSTEM_RANDOM):
-        """``r**n mod n**2`` computed modulo ``p**2`` and ``q**2`` (about 3x faster)."""
+        """The public fixed-base obfuscator: cheaper still than the CRT below."""
+        return self.public.obfuscator(rng)
+
+    def obfuscator_crt(self, rng: RandomSource = SYSTEM_RANDOM):
+        """``r**n mod n**2`` computed modulo ``p**2`` and ``q**2`` (about 2x faster than textbook)."""
         r = gmpy2.mpz(rng.randrange(1, int(self.public.n)))
         xp = gmpy2.powmod(r, self._n_mod_phi_psq, self._psq)
         xq = gmpy2.powmod(r, self._n_mod_phi_qsq, self._qsq)
