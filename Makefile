@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test broker contracts bench-floor clean
+.PHONY: demo test broker contracts bench bench-floor clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ demo: $(STAMP) broker
 
 test: $(STAMP) $(NODE_MODULES) broker
 	$(BIN)/python -m pytest -q
+
+bench: $(STAMP) broker
+	$(BIN)/python benchmarks/e2e.py
 
 bench-floor: $(STAMP)
 	$(BIN)/python benchmarks/crypto_floor.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import uuid
@@ -92,6 +93,9 @@ def _serve(role: str, name: str, core, args, header: dict) -> int:
         await until_signalled()
         structlog.get_logger().info("agent stopping", role=role, name=name)
         await bus.close()
+        timings = os.environ.get("DELTAML_TIMINGS_DIR")
+        if timings:  # for benchmarks/e2e.py: seconds of work per message type
+            (Path(timings) / f"{role}-{name}.json").write_text(json.dumps(agent.policy.busy))
         if trace:
             trace.close()
 

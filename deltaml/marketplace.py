@@ -10,6 +10,7 @@ computed on the same split, so a run proves itself.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -135,7 +136,8 @@ async def _memory_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec,
         await _withdrawals(ledger, job)
     finally:
         await bus.close()
-    return job, job_id, [d.reason for d in bus.dead], ledger
+    timings = {f"{a.role}-{a.name}": a.policy.busy for a in [*agents, buyer]}
+    return job, job_id, [d.reason for d in bus.dead], ledger, timings
 
 
 async def _withdrawals(ledger: LedgerCore, job, timeout: float = 60.0) -> None:
@@ -150,8 +152,9 @@ async def _withdrawals(ledger: LedgerCore, job, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
-def _spawn(args: list[str], url: str) -> subprocess.Popen:
-    env = {**os.environ, "DELTAML_AMQP_URL": url, "DELTAML_LOG_LEVEL": os.environ.get("DELTAML_LOG_LEVEL", "warning")}
+def _spawn(args: list[str], url: str, timings: str) -> subprocess.Popen:
+    env = {**os.environ, "DELTAML_AMQP_URL": url, "DELTAML_LOG_LEVEL": os.environ.get("DELTAML_LOG_LEVEL", "warning"),
+           "DELTAML_TIMINGS_DIR": timings}
     return subprocess.Popen([sys.executable, "-m", "deltaml.cli", *args], env=env)
 
 
@@ -169,13 +172,13 @@ async def _amqp_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, k
                 await (await bus.declare(role, name)).purge()
             ledger, ledger_agent = _ledger(bus, config.chain)
             await ledger_agent.start()
-            children.append(_spawn(["aggregator", "--key", str(Path(tmp) / "aggregator.key")], url))
+            children.append(_spawn(["aggregator", "--key", str(Path(tmp) / "aggregator.key")], url, tmp))
             for name, part in zip(owner_names(config.owners), parts):
                 path = Path(tmp) / f"{name}.csv"
                 write_csv(part, path)
                 await bus.declare("owner", name)  # the offer waits in the queue until the owner is up
                 children.append(_spawn(["owner", "--data", str(path), "--name", name, "--auto-accept",
-                                        "--key", str(Path(tmp) / f"{name}.key")], url))
+                                        "--key", str(Path(tmp) / f"{name}.key")], url, tmp))
             buyer = Agent("buyer", "buyer", buyer_core("buyer", key, wallet=load_wallet(None)), bus)
             await buyer.start()
             job_id = uuid.uuid4().hex
@@ -190,7 +193,9 @@ async def _amqp_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, k
                 except subprocess.TimeoutExpired:
                     child.kill()
             await bus.close()
-    return job, job_id, [], ledger
+            timings = {p.stem: json.loads(p.read_text()) for p in Path(tmp).glob("*.json")}
+    timings.update({"buyer-buyer": buyer.policy.busy, "ledger-ledger": ledger_agent.policy.busy})
+    return job, job_id, [], ledger, timings
 
 
 def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = lambda *a: None,
@@ -202,14 +207,16 @@ def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = la
     public, private = keypair or generate_keypair(config.key_bits)
     spec = make_spec(config, data, public.to_hex(), "buyer")
     if bus == "memory":
-        job, job_id, refused, ledger = asyncio.run(_memory_job(config, parts, spec, private, on_progress))
+        job, job_id, refused, ledger, timings = asyncio.run(_memory_job(config, parts, spec, private, on_progress))
     else:
-        job, job_id, refused, ledger = asyncio.run(_amqp_job(config, parts, spec, private, on_progress, amqp_url))
+        job, job_id, refused, ledger, timings = asyncio.run(
+            _amqp_job(config, parts, spec, private, on_progress, amqp_url))
     if job.phase is not BuyerPhase.FINISHED:
         raise RuntimeError(f"job did not finish: {job.reason or 'failed'}")
     report = buyer_report(job, job_id, public.bits, 0.0)
     report.update({"bus": bus, "dataset": config.dataset, **baselines(parts, config), "messages_refused": refused})
     report["chain"] = chain_report(ledger, job)
+    report["busy_seconds"] = timings  # per agent, per message type: where the time went
     report["wall_seconds"] = time.perf_counter() - started
     return report
 

@@ -10,6 +10,7 @@ other exception is a transient failure, retried a bounded number of times.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from typing import Awaitable, Callable
 
@@ -34,6 +35,7 @@ class AckPolicy:
         self.record = record
         self.answers: OrderedDict[str, list[m.Envelope]] = OrderedDict()
         self.lock = asyncio.Lock()
+        self.busy: dict[str, float] = {}  # seconds spent stepping the core, per message type
 
     async def __call__(self, delivery: Delivery) -> Outcome:
         try:
@@ -49,6 +51,7 @@ class AckPolicy:
                     await self.publish(out)
                 bound.info("duplicate delivery acknowledged")
                 return Outcome(Verdict.ACK, "duplicate")
+            started = time.perf_counter()
             try:
                 outgoing = await asyncio.to_thread(self.step, env)
             except ProtocolError as exc:
@@ -58,6 +61,7 @@ class AckPolicy:
             except Exception as exc:  # a bug or a transient fault: bounded retries, then dead letter
                 bound.exception("handler failed")
                 return Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
+            self.busy[env.type] = self.busy.get(env.type, 0.0) + time.perf_counter() - started
             self.record("in", env)
             self.answers[env.message_id] = outgoing
             while len(self.answers) > REMEMBERED:

@@ -238,6 +238,10 @@ class PrivateKey:
         xq = gmpy2.powmod(r, self._n_mod_phi_qsq, self._qsq)
         return self._crt(xp, xq, self._psq, self._qsq, self._qsq_inv)
 
+    def encode_and_obfuscate_crt(self, m: int, rng: RandomSource = SYSTEM_RANDOM):
+        """An encryption with a CRT-computed textbook obfuscator (for the benchmark of the lever)."""
+        return self.public.encode_plain(m) * self.obfuscator_crt(rng) % self.public.nsquare
+
     def encrypt(self, m: int, rng: RandomSource = SYSTEM_RANDOM):
         """A fresh encryption of ``m`` (same distribution as the public one)."""
         pub = self.public
