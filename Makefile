@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 # The pinned Solidity compiler and dev chain (npm), then the ABI and bytecode Python deploys.
 NODE_MODULES := contracts/node_modules/.package-lock.json
 $(NODE_MODULES): contracts/package.json contracts/package-lock.json
-	cd contracts && npm ci --no-audit --no-fund --loglevel=error
+	cd contracts && npm install --no-audit --no-fund --loglevel=error  # exact versions pinned in package.json
 	touch $(NODE_MODULES)
 
 contracts: $(NODE_MODULES)
