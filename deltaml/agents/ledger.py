@@ -69,16 +69,9 @@ class Chain:
             self.deploy_gas = 0
         self.contract = self.w3.eth.contract(address=to_checksum_address(contract), abi=art["abi"])
         self.chain_id = self.w3.eth.chain_id
-        self._events = {}
-        for entry in art["abi"]:
-            if entry["type"] == "event":
-                sig = f"{entry['name']}({','.join(chain._abi_type(i) for i in entry['inputs'])})"
-                self._events[Web3.keccak(text=sig)] = entry["name"]
-        self._errors = {}
-        for entry in art["abi"]:
-            if entry["type"] == "error":
-                sig = f"{entry['name']}({','.join(chain._abi_type(i) for i in entry['inputs'])})"
-                self._errors[Web3.keccak(text=sig)[:4].hex()] = entry["name"]
+        self._events = {Web3.keccak(text=chain.signature(e)): e["name"] for e in art["abi"] if e["type"] == "event"}
+        self._errors = {Web3.keccak(text=chain.signature(e))[:4].hex(): e["name"]
+                        for e in art["abi"] if e["type"] == "error"}
 
     @property
     def address(self) -> str:
@@ -196,7 +189,8 @@ class LedgerCore:
 
     def _relay(self, env: m.Envelope) -> list[m.Envelope]:
         req: m.TxRequest = env.payload
-        tx = chain.parse_tx(bytes.fromhex(req.raw[2:]))
+        raw = bytes.fromhex(req.raw[2:])
+        tx = chain.parse_tx(raw)
         registered = self.addresses.get(env.sender)
         require(registered is not None, f"{env.sender} has not greeted the ledger")
         require(tx.sender == registered, f"transaction signed by {tx.sender}, not by {env.sender}'s address")
@@ -205,7 +199,7 @@ class LedgerCore:
         except ProtocolError as exc:
             log.warning("transaction refused", sender=env.sender, function=req.function, reason=str(exc))
             return [self._receipt(env, req, None, f"refused by the ledger: {exc}", tx.sender)]
-        receipt, reason = self.chain.send(bytes.fromhex(req.raw[2:]), tx)
+        receipt, reason = self.chain.send(raw, tx)
         out = [self._receipt(env, req, receipt, reason, tx.sender)]
         if receipt is not None:
             self.gas[req.function].append(receipt.gasUsed)
@@ -241,9 +235,8 @@ class LedgerCore:
         tx_hash = "0x" + bytes(receipt.transactionHash).hex()
         for name, args in self.chain.events(receipt):
             job_id = self.jobs.get(bytes.fromhex(args["job"][2:]), env.job_id) if "job" in args else env.job_id
-            for key in ("buyer", "aggregator"):
-                if name == "JobCreated":
-                    self.parties[job_id].add(args[key].lower())
+            if name == "JobCreated":
+                self.parties[job_id].update((args["buyer"].lower(), args["aggregator"].lower()))
             if name == "ParticipantsSet":
                 self.parties[job_id].update(a.lower() for a in [*args["trainers"], *args["validators"]])
             if name == "Withdrawn":

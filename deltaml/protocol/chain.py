@@ -80,14 +80,15 @@ def _abi_type(entry: Mapping[str, Any]) -> str:
     return entry["type"]
 
 
+def signature(entry: Mapping[str, Any]) -> str:
+    """``name(type,...)`` of an ABI function, event or error: what selectors and topics hash."""
+    return f"{entry['name']}({','.join(_abi_type(i) for i in entry['inputs'])})"
+
+
 @lru_cache(maxsize=None)
 def _functions() -> dict[str, tuple[bytes, list[str]]]:
-    out = {}
-    for entry in artifact()["abi"]:
-        if entry["type"] == "function":
-            types = [_abi_type(i) for i in entry["inputs"]]
-            out[entry["name"]] = (keccak(text=f"{entry['name']}({','.join(types)})")[:4], types)
-    return out
+    return {e["name"]: (keccak(text=signature(e))[:4], [_abi_type(i) for i in e["inputs"]])
+            for e in artifact()["abi"] if e["type"] == "function"}
 
 
 def encode_call(function: str, args: Sequence[Any]) -> bytes:
@@ -229,7 +230,7 @@ class Wallet:
     def on_info(self, ctx, info: m.ChainInfo) -> list[m.Envelope]:
         """Learn the chain; sign what was waiting, in order."""
         self.chain_id, self.contract, self.gas_price = info.chain_id, info.contract, info.gas_price
-        self.nonce = max(self.nonce, info.nonce) if self.nonce else info.nonce
+        self.nonce = max(self.nonce, info.nonce)
         queued, self.queue = self.queue, []
         return [self._sign(ctx, *q) for q in queued]
 

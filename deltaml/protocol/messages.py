@@ -16,6 +16,7 @@ from typing import Annotated, Any, Callable, Literal, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError
 
 from .errors import DecodeError
+from .settlement import deposit_for
 
 SCHEMA_VERSION = 1
 
@@ -68,7 +69,7 @@ class JobSpec(_Payload):
     @property
     def deposit_wei(self) -> int:
         """The escrow the buyer locks: every owner's fixed reward and the variable pool."""
-        return self.fixed_reward_wei * self.owners + self.variable_pool_wei
+        return deposit_for(self.fixed_reward_wei, self.owners, self.variable_pool_wei)
 
     @property
     def trainers(self) -> int:

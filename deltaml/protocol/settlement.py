@@ -12,13 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-MICRO = 1_000_000
-
-
-def to_micro(x: float) -> int:
-    """A metric in integer micro-units, the form the contract stores."""
-    return int(round(x * MICRO))
-
 
 def leave_one_out(mse_full: float, mse_without: Mapping[str, float]) -> dict[str, float]:
     """Contribution of each trainer: MSE without it minus MSE with everyone."""
