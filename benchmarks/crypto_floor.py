@@ -83,7 +83,7 @@ def measure(args) -> dict:
     s = codec.frac_bits
 
     t_grad, grad = timed(lambda: encrypted_gradient(pub, enc_t, w, s, rng))
-    t_products, _ = timed(lambda: [pub.dot(w, row) for row in enc_t.gram_q])
+    t_products, _ = timed(lambda: enc_t.gram_times(pub, w))
     t_update, new = timed(lambda: encrypted_update(pub, codec, w, [grad] * T, step_size_q(codec, 1.5, 353)))
     vb, drop = codec.value_bits(s + 2 * codec.frac_bits), 2 * codec.frac_bits
     t_mask, (masked, masks) = timed(lambda: mask_for_refresh(pub, new, vb, drop, rng))
@@ -103,7 +103,7 @@ def measure(args) -> dict:
     eval_models_total = (evals - 1) * 1 + models  # every evaluation scores the full model; the last all models
     rows = [
         # (component, who, count in the job, seconds each)
-        ("trainer products (d*d per model)", "trainer", R * per_trainer, t_products),
+        ("trainer products (G[w] per model)", "trainer", R * per_trainer, t_products),
         ("trainer re-randomisation (d enc per model)", "trainer", R * per_trainer, t_grad - t_products),
         ("aggregator update (per model)", "aggregator", R * models, t_update),
         ("refresh masks (d enc per model)", "aggregator", refreshes * models, t_mask + t_unmask),

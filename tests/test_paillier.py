@@ -4,7 +4,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from deltaml.protocol.errors import KeyTooShort
-from deltaml.protocol.paillier import Decryption, PublicKey, generate_keypair, verify_decryption
+from deltaml.protocol.paillier import (
+    Decryption,
+    MatrixPowers,
+    PublicKey,
+    generate_keypair,
+    verify_decryption,
+)
 
 small = st.integers(min_value=-(2**200), max_value=2**200)
 
@@ -74,3 +80,26 @@ def test_verifiable_decryption_rejects_lies(keypair):
 def test_private_key_repr_hides_factors(keypair):
     _, priv = keypair
     assert str(int(priv.p)) not in repr(priv)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(1, 9).flatmap(lambda d: st.tuples(
+        st.lists(st.lists(st.integers(-(2**45), 2**45), min_size=d, max_size=d), min_size=1, max_size=4),
+        st.lists(st.integers(-(2**60), 2**60), min_size=d, max_size=d),
+    )),
+    st.integers(1, 7),
+)
+def test_matrix_powers_equal_entrywise_products(keypair, case, group):
+    pub, priv = keypair
+    rows, xs = case
+    cs = [pub.encrypt(x) for x in xs]
+    got = MatrixPowers(rows, group=group).apply(pub, cs)
+    assert got == [pub.dot(cs, row) for row in rows]
+    assert [priv.decrypt(c) for c in got] == [sum(k * x for k, x in zip(row, xs)) for row in rows]
+
+
+def test_matrix_powers_refuse_a_vector_of_the_wrong_length(keypair):
+    pub, _ = keypair
+    with pytest.raises(ValueError, match="expected 2 ciphertexts"):
+        MatrixPowers([[1, 2]]).apply(pub, [pub.encrypt(1)])

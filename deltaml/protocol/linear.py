@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from .fixedpoint import FixedPoint
-from .paillier import SYSTEM_RANDOM, PublicKey, RandomSource
+from .paillier import SYSTEM_RANDOM, MatrixPowers, PublicKey, RandomSource
 
 
 def with_intercept(X: np.ndarray) -> np.ndarray:
@@ -58,6 +58,11 @@ class EncodedStats:
     stats: SufficientStats
     gram_q: tuple[tuple[int, ...], ...]
     codec: FixedPoint
+    powers: MatrixPowers
+
+    def gram_times(self, pub: PublicKey, w: Sequence[int]) -> list:
+        """``[G w]`` from ``[w]``: one multi-exponentiation over the rows of ``G``."""
+        return self.powers.apply(pub, w)
 
     def moment_q(self, scale_bits: int) -> list[int]:
         """``b`` at ``scale_bits``, to line up with ``G [w]``."""
@@ -67,7 +72,7 @@ class EncodedStats:
 def encode_stats(stats: SufficientStats, codec: FixedPoint) -> EncodedStats:
     """Encode the Gram matrix for the encrypted products."""
     gram_q = tuple(tuple(codec.encode_vector(row)) for row in stats.gram)
-    return EncodedStats(stats=stats, gram_q=gram_q, codec=codec)
+    return EncodedStats(stats=stats, gram_q=gram_q, codec=codec, powers=MatrixPowers(gram_q))
 
 
 def encrypted_gradient(
@@ -83,7 +88,7 @@ def encrypted_gradient(
     randomness and the aggregator cannot test guesses of ``G`` or ``b``.
     """
     b_q = enc.moment_q(scale_bits + enc.codec.frac_bits)
-    return [pub.add(pub.dot(w, row), pub.encrypt(-bj, rng)) for row, bj in zip(enc.gram_q, b_q)]
+    return [pub.add(gw, pub.encrypt(-bj, rng)) for gw, bj in zip(enc.gram_times(pub, w), b_q)]
 
 
 def step_size_q(codec: FixedPoint, lr: float, rows: int) -> int:

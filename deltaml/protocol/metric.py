@@ -51,7 +51,7 @@ def mask_product_inputs(
     codec = enc.codec
     w_bits = codec.value_bits(scale_bits)
     h_bits = codec.value_bits(scale_bits + codec.frac_bits) + gram_bits(enc)
-    h = [pub.dot(w, row) for row in enc.gram_q]
+    h = enc.gram_times(pub, w)
     alpha = tuple(draw_mask(w_bits, rng) for _ in w)
     beta = tuple(draw_mask(h_bits, rng) for _ in w)
     u = [pub.add(wj, pub.encrypt(a, rng)) for wj, a in zip(w, alpha)]
