@@ -26,6 +26,20 @@ def _common(p: argparse.ArgumentParser, settings: Settings) -> None:
     p.add_argument("--log-format", choices=["console", "json"], default=settings.log_format)
     p.add_argument("--log-level", default=settings.log_level)
     p.add_argument("--trace", type=Path, default=None, help="append every message in and out (JSON lines)")
+    p.add_argument("--trust", action="append", default=[], metavar="NAME=ADDRESS",
+                   help="only ADDRESS may sign as party NAME (e.g. aggregator=0x..., ledger=0x...); repeatable")
+
+
+def _pinned(args) -> dict[str, str]:
+    from eth_utils import is_address, to_checksum_address
+
+    pinned = {}
+    for item in args.trust:
+        name, _, address = item.partition("=")
+        if not name or not is_address(address):
+            raise CliError(f"--trust {item!r}: expected NAME=0x followed by 40 hex digits")
+        pinned[name] = to_checksum_address(address)
+    return pinned
 
 
 def _key(p: argparse.ArgumentParser) -> None:
@@ -72,23 +86,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _serve(role: str, name: str, core, args, header: dict) -> int:
+def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = None) -> int:
     from .agents.agent import Agent, Trace
     from .agents.amqp import AmqpBus
     from .agents.runtime import configure_logging, until_signalled
 
     configure_logging(args.log_format, args.log_level)
+    pinned = _pinned(args)
+    import structlog
 
     async def main() -> None:
         bus = await AmqpBus(args.amqp_url).connect()
         trace = Trace(args.trace, {"role": role, "name": name, "seed": core.ctx.rng.seed_bytes.hex(), **header}) \
             if args.trace else None
-        agent = Agent(role, name, core, bus, trace)
+        agent = Agent(role, name, core, bus, trace, key=key, pinned=pinned)
         await agent.start()
+        structlog.get_logger().info("signing as", address=agent.address)
         wallet = getattr(core, "wallet", None)
         if wallet is not None:  # the ledger must know this party before any event concerns it
             await agent.send_all(wallet.greet(core.ctx))
-        import structlog
         structlog.get_logger().info("agent started", role=role, name=name)
         await until_signalled()
         structlog.get_logger().info("agent stopping", role=role, name=name)
@@ -128,7 +144,8 @@ def cmd_ledger(args) -> int:
     except ChainUnavailable as exc:
         raise CliError(str(exc)) from None
     print(f"ledger: escrow contract {chain.address} on chain {chain.chain_id} ({args.chain})", file=sys.stderr)
-    return _serve("ledger", LEDGER, LedgerCore(context(LEDGER), chain), args, {"chain": args.chain})
+    return _serve("ledger", LEDGER, LedgerCore(context(LEDGER), chain), args, {"chain": args.chain},
+                  key=_wallet(args).private_key)
 
 
 def cmd_owner(args) -> int:
@@ -168,7 +185,7 @@ def cmd_buyer_train(args) -> int:
             save_key(key, key_path)
             trace = Trace(args.trace, {"role": "buyer", "name": args.name,
                                        "seed": core.ctx.rng.seed_bytes.hex(), "key": str(key_path.resolve())})
-        agent = Agent("buyer", args.name, core, bus, trace)
+        agent = Agent("buyer", args.name, core, bus, trace, pinned=_pinned(args))
         await agent.start()
         job_id = uuid.uuid4().hex
         try:
@@ -241,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chain", default=settings.chain, help="embedded (an in-process EVM) or a JSON-RPC URL")
     p.add_argument("--contract", default=None, help="use this deployed escrow instead of deploying one")
     _common(p, settings)
+    _key(p)
     p.set_defaults(func=cmd_ledger)
 
     p = sub.add_parser("owner", help="run a data owner daemon")

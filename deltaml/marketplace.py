@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from .agents import topology as t
 from .agents.agent import Agent
 from .agents.bus import MemoryBus
 from .agents.ledger import Chain, LedgerCore
@@ -114,6 +115,15 @@ def baselines(parts: list[Dataset], config: DemoConfig) -> dict:
             "centralized_gd_model": w_gd.tolist(), "centralized_contributions": loo}
 
 
+def _trusted(ledger: str, aggregator: str | None = None) -> dict[str, str]:
+    """The infrastructure a demo's parties pin: only these keys may sign as ledger and aggregator."""
+    return {LEDGER: ledger, **({"aggregator": aggregator} if aggregator else {})}
+
+
+def _trust_args(pinned: dict[str, str]) -> list[str]:
+    return [arg for name, address in pinned.items() for arg in ("--trust", f"{name}={address}")]
+
+
 def _ledger(bus, chain_url: str):
     ledger = LedgerCore(context(LEDGER), Chain(chain_url))
     return ledger, Agent("ledger", LEDGER, ledger, bus)
@@ -123,11 +133,14 @@ async def _memory_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec,
                       on_progress: Progress) -> tuple:
     bus = MemoryBus()
     ledger, ledger_agent = _ledger(bus, config.chain)
-    agents = [ledger_agent, Agent("aggregator", "aggregator", aggregator_core(wallet=load_wallet(None)), bus)]
+    aggregator = Agent("aggregator", "aggregator", aggregator_core(wallet=load_wallet(None)), bus,
+                       pinned=_trusted(ledger_agent.address))
+    trust = _trusted(ledger_agent.address, aggregator.address)
+    agents = [ledger_agent, aggregator]
     for name, part in zip(owner_names(config.owners), parts):
         core = OwnerCore(context(name, wallet=load_wallet(None)), OwnerData(part.columns, part.table()))
-        agents.append(Agent("owner", name, core, bus))
-    buyer = Agent("buyer", "buyer", buyer_core("buyer", key, wallet=load_wallet(None)), bus)
+        agents.append(Agent("owner", name, core, bus, pinned=trust))
+    buyer = Agent("buyer", "buyer", buyer_core("buyer", key, wallet=load_wallet(None)), bus, pinned=trust)
     for agent in [*agents, buyer]:
         await agent.start()
     job_id = uuid.uuid4().hex
@@ -152,8 +165,9 @@ async def _withdrawals(ledger: LedgerCore, job, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
-def _spawn(args: list[str], url: str, timings: str) -> subprocess.Popen:
-    env = {**os.environ, "DELTAML_AMQP_URL": url, "DELTAML_LOG_LEVEL": os.environ.get("DELTAML_LOG_LEVEL", "warning"),
+def _spawn(role: str, args: list[str], url: str, timings: str) -> subprocess.Popen:
+    """A daemon of ``role``, connected as that role's broker user."""
+    env = {**os.environ, "DELTAML_AMQP_URL": t.role_url(url, role), "DELTAML_LOG_LEVEL": os.environ.get("DELTAML_LOG_LEVEL", "warning"),
            "DELTAML_TIMINGS_DIR": timings}
     return subprocess.Popen([sys.executable, "-m", "deltaml.cli", *args], env=env)
 
@@ -172,14 +186,18 @@ async def _amqp_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, k
                 await (await bus.declare(role, name)).purge()
             ledger, ledger_agent = _ledger(bus, config.chain)
             await ledger_agent.start()
-            children.append(_spawn(["aggregator", "--key", str(Path(tmp) / "aggregator.key")], url, tmp))
+            aggregator_key = Path(tmp) / "aggregator.key"
+            trust = _trusted(ledger_agent.address, load_wallet(aggregator_key).address)
+            children.append(_spawn("aggregator", ["aggregator", "--key", str(aggregator_key),
+                                                  *_trust_args(_trusted(ledger_agent.address))], url, tmp))
             for name, part in zip(owner_names(config.owners), parts):
                 path = Path(tmp) / f"{name}.csv"
                 write_csv(part, path)
                 await bus.declare("owner", name)  # the offer waits in the queue until the owner is up
-                children.append(_spawn(["owner", "--data", str(path), "--name", name, "--auto-accept",
-                                        "--key", str(Path(tmp) / f"{name}.key")], url, tmp))
-            buyer = Agent("buyer", "buyer", buyer_core("buyer", key, wallet=load_wallet(None)), bus)
+                children.append(_spawn("owner", ["owner", "--data", str(path), "--name", name, "--auto-accept",
+                                                 "--key", str(Path(tmp) / f"{name}.key"), *_trust_args(trust)],
+                                       url, tmp))
+            buyer = Agent("buyer", "buyer", buyer_core("buyer", key, wallet=load_wallet(None)), bus, pinned=trust)
             await buyer.start()
             job_id = uuid.uuid4().hex
             job = await run_buyer_job(buyer, spec, on_progress=on_progress, job_id=job_id)

@@ -21,6 +21,7 @@ from deltaml.protocol.chain import LEDGER
 from deltaml.agents.runtime import run_buyer_job
 from deltaml.marketplace import DemoConfig, baselines, make_spec, owner_names, prepare_parts
 from deltaml.protocol import messages as m
+from deltaml.protocol.auth import sign
 from deltaml.protocol.buyer import BuyerPhase
 from deltaml.protocol.owner import OwnerCore, OwnerData
 
@@ -64,23 +65,37 @@ async def test_bad_messages_are_dead_lettered_while_an_honest_job_finishes(keypa
     job_id = uuid.uuid4().hex
     job_task = asyncio.create_task(run_buyer_job(buyer, spec, aggregator=agg_name, job_id=job_id))
 
+    mallory = load_wallet(None).private_key
     good = m.Envelope(message_id="x", job_id=job_id, sender=names[0], recipient=agg_name,
                       payload=m.JoinRequest(rows=5))
-    raw = json.loads(m.encode(good))
+    raw = json.loads(m.encode(sign(good, mallory)))
     garbage = {
         "g-notjson": b"{{{ not json",
         "g-version": json.dumps({**raw, "schema_version": 99}).encode(),
         "g-type": json.dumps({**raw, "payload": {"type": "give_me_the_key"}}).encode(),
         "g-invalid": json.dumps({**raw, "payload": {"type": "join_request", "rows": -3}}).encode(),
-        "g-unknown-job": m.encode(good.model_copy(update={"job_id": "no-such-job", "message_id": "u"})),
-        "g-forged-join": m.encode(good.model_copy(update={"sender": "mallory", "message_id": "f",
-                                                          "payload": m.GradientReply(rows=1, gradients={})})),
+        "g-unsigned": m.encode(good.model_copy(update={"job_id": "no-such-job", "message_id": "n"})),
+        "g-bad-signature": json.dumps({**raw, "message_id": "b", "signature": "00" * 65}).encode(),
+        "g-unknown-job": m.encode(sign(good.model_copy(update={"job_id": "no-such-job", "message_id": "u"}),
+                                       mallory)),
+        "g-forged-join": m.encode(sign(good.model_copy(update={"sender": "mallory", "message_id": "f",
+                                                               "payload": m.GradientReply(rows=1, gradients={})}),
+                                       mallory)),
     }
     for message_id, body in garbage.items():
         await bus.publish(agg_name, body, message_id)
         await bus.publish(names[1], body, message_id)
 
     job = await asyncio.wait_for(job_task, timeout=300)
+    # once owner 0 has joined, its name in this job belongs to its key: mallory cannot speak for it,
+    # and the owner's own signature does not survive a changed field
+    honest = agents[2]
+    impostor = good.model_copy(update={"message_id": "i", "payload": m.GradientReply(rows=1, gradients={})})
+    tampered = json.loads(m.encode(sign(impostor.model_copy(update={"message_id": "t"}), honest.key)))
+    garbage["g-impostor"] = m.encode(sign(impostor, mallory))
+    garbage["g-tampered"] = json.dumps({**tampered, "round": 7}).encode()
+    for message_id in ("g-impostor", "g-tampered"):
+        await bus.publish(agg_name, garbage[message_id], message_id)
     dead = await read_dead_letters(spy)
     await bus.close()
     await spy_conn.close()
@@ -96,6 +111,10 @@ async def test_bad_messages_are_dead_lettered_while_an_honest_job_finishes(keypa
     assert "give_me_the_key" in reasons["g-type"]
     assert "rows" in reasons["g-invalid"]
     assert "unknown job" in reasons["g-unknown-job"]
+    assert "unsigned envelope" in reasons["g-unsigned"]
+    assert "invalid signature" in reasons["g-bad-signature"]
+    assert "forged sender" in reasons["g-impostor"] and honest.address in reasons["g-impostor"]
+    assert "forged sender" in reasons["g-tampered"]
     assert "InvalidTransition" in reasons["g-forged-join"] or "ProtocolError" in reasons["g-forged-join"]
 
 
@@ -110,6 +129,7 @@ async def test_a_duplicate_delivery_is_acknowledged_and_answered_again(keypair):
     spec = make_spec(DemoConfig(), prepare_parts(DemoConfig())[0], pub.to_hex(), f"buyer-{tag}", escrow=False)
     request = m.Envelope(message_id=f"req-{tag}", job_id=f"job-{tag}", sender=f"buyer-{tag}", recipient=agg_name,
                          payload=m.JobRequest(spec=spec, initial_model=[pub.encrypt(0) for _ in range(11)]))
+    request = sign(request, load_wallet(None).private_key)
     for _ in range(2):
         await bus.publish(agg_name, m.encode(request), request.message_id)
     offers = []

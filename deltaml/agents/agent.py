@@ -16,7 +16,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from eth_account import Account
+
 from ..protocol import messages as m
+from ..protocol.auth import Keyring, sign
 from .bus import Bus
 from .policy import AckPolicy
 
@@ -38,15 +41,30 @@ class Trace:
 
 
 class Agent:
-    """A party running on a bus."""
+    """A party running on a bus: it signs what it sends and checks who signed what it gets.
 
-    def __init__(self, role: str, name: str, core: Any, bus: Bus, trace: Trace | None = None) -> None:
+    The signing key is the party's Ethereum key (its wallet's, or a throwaway
+    one for a party without a wallet); ``pinned`` names parties whose address
+    is known beforehand (the aggregator and ledger an operator trusts).
+    """
+
+    def __init__(self, role: str, name: str, core: Any, bus: Bus, trace: Trace | None = None,
+                 key: bytes | None = None, pinned: dict[str, str] | None = None) -> None:
         self.role, self.name, self.core, self.bus, self.trace = role, name, core, bus, trace
-        self.policy = AckPolicy(core.handle, self.publish, trace.record if trace else lambda d, e: None)
+        wallet = getattr(getattr(core, "ctx", None), "wallet", None)
+        self.key = key or (wallet.private_key if wallet is not None else os.urandom(32))
+        self.keyring = Keyring(pinned=dict(pinned or {}))
+        self.policy = AckPolicy(core.handle, self.publish, trace.record if trace else lambda d, e: None,
+                                keyring=self.keyring)
+
+    @property
+    def address(self) -> str:
+        """The address this agent signs as."""
+        return Account.from_key(self.key).address
 
     async def publish(self, env: m.Envelope) -> None:
-        """Send one envelope to its recipient."""
-        await self.bus.publish(env.recipient, m.encode(env), env.message_id)
+        """Sign one envelope and send it to its recipient."""
+        await self.bus.publish(env.recipient, m.encode(sign(env, self.key)), env.message_id)
 
     async def start(self) -> None:
         """Begin consuming this agent's queue."""

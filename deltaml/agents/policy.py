@@ -1,7 +1,8 @@
 """The one place that decides what happens to a delivery.
 
-Success acks. A message that fails to decode or breaks the protocol is
-dead-lettered with the reason. A message already handled (same message id)
+Success acks. A message that fails to decode, is not signed by the address
+its sender is known by (:mod:`deltaml.protocol.auth`), or breaks the protocol
+is dead-lettered with the reason. A message already handled (same message id)
 is acknowledged again and its recorded answers are re-published, so a
 redelivery after a crash between "publish" and "ack" changes nothing. Any
 other exception is a transient failure, retried a bounded number of times.
@@ -17,6 +18,7 @@ from typing import Awaitable, Callable
 import structlog
 
 from ..protocol import messages as m
+from ..protocol.auth import AuthError, Keyring
 from ..protocol.errors import DecodeError, ProtocolError
 from .bus import Delivery, Outcome, Verdict
 
@@ -29,8 +31,10 @@ class AckPolicy:
 
     def __init__(self, step: Callable[[m.Envelope], list[m.Envelope]],
                  publish: Callable[[m.Envelope], Awaitable[None]],
-                 record: Callable[[str, m.Envelope], None] = lambda d, e: None) -> None:
+                 record: Callable[[str, m.Envelope], None] = lambda d, e: None,
+                 keyring: Keyring | None = None) -> None:
         self.step = step
+        self.keyring = keyring if keyring is not None else Keyring()
         self.publish = publish
         self.record = record
         self.answers: OrderedDict[str, list[m.Envelope]] = OrderedDict()
@@ -45,6 +49,11 @@ class AckPolicy:
             return Outcome(Verdict.DEAD_LETTER, f"undecodable: {exc}")
         bound = log.bind(job=env.job_id, round=env.round, message_id=env.message_id, type=env.type,
                          sender=env.sender)
+        try:
+            address = self.keyring.check(env)
+        except AuthError as exc:
+            bound.warning("message refused", reason=str(exc))
+            return Outcome(Verdict.DEAD_LETTER, f"unauthenticated: {exc}")
         async with self.lock:
             if env.message_id in self.answers:
                 for out in self.answers[env.message_id]:
@@ -62,6 +71,7 @@ class AckPolicy:
                 bound.exception("handler failed")
                 return Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
             self.busy[env.type] = self.busy.get(env.type, 0.0) + time.perf_counter() - started
+            self.keyring.bind(env, address)
             self.record("in", env)
             self.answers[env.message_id] = outgoing
             while len(self.answers) > REMEMBERED:

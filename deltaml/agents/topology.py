@@ -41,3 +41,19 @@ def bindings(role: str, name: str) -> list[str]:
 
 
 QUEUE_ARGUMENTS = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE, "x-queue-type": "classic"}
+
+
+def role_url(url: str, role: str) -> str:
+    """``url`` with the role's own broker user (the development password is the user name).
+
+    Only a URL that names a user is rewritten; production daemons get their own
+    URL, with the role's real password, through ``--amqp-url``.
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role}")
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    host = rest.rsplit("@", 1)[1]
+    user = f"deltaml-{role}"
+    return f"{scheme}://{user}:{user}@{host}"

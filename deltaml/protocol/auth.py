@@ -1,0 +1,87 @@
+"""Envelope signatures and the addresses they must come from.
+
+Every envelope is signed with its sender's Ethereum key (secp256k1, the same
+key that signs its transactions): the signature covers the keccak hash of a
+domain tag and the envelope's compact JSON without the signature, so no field
+— job, round, recipient, payload — can be changed or moved to another message.
+The receiver recovers the signer and asks its :class:`Keyring` whether that
+address may speak as the envelope's sender in that job:
+
+- a pinned name (the aggregator and ledger an operator configured) must be
+  signed by its pinned address in every job;
+- any other name is bound to the address that first signed for it in that
+  job — for an owner its join request, for the buyer its job request, for a
+  party greeting the ledger its hello — and must keep that address;
+- a payload that declares an address (a join request, a chain hello) must
+  declare the signer's own.
+
+Pure code: no I/O, the keyring is plain data an agent keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from eth_keys import keys
+from eth_keys.exceptions import BadSignature, ValidationError
+from eth_utils import keccak
+
+from . import messages as m
+from .errors import ProtocolError
+
+DOMAIN = b"deltaml-envelope-v1"
+
+
+class AuthError(ProtocolError):
+    """An envelope whose signature is missing, invalid or from the wrong address."""
+
+
+def digest(env: m.Envelope) -> bytes:
+    """What a signature covers: the domain tag and the unsigned envelope."""
+    return keccak(DOMAIN + m.encode(env.model_copy(update={"signature": None})))
+
+
+def sign(env: m.Envelope, private_key: bytes) -> m.Envelope:
+    """``env`` with its signature (65 bytes r‖s‖v, hex)."""
+    signature = keys.PrivateKey(private_key).sign_msg_hash(digest(env))
+    return env.model_copy(update={"signature": signature.to_bytes().hex()})
+
+
+def signer(env: m.Envelope) -> str:
+    """The checksummed address that signed ``env``; :class:`AuthError` if none can be recovered."""
+    if not env.signature:
+        raise AuthError("unsigned envelope")
+    try:
+        raw = bytes.fromhex(env.signature)
+        signature = keys.Signature(raw)
+        return signature.recover_public_key_from_msg_hash(digest(env)).to_checksum_address()
+    except (ValueError, BadSignature, ValidationError) as exc:
+        raise AuthError(f"invalid signature ({exc.__class__.__name__})") from None
+
+
+def _same(a: str, b: str) -> bool:
+    return a.lower() == b.lower()
+
+
+@dataclass
+class Keyring:
+    """Which address may sign as which party: pinned names, then first signer per job."""
+
+    pinned: dict[str, str] = field(default_factory=dict)
+    bound: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def check(self, env: m.Envelope) -> str:
+        """The signer of ``env`` if it may speak as ``env.sender`` in ``env.job_id``."""
+        address = signer(env)
+        declared = getattr(env.payload, "address", None)
+        if declared is not None and not _same(declared, address):
+            raise AuthError(f"{env.type} declares address {declared} but is signed by {address}")
+        expected = self.pinned.get(env.sender) or self.bound.get((env.job_id, env.sender))
+        if expected is not None and not _same(expected, address):
+            raise AuthError(f"forged sender: {env.sender} in job {env.job_id or '-'} is {expected}, "
+                            f"this envelope is signed by {address}")
+        return address
+
+    def bind(self, env: m.Envelope, address: str) -> None:
+        """Remember the signer of an accepted envelope as its sender in that job (first one wins)."""
+        self.bound.setdefault((env.job_id, env.sender), address)

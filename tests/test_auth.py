@@ -1,0 +1,108 @@
+"""Envelope signatures: who may speak as whom, in pure code and through the ack policy."""
+
+import json
+import os
+
+import pytest
+
+from deltaml.agents import topology as t
+from deltaml.agents.bus import Delivery, Verdict
+from deltaml.agents.policy import AckPolicy
+from deltaml.protocol import messages as m
+from deltaml.protocol.auth import AuthError, Keyring, sign, signer
+from deltaml.protocol.chain import Wallet
+from deltaml.protocol.errors import ProtocolError
+
+ALICE, MALLORY = os.urandom(32), os.urandom(32)
+ALICE_ADDRESS = Wallet(private_key=ALICE).address
+
+
+def join(sender="owner-1", job="job-1", **payload):
+    return m.Envelope(message_id=os.urandom(8).hex(), job_id=job, sender=sender, recipient="aggregator",
+                      payload=m.JoinRequest(rows=5, **payload))
+
+
+def test_a_signature_names_its_signer():
+    assert signer(sign(join(), ALICE)) == ALICE_ADDRESS
+
+
+@pytest.mark.parametrize("field,value", [("job_id", "job-2"), ("round", 3), ("recipient", "owner-2"),
+                                         ("sender", "owner-9"), ("message_id", "other"),
+                                         ("payload", m.JoinRequest(rows=6))])
+def test_changing_any_field_changes_the_signer(field, value):
+    signed = sign(join(), ALICE)
+    assert signer(signed.model_copy(update={field: value})) != ALICE_ADDRESS
+
+
+def test_the_signature_survives_the_wire():
+    signed = sign(join(address=ALICE_ADDRESS), ALICE)
+    assert signer(m.decode(m.encode(signed))) == ALICE_ADDRESS
+
+
+@pytest.mark.parametrize("signature,reason", [(None, "unsigned"), ("zz", "invalid signature"),
+                                              ("00" * 65, "invalid signature"), ("ab" * 10, "invalid signature")])
+def test_missing_or_malformed_signatures_are_refused(signature, reason):
+    with pytest.raises(AuthError, match=reason):
+        signer(join().model_copy(update={"signature": signature}))
+
+
+def test_the_first_accepted_signer_owns_the_name_in_that_job_only():
+    ring = Keyring()
+    first = sign(join(), ALICE)
+    ring.bind(first, ring.check(first))
+    with pytest.raises(AuthError, match="forged sender: owner-1 in job job-1"):
+        ring.check(sign(join(), MALLORY))
+    assert ring.check(sign(join(), ALICE)) == ALICE_ADDRESS
+    assert ring.check(sign(join(job="job-2"), MALLORY))  # another job, another binding
+
+
+def test_a_pinned_name_is_bound_in_every_job():
+    ring = Keyring(pinned={"aggregator": ALICE_ADDRESS})
+    offer = join(sender="aggregator", job="any")
+    assert ring.check(sign(offer, ALICE)) == ALICE_ADDRESS
+    with pytest.raises(AuthError, match="forged sender: aggregator"):
+        ring.check(sign(offer, MALLORY))
+
+
+def test_a_declared_address_must_be_the_signer():
+    with pytest.raises(AuthError, match="declares address"):
+        Keyring().check(sign(join(address=ALICE_ADDRESS), MALLORY))
+    hello = m.Envelope(message_id="h", job_id="", sender="owner-1", recipient="ledger",
+                       payload=m.ChainHello(address=ALICE_ADDRESS))
+    with pytest.raises(AuthError, match="declares address"):
+        Keyring().check(sign(hello, MALLORY))
+
+
+async def test_the_policy_dead_letters_forgeries_and_binds_only_accepted_messages():
+    accepted = []
+
+    def step(env):
+        if env.payload.rows == 13:
+            raise ProtocolError("unlucky rows")
+        accepted.append(env.message_id)
+        return []
+
+    async def publish(env):
+        pass
+
+    policy = AckPolicy(step, publish)
+    # mallory speaks first but is refused by the protocol: the name is not hers
+    refused = sign(join().model_copy(update={"payload": m.JoinRequest(rows=13)}), MALLORY)
+    assert (await policy(Delivery(m.encode(refused), {}))).verdict is Verdict.DEAD_LETTER
+    honest = sign(join(), ALICE)
+    assert (await policy(Delivery(m.encode(honest), {}))).verdict is Verdict.ACK
+    forged = sign(join(), MALLORY)
+    outcome = await policy(Delivery(m.encode(forged), {}))
+    assert outcome.verdict is Verdict.DEAD_LETTER and outcome.reason.startswith("unauthenticated: forged sender")
+    unsigned = json.loads(m.encode(join()))
+    outcome = await policy(Delivery(json.dumps(unsigned).encode(), {}))
+    assert outcome.reason == "unauthenticated: unsigned envelope"
+    assert accepted == [honest.message_id]
+
+
+def test_role_urls_use_the_roles_broker_users():
+    url = "amqp://guest:guest@127.0.0.1:5672/"
+    assert t.role_url(url, "owner") == "amqp://deltaml-owner:deltaml-owner@127.0.0.1:5672/"
+    assert t.role_url("amqp://127.0.0.1/", "owner") == "amqp://127.0.0.1/"
+    with pytest.raises(ValueError):
+        t.role_url(url, "root")
