@@ -31,8 +31,10 @@ contract DeltaEscrow {
         uint32 confirmations;
         uint32 lastRound;     // latest round with a recorded full-model metric
         uint32 finalCount;    // metrics recorded at the last round
+        uint32 droppedCount;  // trainers the aggregator dropped for not answering
         uint64 deadline;
         bool hasBaseline;
+        bool abandoned;       // the aggregator gave the job up: it may be settled at once
         uint256 deposit;
         uint256 fixedReward;
         uint256 variablePool;
@@ -63,6 +65,7 @@ contract DeltaEscrow {
     mapping(bytes32 => Job) private jobs;
     mapping(bytes32 => mapping(address => uint8)) public roleOf;
     mapping(bytes32 => mapping(address => bool)) public confirmed;
+    mapping(bytes32 => mapping(address => bool)) public dropped;
     mapping(bytes32 => mapping(uint32 => mapping(uint16 => Metric))) private metrics;
     mapping(address => uint256) public credit;
     uint256 private entered;
@@ -78,6 +81,8 @@ contract DeltaEscrow {
     event Credited(bytes32 indexed job, address indexed payee, uint256 amount, int256 contribution);
     event Settled(bytes32 indexed job, uint256 paid, uint256 refund, uint256 variablePaid, bool complete);
     event Cancelled(bytes32 indexed job, uint256 refund);
+    event Dropped(bytes32 indexed job, address indexed trainer, uint32 round);
+    event Abandoned(bytes32 indexed job, uint32 round);
     event Withdrawn(address indexed payee, uint256 amount);
 
     error NotBuyer();
@@ -166,12 +171,37 @@ contract DeltaEscrow {
         }
     }
 
+    /// @notice Drop a trainer that stopped answering: it earns nothing and owes no final metric.
+    /// At least one trainer stays, and only before the final metrics begin.
+    function drop(bytes32 id, address trainer, uint32 round) external inState(id, State.Training) {
+        Job storage j = jobs[id];
+        if (msg.sender != j.aggregator) revert NotAggregator();
+        if (roleOf[id][trainer] != TRAINER || dropped[id][trainer]) revert Invalid("not an active trainer");
+        if (j.droppedCount + 1 >= j.trainers.length) revert Invalid("the last trainer");
+        if (j.finalCount != 0) revert Invalid("final metrics begun");
+        dropped[id][trainer] = true;
+        j.droppedCount += 1;
+        emit Dropped(id, trainer, round);
+    }
+
+    /// @notice Give a failed job up: anyone may then settle it at once, as after its deadline
+    /// (fixed rewards if training had verified progress, the rest back to the buyer).
+    function abandon(bytes32 id, uint32 round) external {
+        Job storage j = jobs[id];
+        if (j.state != State.Open && j.state != State.Staffed && j.state != State.Training) revert WrongState(j.state);
+        if (msg.sender != j.aggregator) revert NotAggregator();
+        if (j.abandoned) revert Invalid("already abandoned");
+        j.abandoned = true;
+        emit Abandoned(id, round);
+    }
+
     /// @notice Record one published metric; the ledger checked its decryption proof before relaying.
     function recordMetric(bytes32 id, MetricInput calldata x) external inState(id, State.Training) {
         Job storage j = jobs[id];
         if (msg.sender != j.aggregator) revert NotAggregator();
         if (x.round > j.rounds || x.model > j.trainers.length || x.rows == 0) revert Invalid("metric index");
         if (x.model != 0 && x.round != j.rounds) revert Invalid("leave-one-out metrics are final");
+        if (x.model != 0 && dropped[id][j.trainers[x.model - 1]]) revert Invalid("dropped trainer");
         if (x.randomness.length == 0 || x.sse.length > 512) revert Invalid("metric value");
         Metric storage slot = metrics[id][x.round][x.model];
         if (slot.recorded) revert Invalid("metric already recorded");
@@ -247,8 +277,9 @@ contract DeltaEscrow {
         Job storage j = jobs[id];
         State s = j.state;
         if (s != State.Open && s != State.Staffed && s != State.Training) revert WrongState(s);
-        bool complete = s == State.Training && j.finalCount == j.trainers.length + 1;
-        if (!complete && block.timestamp <= j.deadline) revert TooEarly();
+        bool complete = s == State.Training && !j.abandoned
+            && j.finalCount == j.trainers.length + 1 - j.droppedCount;
+        if (!complete && !j.abandoned && block.timestamp <= j.deadline) revert TooEarly();
         j.state = State.Settled;
         if (s != State.Training || !j.hasBaseline || j.lastRound == 0) {
             credit[j.buyer] += j.deposit;
@@ -264,11 +295,13 @@ contract DeltaEscrow {
         if (complete) {
             uint256 full = metrics[id][j.rounds][0].mseMicro;
             for (uint256 i = 0; i < n; i++) {
+                if (dropped[id][j.trainers[i]]) continue;
                 contribution[i] = int256(metrics[id][j.rounds][uint16(i + 1)].mseMicro) - int256(full);
                 if (contribution[i] > 0) total += uint256(contribution[i]);
             }
         }
         for (uint256 i = 0; i < n; i++) {
+            if (dropped[id][j.trainers[i]]) continue;  // it did not complete its work
             uint256 share = total == 0 || contribution[i] <= 0 ? 0 : variable * uint256(contribution[i]) / total;
             variablePaid += share;
             paid += _credit(id, j.trainers[i], j.fixedReward + share, contribution[i]);

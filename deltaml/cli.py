@@ -108,6 +108,7 @@ def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = N
         structlog.get_logger().info("agent started", role=role, name=name)
         await until_signalled()
         structlog.get_logger().info("agent stopping", role=role, name=name)
+        await agent.stop()
         await bus.close()
         timings = os.environ.get("DELTAML_TIMINGS_DIR")
         if timings:  # for benchmarks/e2e.py: seconds of work per message type

@@ -33,7 +33,7 @@ from .agents.runtime import buyer_report, run_buyer_job
 from .data import Dataset, DataError, demo_split, load, write_csv
 from .protocol import messages as m
 from .protocol.buyer import BuyerPhase
-from .protocol.chain import DEFAULT_DEADLINE, LEDGER
+from .protocol.chain import DEFAULT_DEADLINE, LEDGER, job_key
 from .protocol.linear import gradient_descent, least_squares, sufficient_stats
 from .protocol.owner import OwnerCore, OwnerData
 from .protocol.paillier import PrivateKey, PublicKey, generate_keypair
@@ -58,6 +58,8 @@ class DemoConfig:
     frac_bits: int = 32
     magnitude_bits: int = 60
     chain: str = "embedded"
+    round_timeout: float = 600.0
+    quorum: int = 0
 
 
 def owner_names(count: int) -> list[str]:
@@ -93,7 +95,8 @@ def make_spec(config: DemoConfig, data: Dataset, public_hex: str, buyer: str, es
                      eval_every=config.eval_every, key_bits=config.key_bits, public_key=public_hex,
                      fixed_reward_wei=config.fixed_reward_wei, variable_pool_wei=config.variable_pool_wei,
                      frac_bits=config.frac_bits, magnitude_bits=config.magnitude_bits,
-                     escrow=escrow, deadline=int(time.time()) + DEFAULT_DEADLINE if escrow else 0)
+                     escrow=escrow, deadline=int(time.time()) + DEFAULT_DEADLINE if escrow else 0,
+                     round_timeout=config.round_timeout, quorum=config.quorum)
 
 
 def baselines(parts: list[Dataset], config: DemoConfig) -> dict:
@@ -129,40 +132,59 @@ def _ledger(bus, chain_url: str):
     return ledger, Agent("ledger", LEDGER, ledger, bus)
 
 
-async def _memory_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, key: PrivateKey,
-                      on_progress: Progress) -> tuple:
+Wrap = Callable[[str, object], object]
+
+
+async def memory_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, key: PrivateKey,
+                     on_progress: Progress = lambda *a: None, wrap: Wrap = lambda name, core: core,
+                     tick_seconds: float = 1.0) -> tuple:
+    """One job on the memory bus; ``wrap`` may replace a party's core (fault tests make one go silent)."""
     bus = MemoryBus()
     ledger, ledger_agent = _ledger(bus, config.chain)
-    aggregator = Agent("aggregator", "aggregator", aggregator_core(wallet=load_wallet(None)), bus,
-                       pinned=_trusted(ledger_agent.address))
+    aggregator = Agent("aggregator", "aggregator", wrap("aggregator", aggregator_core(wallet=load_wallet(None))),
+                       bus, pinned=_trusted(ledger_agent.address), tick_seconds=tick_seconds)
     trust = _trusted(ledger_agent.address, aggregator.address)
     agents = [ledger_agent, aggregator]
     for name, part in zip(owner_names(config.owners), parts):
         core = OwnerCore(context(name, wallet=load_wallet(None)), OwnerData(part.columns, part.table()))
-        agents.append(Agent("owner", name, core, bus, pinned=trust))
-    buyer = Agent("buyer", "buyer", buyer_core("buyer", key, wallet=load_wallet(None)), bus, pinned=trust)
+        agents.append(Agent("owner", name, wrap(name, core), bus, pinned=trust))
+    buyer = Agent("buyer", "buyer", wrap("buyer", buyer_core("buyer", key, wallet=load_wallet(None))), bus,
+                  pinned=trust)
     for agent in [*agents, buyer]:
         await agent.start()
     job_id = uuid.uuid4().hex
     try:
         job = await run_buyer_job(buyer, spec, on_progress=on_progress, job_id=job_id)
-        await _withdrawals(ledger, job)
+        job = await _withdrawals(ledger, buyer.core, job_id)
     finally:
+        for agent in agents:
+            await agent.stop()
         await bus.close()
     timings = {f"{a.role}-{a.name}": a.policy.busy for a in [*agents, buyer]}
     return job, job_id, [d.reason for d in bus.dead], ledger, timings
 
 
-async def _withdrawals(ledger: LedgerCore, job, timeout: float = 60.0) -> None:
-    """Wait until every credited party has withdrawn: the pull payments are part of the job."""
-    if job.phase is not BuyerPhase.FINISHED:
-        return
-    payees = [*job.payments_wei, *([job.buyer_address] if job.refund_wei else [])]
+async def _withdrawals(ledger: LedgerCore, buyer, job_id: str, timeout: float = 60.0):
+    """Wait until the escrow is settled and every credited party has withdrawn; return the buyer's job.
+
+    The pull payments are part of the job; a failed job whose escrow exists is
+    settled by the aggregator at once, and its refund is withdrawn like a payment.
+    """
     deadline = time.monotonic() + timeout
+    job = buyer.jobs[job_id]
+    if not job.spec.escrow or (job.phase is not BuyerPhase.FINISHED and job_key(job_id) not in ledger.jobs):
+        return job
+    while not buyer.jobs[job_id].settled:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the escrow was not settled in time")
+        await asyncio.sleep(0.05)
+    job = buyer.jobs[job_id]
+    payees = [*job.payments_wei, *([job.buyer_address] if job.refund_wei else [])]
     while any(ledger.chain.credit(a) for a in payees):
         if time.monotonic() > deadline:
             raise RuntimeError("payments were credited but not withdrawn in time")
         await asyncio.sleep(0.05)
+    return buyer.jobs[job_id]
 
 
 def _spawn(role: str, args: list[str], url: str, timings: str) -> subprocess.Popen:
@@ -201,7 +223,7 @@ async def _amqp_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, k
             await buyer.start()
             job_id = uuid.uuid4().hex
             job = await run_buyer_job(buyer, spec, on_progress=on_progress, job_id=job_id)
-            await _withdrawals(ledger, job)
+            job = await _withdrawals(ledger, buyer.core, job_id)
         finally:
             for child in children:
                 child.send_signal(signal.SIGTERM)
@@ -225,7 +247,7 @@ def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = la
     public, private = keypair or generate_keypair(config.key_bits)
     spec = make_spec(config, data, public.to_hex(), "buyer")
     if bus == "memory":
-        job, job_id, refused, ledger, timings = asyncio.run(_memory_job(config, parts, spec, private, on_progress))
+        job, job_id, refused, ledger, timings = asyncio.run(memory_job(config, parts, spec, private, on_progress))
     else:
         job, job_id, refused, ledger, timings = asyncio.run(
             _amqp_job(config, parts, spec, private, on_progress, amqp_url))

@@ -310,3 +310,58 @@ def test_payments_plus_refund_equal_the_deposit_to_the_wei(w3, escrow, p, fixed,
     for i, c in enumerate(loo):
         if c <= full:  # no positive contribution, no variable share
             assert paid[p.trainers[i]] == fixed
+
+
+def test_a_dropped_trainer_is_paid_nothing_and_owes_no_final_metric(w3, escrow, p):
+    job = training_job(w3, escrow, p)
+    gone = p.trainers[1]
+    reverts(escrow.functions.drop(job, gone, 3), **{"from": p.stranger})
+    reverts(escrow.functions.drop(job, p.validators[0], 3), **{"from": p.aggregator})
+    escrow.functions.drop(job, gone, 3).transact({"from": p.aggregator})
+    reverts(escrow.functions.drop(job, gone, 4), **{"from": p.aggregator})  # not twice
+    record(escrow, p, job, 0, 0, micro(4000_000000))
+    record(escrow, p, job, 10, 0, micro(3000_000000))
+    reverts(escrow.functions.recordMetric(job, metric(10, 2, micro(1))), **{"from": p.aggregator})
+    record(escrow, p, job, 10, 1, micro(3100_000000))
+    reverts(escrow.functions.settle(job), **{"from": p.stranger})  # trainer 3's final metric is owed
+    record(escrow, p, job, 10, 3, micro(3050_000000))
+    reverts(escrow.functions.drop(job, p.trainers[0], 10), **{"from": p.aggregator})  # final metrics begun
+    before = credits(escrow, [*p.owners, p.buyer])
+    escrow.functions.settle(job).transact({"from": p.stranger})  # complete without the dropped trainer
+    after = credits(escrow, [*p.owners, p.buyer])
+    paid = {a: after[a] - before[a] for a in after}
+    expected = expected_settlement(fixed_reward=FIXED, variable_pool=POOL, trainers=p.trainers,
+                                   validators=p.validators, mse0=4000_000000,
+                                   final={0: 3000_000000, 1: 3100_000000, 3: 3050_000000}, dropped=[gone])
+    assert paid[gone] == 0
+    assert {a: paid[a] for a in expected.payments} == expected.payments
+    assert sum(paid.values()) == FIXED * len(p.owners) + POOL
+
+
+def test_the_last_trainers_cannot_all_be_dropped(w3, escrow, p):
+    job = training_job(w3, escrow, p)
+    escrow.functions.drop(job, p.trainers[0], 1).transact({"from": p.aggregator})
+    escrow.functions.drop(job, p.trainers[1], 1).transact({"from": p.aggregator})
+    reverts(escrow.functions.drop(job, p.trainers[2], 1), **{"from": p.aggregator})
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_an_abandoned_job_settles_at_once_and_refunds_the_buyer(w3, escrow, p, progress):
+    job = training_job(w3, escrow, p)
+    record(escrow, p, job, 0, 0, micro(4000_000000))
+    if progress:
+        record(escrow, p, job, 5, 0, micro(3500_000000))
+    reverts(escrow.functions.settle(job), **{"from": p.stranger})  # still running: too early
+    reverts(escrow.functions.abandon(job, 5), **{"from": p.buyer})  # only the aggregator gives up
+    escrow.functions.abandon(job, 5).transact({"from": p.aggregator})
+    before = credits(escrow, [*p.owners, p.buyer])
+    escrow.functions.settle(job).transact({"from": p.stranger})
+    after = credits(escrow, [*p.owners, p.buyer])
+    paid = {a: after[a] - before[a] for a in after}
+    deposit = FIXED * len(p.owners) + POOL
+    if progress:  # work was verified: fixed rewards, the variable pool back
+        assert all(paid[o] == FIXED for o in p.owners) and paid[p.buyer] == POOL
+    else:
+        assert paid[p.buyer] == deposit
+    assert sum(paid.values()) == deposit
+    reverts(escrow.functions.abandon(job, 6), **{"from": p.aggregator})  # settled: nothing to give up

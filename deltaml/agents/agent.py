@@ -11,6 +11,7 @@ and is written with mode 0600.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -33,6 +34,9 @@ class Trace:
         self.handle = os.fdopen(fd, "a", buffering=1)
         self.handle.write(json.dumps({"trace": 1, **header}) + "\n")
 
+    def tick(self, seconds: float) -> None:
+        self.handle.write(json.dumps({"dir": "tick", "seconds": seconds}) + "\n")
+
     def record(self, direction: str, env: m.Envelope) -> None:
         self.handle.write(json.dumps({"dir": direction, "message": env.model_dump(mode="json")}) + "\n")
 
@@ -49,13 +53,15 @@ class Agent:
     """
 
     def __init__(self, role: str, name: str, core: Any, bus: Bus, trace: Trace | None = None,
-                 key: bytes | None = None, pinned: dict[str, str] | None = None) -> None:
+                 key: bytes | None = None, pinned: dict[str, str] | None = None, tick_seconds: float = 1.0) -> None:
         self.role, self.name, self.core, self.bus, self.trace = role, name, core, bus, trace
         wallet = getattr(getattr(core, "ctx", None), "wallet", None)
         self.key = key or (wallet.private_key if wallet is not None else os.urandom(32))
         self.keyring = Keyring(pinned=dict(pinned or {}))
         self.policy = AckPolicy(core.handle, self.publish, trace.record if trace else lambda d, e: None,
                                 keyring=self.keyring)
+        self.tick_seconds = tick_seconds
+        self.ticker: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
@@ -67,8 +73,23 @@ class Agent:
         await self.bus.publish(env.recipient, m.encode(sign(env, self.key)), env.message_id)
 
     async def start(self) -> None:
-        """Begin consuming this agent's queue."""
+        """Begin consuming this agent's queue; a core that keeps deadlines is ticked every ``tick_seconds``."""
         await self.bus.consume(self.role, self.name, self.policy)
+        if hasattr(self.core, "tick") and self.ticker is None:
+            self.ticker = asyncio.create_task(self._tick_forever())
+
+    async def _tick_forever(self) -> None:
+        record = self.trace.tick if self.trace else lambda s: None
+        while True:
+            await asyncio.sleep(self.tick_seconds)
+            await self.policy.tick(self.core.tick, record)
+
+    async def stop(self) -> None:
+        """Stop ticking (the bus is closed by its owner)."""
+        if self.ticker is not None:
+            self.ticker.cancel()
+            await asyncio.gather(self.ticker, return_exceptions=True)
+            self.ticker = None
 
     async def send_all(self, envelopes: list[m.Envelope], direction: str = "out") -> None:
         """Publish messages the core produced outside a delivery (a buyer opening a job)."""

@@ -40,6 +40,29 @@ class AckPolicy:
         self.answers: OrderedDict[str, list[m.Envelope]] = OrderedDict()
         self.lock = asyncio.Lock()
         self.busy: dict[str, float] = {}  # seconds spent stepping the core, per message type
+        self.mark = time.monotonic()  # end of the core's last step or tick
+
+    async def tick(self, tick: Callable[[float], list[m.Envelope]],
+                   record_tick: Callable[[float], None] = lambda s: None) -> None:
+        """Tell the core how long it has been idle since its last step, and publish what it decides.
+
+        Time the core spent working on a delivery is not idle time: a slow
+        handler of ours must not count as another party's silence.
+        """
+        async with self.lock:
+            now = time.monotonic()
+            seconds, self.mark = now - self.mark, now
+            try:
+                outgoing = await asyncio.to_thread(tick, seconds)
+            except Exception:  # a bug in a timeout handler must not stop the agent
+                log.exception("tick failed")
+                return
+            record_tick(seconds)
+            for out in outgoing:
+                self.record("out", out)
+                await self.publish(out)
+            if outgoing:
+                log.info("acted on silence", sent=[o.type for o in outgoing])
 
     async def __call__(self, delivery: Delivery) -> Outcome:
         try:
@@ -71,6 +94,7 @@ class AckPolicy:
                 bound.exception("handler failed")
                 return Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
             self.busy[env.type] = self.busy.get(env.type, 0.0) + time.perf_counter() - started
+            self.mark = time.monotonic()
             self.keyring.bind(env, address)
             self.record("in", env)
             self.answers[env.message_id] = outgoing

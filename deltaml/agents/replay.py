@@ -44,13 +44,19 @@ def replay(path: str | Path) -> tuple[int, list[str]]:
         i = 0
         while i < len(records):
             record = records[i]
-            env = m.Envelope.model_validate(record["message"])
             i += 1
             expected = []
             while i < len(records) and records[i]["dir"] == "out":
                 expected.append(m.Envelope.model_validate(records[i]["message"]))
                 i += 1
             replayed += 1
+            if record["dir"] == "tick":  # time passed: the core's deadlines
+                got = core.tick(record["seconds"])
+                if [m.encode(e) for e in got] != [m.encode(e) for e in expected]:
+                    diffs.append(f"tick of {record['seconds']} s: {len(got)} outputs differ from the "
+                                 f"{len(expected)} recorded")
+                continue
+            env = m.Envelope.model_validate(record["message"])
             where = f"{env.type} {env.message_id} (round {env.round})"
             if record["dir"] == "open":
                 got = core.open_job(env.job_id, env.payload.spec, env.recipient)

@@ -85,7 +85,7 @@ def buyer_report(job: BuyerJob, job_id: str, key_bits: int, wall: float) -> dict
         addr = job.addresses
         predicted = {addr[n]: v for n, v in job.settlement.payments.items()}
         report.update({
-            "participants": {n: addr[n] for n in [*job.trainers, *job.validators]},
+            "participants": {n: addr[n] for n in [*(job.roster or job.trainers), *job.validators]},
             "buyer_address": job.buyer_address, "aggregator_address": addr[job.aggregator],
             "contributions": {addr[t]: c for t, c in job.contributions.items()},
             "contributions_micro": job.chain_contributions,

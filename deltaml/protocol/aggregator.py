@@ -17,10 +17,23 @@ After the last evaluation it sends the encrypted final model to the buyer
 (SETTLING) and finishes when the buyer closes the job. Any party's failure
 fails the job. It holds no secret and sees only ciphertexts and the
 published metrics.
+
+Silence: the agent ticks the core (:meth:`AggregatorCore.tick`) with the
+seconds that passed; a job that has waited ``spec.round_timeout`` seconds
+since its last accepted message acts on it. Trainers silent in a training
+round are dropped if at least ``spec.quorum`` trainers answered: the model
+trained without the dropped trainer, which every other trainer has been
+computing all along, becomes the full model, so the result is exactly
+centralised training on the rows that stayed. (Leave-one-out models of the
+others keep the dropped trainer's early rounds.) Any other silence — too few
+owners, a validator, the buyer during a refresh or a metric — fails the job;
+a paid job is then abandoned on chain and settled at once, so the escrow is
+refunded without waiting for its deadline.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -69,6 +82,10 @@ class AggJob:
     addresses: dict[str, str] = field(default_factory=dict)
     training_started: bool = False
     settled: bool = False
+    roster: list[str] = field(default_factory=list)  # trainers as enrolled on chain (model indices)
+    dropped: list[str] = field(default_factory=list)
+    on_chain: bool = False  # the escrow exists: a failure abandons it
+    idle: float = 0.0  # seconds since the job last accepted a message
 
     @property
     def codec(self) -> FixedPoint:
@@ -148,6 +165,7 @@ def _on_join(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
         return []
     names = sorted(job.joined, key=natural_key)
     job.trainers = names[: job.spec.trainers]
+    job.roster = list(job.trainers)
     job.validators = names[job.spec.trainers:]
     job.models = {FULL_MODEL: job.models[FULL_MODEL]}
     for t in job.trainers:
@@ -193,6 +211,11 @@ def _on_gradient(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]
     job.replies[env.sender] = env
     if len(job.replies) < len(job.trainers):
         return []
+    return _step_models(job, ctx, env.job_id)
+
+
+def _step_models(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
+    """One gradient step per model from the trainers' replies, then the next phase."""
     pub, codec = job.public_key, job.codec
     for mid in job.models:
         members = job.members(mid)
@@ -202,7 +225,7 @@ def _on_gradient(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]
         job.models[mid] = encrypted_update(pub, codec, job.models[mid], grads, eta)
     job.round += 1
     job.scale_bits += 2 * codec.frac_bits
-    return _advance(job, ctx, env.job_id)
+    return _advance(job, ctx, job_id)
 
 
 def _on_refreshed(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
@@ -258,7 +281,7 @@ def _record_metrics(job: AggJob, env: m.Envelope, ctx: Context, totals: dict[str
     out = []
     scale = job.replies[job.validators[0]].payload.sse_scale_bits
     for mid, metric in sorted(env.payload.metrics.items(), key=lambda kv: model_index(kv[0], job.trainers)):
-        args = metric_args(env.job_id, job.round, model_index(mid, job.trainers), totals[mid], metric.sse, scale,
+        args = metric_args(env.job_id, job.round, model_index(mid, job.roster), totals[mid], metric.sse, scale,
                            metric.rows, metric.randomness)
         proof = m.MetricProof(ciphertext=totals[mid], public_key=job.spec.public_key)
         out += ctx.wallet.call(ctx, env.job_id, job.round, "recordMetric", args, proof=proof)
@@ -268,10 +291,57 @@ def _record_metrics(job: AggJob, env: m.Envelope, ctx: Context, totals: dict[str
 
 
 def _fail(job: AggJob, ctx: Context, job_id: str, reason: str) -> list[m.Envelope]:
+    """End the job for everyone; give a funded escrow up and settle it, so the buyer is refunded now."""
     job.phase = AggPhase.FAILED
     job.reason = reason
     end = m.JobFinished(ok=False, reason=reason)
-    return [ctx.message(job_id, job.round, p, end) for p in [job.buyer, *job.trainers, *job.validators]]
+    owners = [*job.trainers, *job.validators] or sorted(job.joined, key=natural_key)
+    out = [ctx.message(job_id, job.round, p, end) for p in [job.buyer, *owners]]
+    if job.on_chain and not job.settled:
+        out += ctx.wallet.call(ctx, job_id, job.round, "abandon", [job_key(job_id), job.round])
+        out += ctx.wallet.call(ctx, job_id, job.round, "settle", [job_key(job_id)])
+    return out
+
+
+def _drop(job: AggJob, ctx: Context, job_id: str, silent: list[str], waited: float) -> list[m.Envelope]:
+    """Go on without silent trainers: each one's leave-one-out model becomes the full model."""
+    out = []
+    for gone in silent:
+        reason = f"no gradient for round {job.round + 1} within {waited:g} s"
+        job.trainers.remove(gone)
+        job.dropped.append(gone)
+        job.models[FULL_MODEL] = job.models.pop(without(gone))
+        for t, reply in job.replies.items():  # this round's gradients for that model serve the new full one
+            grads = dict(reply.payload.gradients)
+            grads[FULL_MODEL] = grads.pop(without(gone))
+            job.replies[t] = reply.model_copy(update={"payload": reply.payload.model_copy(
+                update={"gradients": grads})})
+        out.append(ctx.message(job_id, job.round, job.buyer, m.TrainerDropped(trainer=gone, reason=reason)))
+        out.append(ctx.message(job_id, job.round, gone, m.JobFinished(ok=False, reason=f"dropped: {reason}")))
+        if job.on_chain:
+            out += ctx.wallet.call(ctx, job_id, job.round, "drop",
+                                   [job_key(job_id), job.addresses[gone], job.round + 1])
+    return out + _step_models(job, ctx, job_id)
+
+
+WAITING_FOR = {
+    AggPhase.RECRUITING: "owners to join", AggPhase.STARTING: "participants to accept and confirm",
+    AggPhase.TRAINING: "trainers' gradients", AggPhase.REFRESHING: "the buyer's refresh",
+    AggPhase.EVALUATING: "validators' evaluations", AggPhase.VERIFYING: "the buyer's metric",
+}
+
+
+def _on_silence(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
+    """The job waited ``round_timeout`` seconds: drop silent trainers if a quorum answered, else fail."""
+    waited = job.spec.round_timeout
+    if job.phase == AggPhase.TRAINING and job.spec.quorum:
+        silent = [t for t in job.trainers if t not in job.replies]
+        if len(job.trainers) - len(silent) >= job.spec.quorum:
+            return _drop(job, ctx, job_id, silent, waited)
+    if job.phase == AggPhase.TRAINING:
+        silent = ", ".join(t for t in job.trainers if t not in job.replies)
+        return _fail(job, ctx, job_id, f"round {job.round + 1}: no gradient from {silent} within {waited:g} s")
+    return _fail(job, ctx, job_id, f"round {job.round}: waited {waited:g} s for {WAITING_FOR[job.phase]}")
 
 
 def _on_chain_event(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
@@ -286,6 +356,7 @@ def _on_chain_event(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelo
                a["keyHash"])
         if not same_address(got[0], expected[0]) or got[1:] != expected[1:]:
             return _fail(job, ctx, env.job_id, "the escrow on chain does not match the job")
+        job.on_chain = True
         trainers = [job.addresses[t] for t in job.trainers]
         validators = [job.addresses[v] for v in job.validators]
         return ctx.wallet.call(ctx, env.job_id, 0, "setParticipants", [job_key(env.job_id), trainers, validators])
@@ -354,7 +425,26 @@ class AggregatorCore(ChainParty):
         if job is None:
             return self._open(env)
         new, out = AGGREGATOR.step(job, env, self.ctx)
+        new.idle = 0.0
         self.jobs[env.job_id] = new
+        return out
+
+    def tick(self, seconds: float) -> list[m.Envelope]:
+        """``seconds`` passed: every job that has waited its ``round_timeout`` acts on the silence."""
+        out = []
+        for job_id, job in list(self.jobs.items()):
+            if job.phase not in WAITING_FOR:
+                continue
+            job.idle += seconds
+            if job.idle >= job.spec.round_timeout:
+                out += self.guarded(self._silence, job_id)
+        return out
+
+    def _silence(self, job_id: str) -> list[m.Envelope]:
+        new = copy.deepcopy(self.jobs[job_id])
+        out = _on_silence(new, self.ctx, job_id)
+        new.idle = 0.0
+        self.jobs[job_id] = new
         return out
 
     def _open(self, env: m.Envelope) -> list[m.Envelope]:
@@ -364,6 +454,7 @@ class AggregatorCore(ChainParty):
         require(req.spec.buyer == env.sender, "a job request must come from its buyer")
         require(len(req.initial_model) == len(req.spec.features) + 1, "initial model of the wrong length")
         require(req.spec.validators < req.spec.owners, "a job needs at least one trainer")
+        require(req.spec.quorum <= req.spec.trainers, "a quorum larger than the trainers")
         require(not req.spec.escrow or self.wallet is not None, "this aggregator takes no paid jobs (no key)")
         self.jobs[env.job_id] = AggJob(phase=AggPhase.RECRUITING, spec=req.spec, buyer=env.sender,
                                        models={FULL_MODEL: list(req.initial_model)},

@@ -54,6 +54,8 @@ class BuyerJob:
     aggregator: str
     trainers: list[str] = field(default_factory=list)
     validators: list[str] = field(default_factory=list)
+    roster: list[str] = field(default_factory=list)  # trainers as enrolled on chain
+    dropped: list[str] = field(default_factory=list)
     refreshed: set[int] = field(default_factory=set)
     served: dict[int, set[str]] = field(default_factory=dict)
     published: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -94,6 +96,7 @@ def _on_participants(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateK
     refuse_unless(len(p.trainers) == job.spec.trainers and len(p.validators) == job.spec.validators,
                   "participant counts differ from the job")
     job.trainers, job.validators = list(p.trainers), list(p.validators)
+    job.roster = list(p.trainers)
     job.phase = BuyerPhase.TRAINING
     if not job.spec.escrow:
         return []
@@ -181,12 +184,23 @@ def _on_result(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) ->
     job.contributions = leave_one_out(final[FULL_MODEL], {t: final[without(t)] for t in job.trainers})
     micro = job.published_micro[spec.rounds]
     job.settlement = expected_settlement(
-        fixed_reward=spec.fixed_reward_wei, variable_pool=spec.variable_pool_wei, trainers=job.trainers,
+        fixed_reward=spec.fixed_reward_wei, variable_pool=spec.variable_pool_wei, trainers=job.roster,
         validators=job.validators, mse0=job.published_micro[0][FULL_MODEL],
-        final={model_index(mid, job.trainers): v for mid, v in micro.items()})
+        final={model_index(mid, job.roster): v for mid, v in micro.items()}, dropped=job.dropped)
     job.phase = BuyerPhase.FINISHED if job.settled or not spec.escrow else BuyerPhase.SETTLING
     closed = m.JobClosed(payments_wei=job.settlement.payments, refund_wei=job.settlement.refund)
     return [ctx.reply(env, closed)]
+
+
+def _on_dropped(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
+    """A silent trainer left: its models are no longer due; the job's quorum must still hold."""
+    refuse_unless(env.sender == job.aggregator, "a drop from a party that is not the aggregator")
+    gone = env.payload.trainer
+    refuse_unless(gone in job.trainers, f"{gone} is not a trainer of this job")
+    refuse_unless(0 < job.spec.quorum <= len(job.trainers) - 1, "a drop below the job's quorum")
+    job.trainers.remove(gone)
+    job.dropped.append(gone)
+    return []
 
 
 def _on_chain_event(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
@@ -230,6 +244,7 @@ BUYER_TABLE = table(
     (B.TRAINING, "product_request", _on_products, (B.TRAINING,)),
     (B.TRAINING, "metric_request", _on_metric, (B.TRAINING,)),
     (B.TRAINING, "job_result", _on_result, (B.FINISHED, B.SETTLING)),
+    (B.TRAINING, "trainer_dropped", _on_dropped, (B.TRAINING,)),
     ((B.REQUESTED, B.TRAINING, B.SETTLING), "job_finished", _on_end, (B.FAILED,)),
     (tuple(B), "chain_event", _on_chain_event, tuple(B)),
     (tuple(B), "tx_receipt", _on_receipt, tuple(B)),

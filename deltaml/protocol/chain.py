@@ -37,7 +37,8 @@ LEDGER = "ledger"
 CONTRACT = "DeltaEscrow"
 #: Gas limits the parties sign for; unused gas is not charged.
 GAS_LIMITS = {"createJob": 400_000, "cancel": 120_000, "setParticipants": 700_000, "confirm": 150_000,
-              "recordMetric": 400_000, "settle": 2_000_000, "withdraw": 120_000}
+              "recordMetric": 400_000, "settle": 2_000_000, "withdraw": 120_000, "drop": 150_000,
+              "abandon": 100_000}
 #: Seconds a job may run before anyone can settle or refund it without the buyer.
 DEFAULT_DEADLINE = 24 * 3600
 
@@ -167,11 +168,16 @@ def mse_micro(sse: int, scale_bits: int, rows: int) -> int:
 
 
 def expected_settlement(*, fixed_reward: int, variable_pool: int, trainers: Sequence[str],
-                        validators: Sequence[str], mse0: int, final: Mapping[int, int]) -> Settlement:
-    """What the contract pays for a complete job, from its recorded micro-MSEs (index → value)."""
-    contributions = {t: final[i + 1] - final[0] for i, t in enumerate(trainers)}
+                        validators: Sequence[str], mse0: int, final: Mapping[int, int],
+                        dropped: Sequence[str] = ()) -> Settlement:
+    """What the contract pays for a complete job, from its recorded micro-MSEs (index → value).
+
+    ``trainers`` is the roster as enrolled on chain; a trainer in ``dropped`` has no
+    final metric and is paid nothing.
+    """
+    contributions = {t: final[i + 1] - final[0] for i, t in enumerate(trainers) if t not in dropped}
     return settle(fixed_reward=fixed_reward, variable_pool=variable_pool, participants=[*trainers, *validators],
-                  contributions_micro=contributions, mse0_micro=mse0, mse_final_micro=final[0])
+                  contributions_micro=contributions, mse0_micro=mse0, mse_final_micro=final[0], dropped=dropped)
 
 
 @dataclass

@@ -65,6 +65,10 @@ class JobSpec(_Payload):
     variable_pool_wei: int = Field(default=10**18, ge=0)
     escrow: bool = False
     deadline: int = Field(default=0, ge=0)
+    #: Seconds the aggregator waits for the replies of a phase before it acts on the silence.
+    round_timeout: float = Field(default=600.0, gt=0)
+    #: Trainers that must still answer for training to go on without a silent one; 0: all of them.
+    quorum: int = Field(default=0, ge=0)
 
     @property
     def deposit_wei(self) -> int:
@@ -255,6 +259,14 @@ class JobFinished(_Payload):
     reason: str = ""
 
 
+class TrainerDropped(_Payload):
+    """Aggregator → buyer: a trainer stopped answering and the job goes on without it."""
+
+    type: Literal["trainer_dropped"] = "trainer_dropped"
+    trainer: str
+    reason: str
+
+
 class Failure(_Payload):
     """Any party → aggregator: I could not do my part, and why."""
 
@@ -331,7 +343,7 @@ Payload = Annotated[
         JobRequest, JobOffer, JoinRequest, RoleAssignment, RoleAccepted, Participants,
         GradientRequest, GradientReply, RefreshRequest, RefreshReply, EvalRequest,
         ProductRequest, ProductReply, EvalReply, MetricRequest, MetricReply,
-        JobResult, JobClosed, JobFinished, Failure, Progress,
+        JobResult, JobClosed, JobFinished, TrainerDropped, Failure, Progress,
         ChainHello, ChainInfo, TxRequest, TxReceipt, ChainEvent,
     ],
     Field(discriminator="type"),

@@ -1,0 +1,102 @@
+"""Silence on the memory bus: a trainer or the buyer stops answering and the aggregator's deadline acts.
+
+The real-broker versions, with killed processes, are in test_faults.py; these are the fast unit-level
+proofs of the same rules.
+"""
+
+import pytest
+
+from deltaml.marketplace import DemoConfig, baselines, make_spec, memory_job, prepare_parts
+from deltaml.protocol.buyer import BuyerPhase
+
+
+class Silent:
+    """A core that stops answering one message type from a given round on (a closed laptop)."""
+
+    def __init__(self, core, message_type: str, from_round: int = 0) -> None:
+        self.core, self.message_type, self.from_round = core, message_type, from_round
+        self.swallowed = 0
+
+    def __getattr__(self, name):  # everything else (ctx, jobs, open_job, tick) is the real core's
+        return getattr(self.core, name)
+
+    def handle(self, env):
+        if env.type == self.message_type and env.round >= self.from_round:
+            self.swallowed += 1
+            return []
+        return self.core.handle(env)
+
+
+async def run(config, keypair, silent: dict):
+    data, parts = prepare_parts(config)
+    pub, priv = keypair
+    spec = make_spec(config, data, pub.to_hex(), "buyer")
+    wrapped = {}
+
+    def wrap(name, core):
+        if name in silent:
+            wrapped[name] = Silent(core, *silent[name])
+            return wrapped[name]
+        return core
+
+    job, job_id, dead, ledger, _ = await memory_job(config, parts, spec, priv, wrap=wrap, tick_seconds=0.05)
+    return job, ledger, parts, wrapped
+
+
+def chain_totals(ledger, job):
+    """Deposit, what was credited by the escrow, and what the contract still holds."""
+    c = ledger.chain
+    return job.spec.deposit_wei, sum(job.payments_wei.values()) + job.refund_wei, c.balance(c.address)
+
+
+async def test_a_silent_trainer_is_dropped_when_the_quorum_holds_and_the_rest_is_exact(keypair):
+    config = DemoConfig(rounds=6, eval_every=3, round_timeout=2.0, quorum=3)
+    job, ledger, parts, wrapped = await run(config, keypair, {"owner-2": ("gradient_request", 3)})
+    assert job.phase is BuyerPhase.FINISHED, job.reason
+    assert job.dropped == ["owner-2"] and job.trainers == ["owner-1", "owner-3", "owner-4"]
+    # the model trained without owner-2 from the start became the full model: centralised GD on the rest
+    stayed = [p for i, p in enumerate(parts) if i != 1]
+    expected = baselines(stayed, DemoConfig(owners=4, validators=1, rounds=6, eval_every=3))["centralized_gd_mse"]
+    assert abs(job.published[6]["all"] - expected) / expected < 1e-6
+    gone = job.addresses["owner-2"]
+    assert gone not in job.payments_wei  # it did not finish its work
+    assert job.settlement.payments == {n: job.payments_wei[job.addresses[n]] for n in job.settlement.payments}
+    deposit, credited, balance = chain_totals(ledger, job)
+    assert credited == deposit and balance == 0
+    assert wrapped["owner-2"].swallowed >= 1
+
+
+async def test_a_silent_trainer_without_a_quorum_fails_the_job_and_refunds_the_deposit(keypair):
+    config = DemoConfig(rounds=6, eval_every=3, round_timeout=2.0)
+    job, ledger, _, _ = await run(config, keypair, {"owner-2": ("gradient_request", 2)})
+    assert job.phase is BuyerPhase.FAILED
+    assert "round 2: no gradient from owner-2" in job.reason
+    deposit, credited, balance = chain_totals(ledger, job)
+    assert job.settled and job.refund_wei == deposit and credited == deposit and balance == 0
+
+
+async def test_a_silent_buyer_fails_the_job_after_the_deadline_with_the_escrow_refunded(keypair):
+    # after round 3's verified metric the fixed rewards are earned; the pool goes back to the buyer
+    config = DemoConfig(rounds=40, eval_every=3, round_timeout=2.0)
+    job, ledger, _, wrapped = await run(config, keypair, {"buyer": ("refresh_request", 0)})
+    assert job.phase is BuyerPhase.FAILED and "the buyer's refresh" in job.reason
+    assert wrapped["buyer"].swallowed == 1
+    deposit, credited, balance = chain_totals(ledger, job)
+    assert job.settled and credited == deposit and balance == 0
+    assert job.refund_wei == config.variable_pool_wei
+    assert sorted(job.payments_wei.values()) == [config.fixed_reward_wei] * config.owners
+
+
+@pytest.mark.parametrize("quorum", [5, 9])
+def test_a_quorum_above_the_trainers_is_refused(quorum, keypair):
+    from deltaml.protocol import messages as m
+    from deltaml.agents.parties import aggregator_core
+    from deltaml.protocol.errors import ProtocolError
+
+    config = DemoConfig(quorum=quorum)
+    data, _ = prepare_parts(config)
+    spec = make_spec(config, data, keypair[0].to_hex(), "buyer", escrow=False)
+    request = m.Envelope(message_id="r", job_id="j", sender="buyer", recipient="aggregator",
+                         payload=m.JobRequest(spec=spec, initial_model=[keypair[0].encrypt(0)] * 11))
+    with pytest.raises(ProtocolError, match="quorum"):
+        aggregator_core().handle(request)
