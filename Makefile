@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test broker contracts bench bench-floor clean
+.PHONY: demo test faults broker contracts bench bench-floor clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ demo: $(STAMP) broker
 
 test: $(STAMP) $(NODE_MODULES) broker
 	$(BIN)/python -m pytest -q
+
+faults: $(STAMP) $(NODE_MODULES) broker
+	$(BIN)/python -m pytest -q tests/test_faults.py tests/test_silence.py
 
 bench: $(STAMP) broker
 	$(BIN)/python benchmarks/e2e.py

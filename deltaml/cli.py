@@ -42,6 +42,12 @@ def _pinned(args) -> dict[str, str]:
     return pinned
 
 
+def _state(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="checkpoint every step here (SQLite) and resume from it after a crash")
+    p.add_argument("--tick-seconds", type=float, default=1.0, help="how often deadlines are checked")
+
+
 def _key(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", type=Path, default=None,
                    help="this party's Ethereum key file, created with mode 0600 if missing")
@@ -89,6 +95,7 @@ def cmd_demo(args) -> int:
 def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = None) -> int:
     from .agents.agent import Agent, Trace
     from .agents.amqp import AmqpBus
+    from .agents.checkpoint import Checkpoint
     from .agents.runtime import configure_logging, until_signalled
 
     configure_logging(args.log_format, args.log_level)
@@ -99,7 +106,12 @@ def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = N
         bus = await AmqpBus(args.amqp_url).connect()
         trace = Trace(args.trace, {"role": role, "name": name, "seed": core.ctx.rng.seed_bytes.hex(), **header}) \
             if args.trace else None
-        agent = Agent(role, name, core, bus, trace, key=key, pinned=pinned)
+        state_dir = getattr(args, "state_dir", None)
+        checkpoint = Checkpoint(state_dir) if state_dir else None
+        agent = Agent(role, name, core, bus, trace, key=key, pinned=pinned, checkpoint=checkpoint,
+                      tick_seconds=getattr(args, "tick_seconds", 1.0))
+        if agent.resumed:
+            structlog.get_logger().info("resumed from checkpoint", jobs=len(core.jobs), state_dir=str(state_dir))
         await agent.start()
         structlog.get_logger().info("signing as", address=agent.address)
         wallet = getattr(core, "wallet", None)
@@ -115,6 +127,8 @@ def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = N
             (Path(timings) / f"{role}-{name}.json").write_text(json.dumps(agent.policy.busy))
         if trace:
             trace.close()
+        if checkpoint:
+            checkpoint.close()
 
     asyncio.run(main())
     return 0
@@ -132,7 +146,7 @@ def _wallet(args):
 def cmd_aggregator(args) -> int:
     from .agents.parties import aggregator_core
 
-    return _serve("aggregator", "aggregator", aggregator_core(wallet=_wallet(args)), args, {})
+    return _serve("aggregator", args.name, aggregator_core(args.name, wallet=_wallet(args)), args, {})
 
 
 def cmd_ledger(args) -> int:
@@ -251,8 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("aggregator", help="run the aggregator daemon")
+    p.add_argument("--name", default="aggregator")
     _common(p, settings)
     _key(p)
+    _state(p)
     p.set_defaults(func=cmd_aggregator)
 
     p = sub.add_parser("ledger", help="run the ledger daemon, the only chain client")
@@ -268,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-accept", action="store_true", help="join every job the data matches")
     _common(p, settings)
     _key(p)
+    _state(p)
     p.set_defaults(func=cmd_owner)
 
     buyer = sub.add_parser("buyer", help="buy a model").add_subparsers(dest="action", required=True)

@@ -106,3 +106,17 @@ def test_role_urls_use_the_roles_broker_users():
     assert t.role_url("amqp://127.0.0.1/", "owner") == "amqp://127.0.0.1/"
     with pytest.raises(ValueError):
         t.role_url(url, "root")
+
+
+async def test_a_redelivered_message_is_answered_again_and_a_mere_duplicate_is_not():
+    sent = []
+
+    async def publish(env):
+        sent.append(env.message_id)
+
+    answer = join(sender="aggregator")
+    policy = AckPolicy(lambda env: [answer], publish)
+    body = m.encode(sign(join(), ALICE))
+    for redelivered in (False, False, True):
+        assert (await policy(Delivery(body, {}, redelivered=redelivered))).verdict is Verdict.ACK
+    assert sent == [answer.message_id, answer.message_id]  # first handling, then the broker's redelivery

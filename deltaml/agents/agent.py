@@ -22,6 +22,7 @@ from eth_account import Account
 from ..protocol import messages as m
 from ..protocol.auth import Keyring, sign
 from .bus import Bus
+from .checkpoint import Checkpoint
 from .policy import AckPolicy
 
 
@@ -53,13 +54,23 @@ class Agent:
     """
 
     def __init__(self, role: str, name: str, core: Any, bus: Bus, trace: Trace | None = None,
-                 key: bytes | None = None, pinned: dict[str, str] | None = None, tick_seconds: float = 1.0) -> None:
+                 key: bytes | None = None, pinned: dict[str, str] | None = None, tick_seconds: float = 1.0,
+                 checkpoint: Checkpoint | None = None) -> None:
         self.role, self.name, self.core, self.bus, self.trace = role, name, core, bus, trace
         wallet = getattr(getattr(core, "ctx", None), "wallet", None)
         self.key = key or (wallet.private_key if wallet is not None else os.urandom(32))
         self.keyring = Keyring(pinned=dict(pinned or {}))
         self.policy = AckPolicy(core.handle, self.publish, trace.record if trace else lambda d, e: None,
-                                keyring=self.keyring)
+                                keyring=self.keyring, checkpoint=checkpoint,
+                                snapshot=getattr(core, "snapshot", None))
+        self.resumed = False
+        saved = checkpoint.load() if checkpoint is not None else None
+        if saved is not None:  # a restarted daemon: its jobs, who signs for whom, its recent answers
+            state, bound, answers = saved
+            core.restore(state)
+            self.keyring.bound.update(bound)
+            self.policy.answers.update(answers)
+            self.resumed = True
         self.tick_seconds = tick_seconds
         self.ticker: asyncio.Task | None = None
 

@@ -82,7 +82,7 @@ class AmqpBus:
         async def on_message(message: AbstractIncomingMessage) -> None:
             headers = dict(message.headers or {})
             attempts = int(headers.get(ATTEMPTS_HEADER, 0))
-            outcome = await handler(Delivery(message.body, headers, attempts))
+            outcome = await handler(Delivery(message.body, headers, attempts, bool(message.redelivered)))
             if outcome.verdict is Verdict.RETRY and attempts + 1 < MAX_ATTEMPTS:
                 headers[ATTEMPTS_HEADER] = attempts + 1
                 await self.channel.default_exchange.publish(_copy(message, headers), routing_key=queue_name)

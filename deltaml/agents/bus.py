@@ -37,6 +37,7 @@ class Delivery:
     body: bytes
     headers: dict
     attempts: int = 0
+    redelivered: bool = False  # the broker's flag: a consumer died holding it unacknowledged
 
 
 Handler = Callable[[Delivery], Awaitable[Outcome]]

@@ -3,8 +3,10 @@
 Success acks. A message that fails to decode, is not signed by the address
 its sender is known by (:mod:`deltaml.protocol.auth`), or breaks the protocol
 is dead-lettered with the reason. A message already handled (same message id)
-is acknowledged again and its recorded answers are re-published, so a
-redelivery after a crash between "publish" and "ack" changes nothing. Any
+is acknowledged and changes nothing. If the broker redelivered it — a consumer
+died between handling and acking — its recorded answers are published again,
+since they may not all have left; a mere duplicate (a publisher's retry) is
+not answered twice, or duplicates would multiply round after round. Any
 other exception is a transient failure, retried a bounded number of times.
 """
 
@@ -32,9 +34,11 @@ class AckPolicy:
     def __init__(self, step: Callable[[m.Envelope], list[m.Envelope]],
                  publish: Callable[[m.Envelope], Awaitable[None]],
                  record: Callable[[str, m.Envelope], None] = lambda d, e: None,
-                 keyring: Keyring | None = None) -> None:
+                 keyring: Keyring | None = None, checkpoint=None,
+                 snapshot: Callable[[], bytes] | None = None) -> None:
         self.step = step
         self.keyring = keyring if keyring is not None else Keyring()
+        self.checkpoint, self.snapshot = checkpoint, snapshot
         self.publish = publish
         self.record = record
         self.answers: OrderedDict[str, list[m.Envelope]] = OrderedDict()
@@ -58,11 +62,18 @@ class AckPolicy:
                 log.exception("tick failed")
                 return
             record_tick(seconds)
+            if outgoing:
+                self._save(None, [])
             for out in outgoing:
                 self.record("out", out)
                 await self.publish(out)
             if outgoing:
                 log.info("acted on silence", sent=[o.type for o in outgoing])
+
+    def _save(self, message_id: str | None, outgoing: list[m.Envelope]) -> None:
+        """Checkpoint the step before anything of it leaves (see :mod:`deltaml.agents.checkpoint`)."""
+        if self.checkpoint is not None:
+            self.checkpoint.save(self.snapshot(), self.keyring.bound, message_id, outgoing)
 
     async def __call__(self, delivery: Delivery) -> Outcome:
         try:
@@ -79,9 +90,10 @@ class AckPolicy:
             return Outcome(Verdict.DEAD_LETTER, f"unauthenticated: {exc}")
         async with self.lock:
             if env.message_id in self.answers:
-                for out in self.answers[env.message_id]:
-                    await self.publish(out)
-                bound.info("duplicate delivery acknowledged")
+                if delivery.redelivered:
+                    for out in self.answers[env.message_id]:
+                        await self.publish(out)
+                bound.info("duplicate delivery acknowledged", answered_again=delivery.redelivered)
                 return Outcome(Verdict.ACK, "duplicate")
             started = time.perf_counter()
             try:
@@ -100,6 +112,7 @@ class AckPolicy:
             self.answers[env.message_id] = outgoing
             while len(self.answers) > REMEMBERED:
                 self.answers.popitem(last=False)
+            self._save(env.message_id, outgoing)
             for out in outgoing:
                 self.record("out", out)
                 await self.publish(out)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -252,6 +253,19 @@ class ChainParty:
     """What every paying or paid party does with chain messages, around its own state machine."""
 
     wallet: Wallet | None
+
+    def snapshot(self) -> bytes:
+        """Everything the core would need to go on after a crash (not the wallet's key)."""
+        return pickle.dumps({"jobs": self.jobs, "rng": self.ctx.rng.getstate(),
+                             "wallet": self.wallet.snapshot() if self.wallet is not None else None})
+
+    def restore(self, blob: bytes) -> None:
+        """Go on from a :meth:`snapshot` (taken by this party, read from its own state directory)."""
+        state = pickle.loads(blob)
+        self.jobs = state["jobs"]
+        self.ctx.rng.setstate(state["rng"])
+        if self.wallet is not None and state["wallet"] is not None:
+            self.wallet.restore(state["wallet"])
 
     def chain_prelude(self, env: m.Envelope, ctx) -> list[m.Envelope] | None:
         """Handle messages that belong to the wallet rather than to a job; None if not one."""

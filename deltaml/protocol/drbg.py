@@ -48,7 +48,8 @@ class Drbg(random.Random):
         return self.getrandbits(53) / (1 << 53)
 
     def getstate(self):
-        raise NotImplementedError("a DRBG's state is its seed and counter, not exported")
+        """Seed, counter and unread bytes: as secret as the seed (a checkpoint is kept 0600)."""
+        return (self._seed, self._counter, self._buffer)
 
     def setstate(self, state) -> None:
-        raise NotImplementedError("a DRBG's state is its seed and counter, not exported")
+        self._seed, self._counter, self._buffer = state

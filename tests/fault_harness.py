@@ -1,0 +1,252 @@
+"""A marketplace on the real broker whose parties can be killed, silenced or restarted, and its books.
+
+Owners (and, when asked, the aggregator) run as real ``deltaml`` daemon processes under their
+roles' broker users; the ledger and the buyer run in the test's process. Every agent writes a
+trace, so after the job the harness can account for every message: each one a party sent must
+have been handled by its recipient, dead-lettered with a reason, or still be waiting in a durable
+queue (a killed owner's). Anything else is a lost message. Wei are accounted on chain: what the
+escrow took in must have been credited back out (payments plus refund), and the contract must
+hold exactly the credits not yet withdrawn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aio_pika
+
+from deltaml.agents import topology as t
+from deltaml.agents.agent import Agent, Trace
+from deltaml.agents.amqp import AmqpBus
+from deltaml.agents.ledger import Chain, LedgerCore
+from deltaml.agents.parties import buyer_core, context, load_wallet
+from deltaml.agents.runtime import run_buyer_job
+from deltaml.data import write_csv
+from deltaml.marketplace import DemoConfig, make_spec, prepare_parts
+from deltaml.protocol import messages as m
+from deltaml.protocol.buyer import BuyerPhase
+from deltaml.protocol.chain import LEDGER, job_key
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+ROOT = Path(__file__).resolve().parents[1]
+
+#: One row per injected fault, printed by ``make faults`` (see conftest.py).
+RESULTS: list[dict] = []
+
+
+@dataclass
+class Books:
+    sent: int = 0
+    handled: int = 0
+    dead: int = 0
+    queued: int = 0
+    lost: list[str] = field(default_factory=list)
+    wei_deposited: int = 0
+    wei_credited: int = 0
+    wei_lost: int = 0
+
+
+class Market:
+    """One job's parties on the real broker, with handles to hurt them."""
+
+    def __init__(self, tmp: Path, config: DemoConfig, keypair, aggregator_process: bool = False) -> None:
+        self.tmp, self.config, self.keypair = tmp, config, keypair
+        self.tag = uuid.uuid4().hex[:6]
+        self.aggregator = f"aggregator-{self.tag}"
+        self.buyer_name = f"buyer-{self.tag}"
+        self.owners = [f"owner-{i}-{self.tag}" for i in range(1, config.owners + 1)]
+        self.aggregator_process = aggregator_process
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.agents: list[Agent] = []
+        self.job_id = uuid.uuid4().hex
+        self.wrap = lambda name, core: core
+
+    # ---- start ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.admin = await AmqpBus(AMQP_URL).connect()
+        self.spy_conn = await aio_pika.connect_robust(AMQP_URL)
+        self.spy = await (await self.spy_conn.channel()).declare_queue(exclusive=True)
+        await self.spy.bind(t.DEAD_LETTER_EXCHANGE)
+        self.bus = await AmqpBus(AMQP_URL).connect()
+        await (await self.admin.declare("ledger", LEDGER)).purge()  # the one ledger queue: nothing stale
+        self.ledger = LedgerCore(context(LEDGER), Chain("embedded"))
+        ledger = Agent("ledger", LEDGER, self.ledger, self.bus, self._trace("ledger", LEDGER))
+        self.agents.append(ledger)
+        aggregator_key = self.tmp / f"{self.aggregator}.key"
+        self.trust = {LEDGER: ledger.address, self.aggregator: load_wallet(aggregator_key).address}
+        await self.admin.declare("aggregator", self.aggregator)
+        for name in self.owners:
+            await self.admin.declare("owner", name)
+        if self.aggregator_process:
+            self.start_aggregator()
+        else:
+            from deltaml.agents.parties import aggregator_core
+
+            core = aggregator_core(self.aggregator, wallet=load_wallet(aggregator_key))
+            self.agents.append(Agent("aggregator", self.aggregator, core, self.bus,
+                                     self._trace("aggregator", self.aggregator), pinned={LEDGER: ledger.address},
+                                     tick_seconds=0.1))
+        data, parts = prepare_parts(self.config)
+        self.data, self.parts = data, parts
+        for name, part in zip(self.owners, parts):
+            path = self.tmp / f"{name}.csv"
+            write_csv(part, path)
+            self.start_owner(name)
+        pub, priv = self.keypair
+        core = self.wrap("buyer", buyer_core(self.buyer_name, priv, wallet=load_wallet(None)))
+        self.buyer = Agent("buyer", self.buyer_name, core, self.bus, self._trace("buyer", self.buyer_name),
+                           pinned=self.trust)
+        self.agents.append(self.buyer)
+        for agent in self.agents:
+            await agent.start()
+
+    def _trace(self, role: str, name: str) -> Trace:
+        self.traces = getattr(self, "traces", [])
+        self.traces.append(Trace(self.tmp / f"{name}.jsonl", {"role": role, "name": name, "seed": ""}))
+        return self.traces[-1]
+
+    def _spawn(self, role: str, name: str, args: list[str]) -> None:
+        env = {**os.environ, "DELTAML_AMQP_URL": t.role_url(AMQP_URL, role), "DELTAML_LOG_LEVEL": "warning"}
+        trust = [a for n, addr in self.trust.items() if n != name for a in ("--trust", f"{n}={addr}")]
+        with open(self.tmp / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "deltaml.cli", role, *args, "--key", str(self.tmp / f"{name}.key"),
+                 "--trace", str(self.tmp / f"{name}.jsonl"), *trust], env=env, cwd=ROOT, stderr=log, stdout=log)
+
+    def start_owner(self, name: str) -> None:
+        self._spawn("owner", name, ["--data", str(self.tmp / f"{name}.csv"), "--name", name, "--auto-accept"])
+
+    def start_aggregator(self) -> None:
+        self._spawn("aggregator", self.aggregator, ["--name", self.aggregator,
+                                                    "--state-dir", str(self.tmp / "aggregator-state"),
+                                                    "--tick-seconds", "0.1"])
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: no goodbye, no flush beyond what was written."""
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs[name].wait(timeout=10)
+
+    # ---- run --------------------------------------------------------------------------------
+
+    def spec(self) -> m.JobSpec:
+        return make_spec(self.config, self.data, self.keypair[0].to_hex(), self.buyer_name)
+
+    async def run(self, during=None, timeout: float = 300) -> object:
+        """Run the job; ``during(market)`` runs alongside it (to inject the fault)."""
+        task = asyncio.create_task(run_buyer_job(self.buyer, self.spec(), aggregator=self.aggregator,
+                                                 job_id=self.job_id))
+        if during is not None:
+            await during(self)
+        job = await asyncio.wait_for(task, timeout=timeout)
+        return await self.settled(job)
+
+    def buyer_job(self):
+        return self.buyer.core.jobs.get(self.job_id)
+
+    async def wait_for(self, predicate, timeout: float = 120, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {timeout} s for {what}")
+            await asyncio.sleep(0.02)
+
+    async def settled(self, job, timeout: float = 60):
+        """For a paid job whose escrow exists, wait for settlement and every withdrawal."""
+        if job_key(self.job_id) not in self.ledger.jobs:
+            return job
+        await self.wait_for(lambda: self.buyer_job().settled, timeout, "settlement")
+        job = self.buyer_job()
+        payees = [a for a in [*job.payments_wei, job.buyer_address]
+                  if a not in self.dead_addresses()]
+        await self.wait_for(lambda: not any(self.ledger.chain.credit(a) for a in payees), timeout, "withdrawals")
+        return self.buyer_job()
+
+    def dead_addresses(self) -> set[str]:
+        return {json.loads((self.tmp / f"{n}.key").read_text())["address"] for n, p in self.procs.items()
+                if p.poll() is not None}
+
+    # ---- books ------------------------------------------------------------------------------
+
+    async def books(self) -> Books:
+        """Account for every message of this job and every wei of its escrow."""
+        await asyncio.sleep(1.0)  # let the last acks and dead letters land
+        books = Books()
+        sent, handled = {}, set()
+        for path in self.tmp.glob("*.jsonl"):
+            for line in path.read_text().splitlines():
+                record = json.loads(line)
+                if "message" not in record:
+                    continue
+                msg = record["message"]
+                if record["dir"] in ("out", "open") and msg["recipient"] != t.PROGRESS:
+                    sent[msg["message_id"]] = msg
+                elif record["dir"] in ("in", "refused"):
+                    handled.add(msg["message_id"])
+        dead = set()
+        while (d := await self.spy.get(fail=False, timeout=2)) is not None:
+            await d.ack()
+            dead.add(d.message_id)
+        queued = set()
+        channel = self.admin.channel
+        for name, role in [*((o, "owner") for o in self.owners), (self.aggregator, "aggregator"),
+                           (self.buyer_name, "buyer"), (LEDGER, "ledger")]:
+            queue = await channel.declare_queue(t.queue_name(role, name), passive=True)
+            while (msg := await queue.get(fail=False, no_ack=False)) is not None:
+                queued.add(msg.message_id)
+                await msg.ack()
+        books.sent = len(sent)
+        books.handled = len(handled & set(sent))
+        books.dead = len(dead & set(sent))
+        books.queued = len(queued & set(sent))
+        books.lost = sorted(f"{msg['type'] if 'type' in msg else msg['payload']['type']} → {msg['recipient']}"
+                            for mid, msg in sent.items() if mid not in handled | dead | queued)
+        job = self.buyer_job()
+        if job_key(self.job_id) in self.ledger.jobs and job.settled:
+            books.wei_deposited = job.spec.deposit_wei
+            books.wei_credited = sum(job.payments_wei.values()) + job.refund_wei
+            chain = self.ledger.chain
+            outstanding = sum(chain.credit(a) for a in [*job.payments_wei, job.buyer_address])
+            books.wei_lost = (books.wei_deposited - books.wei_credited) + (chain.balance(chain.address) - outstanding)
+        elif job_key(self.job_id) in self.ledger.jobs:
+            books.wei_deposited = job.spec.deposit_wei
+            books.wei_lost = job.spec.deposit_wei  # stuck in an unsettled escrow
+        return books
+
+    async def close(self) -> None:
+        for agent in self.agents:
+            await agent.stop()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for name, role in [*((o, "owner") for o in self.owners), (self.aggregator, "aggregator"),
+                           (self.buyer_name, "buyer")]:
+            await self.admin.channel.queue_delete(t.queue_name(role, name))
+        await self.bus.close()
+        for trace in getattr(self, "traces", []):
+            trace.close()
+        await self.admin.close()
+        await self.spy_conn.close()
+
+
+def record(fault: str, injected: int, job, books: Books) -> None:
+    """One row of the ``make faults`` table."""
+    RESULTS.append({"fault": fault, "injected": injected,
+                    "finished": int(job.phase is BuyerPhase.FINISHED),
+                    "failed_cleanly": int(job.phase is BuyerPhase.FAILED and bool(job.reason)),
+                    "messages": books.sent, "messages_lost": len(books.lost), "wei_deposited": books.wei_deposited,
+                    "wei_lost": books.wei_lost})

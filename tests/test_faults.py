@@ -1,0 +1,157 @@
+"""Faults on the real broker with real processes: killed owners, a killed aggregator, an absent buyer,
+duplicated messages and a restarted broker. Every job finishes or fails cleanly; the harness accounts
+for every message and every wei (tests/fault_harness.py). ``make faults`` prints the table."""
+
+import asyncio
+
+import pytest
+
+from deltaml.marketplace import DemoConfig, baselines
+from deltaml.protocol.aggregator import AggPhase
+from deltaml.protocol.buyer import BuyerPhase
+
+from fault_harness import Market, record
+from test_silence import Silent
+
+
+@pytest.fixture
+async def market(tmp_path, keypair):
+    markets = []
+
+    async def make(config, **kw):
+        mk = Market(tmp_path, config, keypair, **kw)
+        markets.append(mk)
+        return mk
+
+    yield make
+    for mk in markets:
+        await mk.close()
+
+
+def aggregator_job(mk):
+    return mk.agents[1].core.jobs.get(mk.job_id)
+
+
+def in_round(mk, round_):
+    job = aggregator_job(mk)
+    return job is not None and job.round >= round_ and job.phase is AggPhase.TRAINING
+
+
+async def assert_books_clean(mk, fault, injected, job):
+    books = await mk.books()
+    record(fault, injected, job, books)
+    assert books.lost == [], books.lost
+    assert books.wei_lost == 0
+    assert books.sent > 20 and books.handled > 0
+    return books
+
+
+def centralised(mk, drop=None):
+    parts = [p for i, p in enumerate(mk.parts) if i != drop]
+    config = DemoConfig(owners=len(parts), validators=mk.config.validators, rounds=mk.config.rounds,
+                        lr=mk.config.lr, eval_every=mk.config.eval_every)
+    return baselines(parts, config)
+
+
+async def test_an_owner_killed_mid_round_is_dropped_and_the_rest_equals_centralised_training(market):
+    mk = await market(DemoConfig(rounds=8, eval_every=4, round_timeout=3.0, quorum=3))
+    await mk.start()
+    victim = mk.owners[1]
+
+    async def kill(mk):
+        await mk.wait_for(lambda: in_round(mk, 2), what="round 2")
+        mk.kill(victim)
+
+    job = await mk.run(kill)
+    assert job.phase is BuyerPhase.FINISHED, job.reason
+    assert job.dropped == [victim]
+    expected = centralised(mk, drop=1)["centralized_gd_mse"]
+    assert abs(job.published[8]["all"] - expected) / expected < 1e-6
+    assert job.addresses[victim] not in job.payments_wei
+    await assert_books_clean(mk, "owner SIGKILL mid-round, quorum met", 1, job)
+
+
+async def test_an_owner_killed_without_a_quorum_fails_the_job_cleanly_with_a_refund(market):
+    mk = await market(DemoConfig(rounds=8, eval_every=4, round_timeout=3.0))
+    await mk.start()
+
+    async def kill(mk):
+        await mk.wait_for(lambda: in_round(mk, 2), what="round 2")
+        mk.kill(mk.owners[0])
+
+    job = await mk.run(kill)
+    assert job.phase is BuyerPhase.FAILED and "no gradient from" in job.reason
+    assert job.settled and job.refund_wei == job.spec.deposit_wei
+    await assert_books_clean(mk, "owner SIGKILL mid-round, no quorum", 1, job)
+
+
+async def test_the_buyer_offline_during_a_refresh_fails_the_job_with_the_escrow_refundable(market):
+    mk = await market(DemoConfig(rounds=40, eval_every=3, round_timeout=3.0))
+    silent = {}
+
+    def wrap(name, core):
+        silent[name] = Silent(core, "refresh_request")
+        return silent[name]
+
+    mk.wrap = wrap
+    await mk.start()
+    job = await mk.run()
+    assert job.phase is BuyerPhase.FAILED and "the buyer's refresh" in job.reason
+    assert silent["buyer"].swallowed == 1
+    assert job.settled and job.refund_wei == mk.config.variable_pool_wei  # fixed rewards were earned
+    assert sum(job.payments_wei.values()) + job.refund_wei == job.spec.deposit_wei
+    await assert_books_clean(mk, "buyer offline during a refresh", 1, job)
+
+
+class Twice:
+    """A bus that publishes everything twice (a publisher retrying after a lost confirm)."""
+
+    def __init__(self, bus) -> None:
+        self.bus, self.copies = bus, 0
+
+    async def publish(self, recipient, body, message_id):
+        await self.bus.publish(recipient, body, message_id)
+        await self.bus.publish(recipient, body, message_id)
+        self.copies += 1
+
+    def __getattr__(self, name):
+        return getattr(self.bus, name)
+
+
+async def test_every_message_delivered_twice_changes_nothing(market):
+    mk = await market(DemoConfig(rounds=4, eval_every=2))
+    await mk.start()
+    twice = Twice(mk.bus)
+    for agent in mk.agents:
+        agent.bus = twice
+    job = await mk.run()
+    assert job.phase is BuyerPhase.FINISHED, job.reason
+    expected = centralised(mk)
+    assert abs(job.published[4]["all"] - expected["centralized_gd_mse"]) / expected["centralized_gd_mse"] < 1e-6
+    assert job.model == pytest.approx(expected["centralized_gd_model"], rel=1e-6, abs=1e-6)
+    assert sum(job.payments_wei.values()) + job.refund_wei == job.spec.deposit_wei
+    assert len(mk.ledger.withdrawn) == len(job.payments_wei) + 1  # each payee withdrew once, not twice
+    await assert_books_clean(mk, "every message duplicated", twice.copies, job)
+
+
+async def test_the_aggregator_killed_and_restarted_resumes_from_its_checkpoint(market):
+    mk = await market(DemoConfig(rounds=8, eval_every=4), aggregator_process=True)
+    await mk.start()
+    kills = 0
+
+    async def kill_and_restart(mk):
+        nonlocal kills
+        for round_ in (0, 4):  # once right after the baseline, once after the mid-job evaluation
+            await mk.wait_for(lambda: mk.buyer_job() is not None and round_ in mk.buyer_job().published,
+                              what=f"the metric of round {round_}")
+            await asyncio.sleep(0.3)  # in the middle of the next training round
+            mk.kill(mk.aggregator)
+            kills += 1
+            mk.start_aggregator()
+
+    job = await mk.run(kill_and_restart)
+    assert job.phase is BuyerPhase.FINISHED, job.reason
+    expected = centralised(mk)
+    assert job.model == pytest.approx(expected["centralized_gd_model"], rel=1e-6, abs=1e-6)
+    assert abs(job.published[8]["all"] - expected["centralized_gd_mse"]) / expected["centralized_gd_mse"] < 1e-6
+    await assert_books_clean(mk, "aggregator SIGKILL and restart", kills, job)
