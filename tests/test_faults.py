@@ -3,6 +3,7 @@ duplicated messages and a restarted broker. Every job finishes or fails cleanly;
 for every message and every wei (tests/fault_harness.py). ``make faults`` prints the table."""
 
 import asyncio
+import subprocess
 
 import pytest
 
@@ -155,3 +156,26 @@ async def test_the_aggregator_killed_and_restarted_resumes_from_its_checkpoint(m
     assert job.model == pytest.approx(expected["centralized_gd_model"], rel=1e-6, abs=1e-6)
     assert abs(job.published[8]["all"] - expected["centralized_gd_mse"]) / expected["centralized_gd_mse"] < 1e-6
     await assert_books_clean(mk, "aggregator SIGKILL and restart", kills, job)
+
+
+def restart_broker() -> None:
+    """Stop and start the RabbitMQ application: every connection drops, durable queues come back from disk."""
+    subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=120)
+    subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
+    subprocess.run(["rabbitmqctl", "await_startup"], check=True, capture_output=True, timeout=120)
+
+
+async def test_a_broker_restart_mid_job_loses_nothing_and_the_job_finishes(market):
+    mk = await market(DemoConfig(rounds=8, eval_every=4))
+    await mk.start()
+
+    async def restart(mk):
+        await mk.wait_for(lambda: in_round(mk, 2), what="round 2")
+        await asyncio.to_thread(restart_broker)
+
+    job = await mk.run(restart)
+    assert job.phase is BuyerPhase.FINISHED, job.reason
+    expected = centralised(mk)
+    assert job.model == pytest.approx(expected["centralized_gd_model"], rel=1e-6, abs=1e-6)
+    assert all(p.poll() is None for p in mk.procs.values())  # the daemons reconnected, none died
+    await assert_books_clean(mk, "broker restart mid-job", 1, job)

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import structlog
 from eth_account import Account
 
 from ..protocol import messages as m
@@ -24,6 +25,8 @@ from ..protocol.auth import Keyring, sign
 from .bus import Bus
 from .checkpoint import Checkpoint
 from .policy import AckPolicy
+
+log = structlog.get_logger()
 
 
 class Trace:
@@ -93,7 +96,10 @@ class Agent:
         record = self.trace.tick if self.trace else lambda s: None
         while True:
             await asyncio.sleep(self.tick_seconds)
-            await self.policy.tick(self.core.tick, record)
+            try:
+                await self.policy.tick(self.core.tick, record)
+            except Exception as exc:  # the broker away: deadlines are checked again at the next tick
+                log.warning("tick not published", reason=f"{type(exc).__name__}: {exc}")
 
     async def stop(self) -> None:
         """Stop ticking (the bus is closed by its owner)."""

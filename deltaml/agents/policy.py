@@ -76,6 +76,15 @@ class AckPolicy:
             self.checkpoint.save(self.snapshot(), self.keyring.bound, message_id, outgoing)
 
     async def __call__(self, delivery: Delivery) -> Outcome:
+        """Handle one delivery to the end even if the transport gives up waiting (a dropped connection
+        cancels its consumers): a step the core took is then recorded with its answers, and the
+        broker's redelivery of the unacknowledged message publishes them again instead of finding
+        a core that moved on without them."""
+        task = asyncio.ensure_future(self._handle(delivery))
+        task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
+
+    async def _handle(self, delivery: Delivery) -> Outcome:
         try:
             env = m.decode(delivery.body)
         except DecodeError as exc:
@@ -118,3 +127,9 @@ class AckPolicy:
                 await self.publish(out)
             bound.debug("handled", sent=[o.type for o in outgoing])
             return Outcome(Verdict.ACK)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Log the failure of a delivery whose consumer stopped waiting for it."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("delivery not finished", reason=f"{type(task.exception()).__name__}: {task.exception()}")
