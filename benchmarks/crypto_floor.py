@@ -24,7 +24,7 @@ from deltaml.data import demo_split, load_diabetes
 from deltaml.protocol.budget import can_evaluate, can_train
 from deltaml.protocol.fixedpoint import FixedPoint
 from deltaml.protocol.linear import encode_stats, encrypted_gradient, encrypted_update, step_size_q, sufficient_stats
-from deltaml.protocol.metric import encrypted_sse, mask_product_inputs, masked_products
+from deltaml.protocol.metric import encrypted_sse, mask_product_inputs, masked_products, verify_products
 from deltaml.protocol.paillier import generate_keypair
 from deltaml.protocol.refresh import mask_for_refresh, refresh_masked, unmask_refreshed
 
@@ -90,7 +90,8 @@ def measure(args) -> dict:
     t_refresh, fresh = timed(lambda: refresh_masked(priv, masked, vb, drop, rng))
     t_unmask, _ = timed(lambda: unmask_refreshed(pub, fresh, masks))
     t_v1, (u, v, ub, _, sec) = timed(lambda: mask_product_inputs(pub, enc_v, w, s, rng))
-    t_buyer_prod, prods = timed(lambda: masked_products(priv, u, v, ub, rng))
+    t_buyer_prod, (prods, proofs) = timed(lambda: masked_products(priv, u, v, ub, rng))
+    t_verify, _ = timed(lambda: verify_products(pub, u, v, prods, proofs, b"", rng))
     t_v3, sse = timed(lambda: encrypted_sse(pub, enc_v, prods, sec, rng))
     t_publish, _ = timed(lambda: priv.decrypt_verifiably(sse))
     t_enc, _ = timed(lambda: pub.encrypt(12345, rng), repeat=20)
@@ -108,8 +109,8 @@ def measure(args) -> dict:
         ("aggregator update (per model)", "aggregator", R * models, t_update),
         ("refresh masks (d enc per model)", "aggregator", refreshes * models, t_mask + t_unmask),
         ("buyer refresh (d dec + d enc per model)", "buyer", refreshes * models, t_refresh),
-        ("validator masks (per model)", "validator", eval_models_total, t_v1 + t_v3),
-        ("buyer masked products (per model)", "buyer", eval_models_total, t_buyer_prod),
+        ("validator masks and proof check (per model)", "validator", eval_models_total, t_v1 + t_v3 + t_verify),
+        ("buyer masked products and proofs (per model)", "buyer", eval_models_total, t_buyer_prod),
         ("buyer verifiable decryption (per model)", "buyer", eval_models_total, t_publish),
     ]
     print(f"Paillier {pub.bits}-bit; d={d}; {T} trainers, {models} models; {R} rounds, "

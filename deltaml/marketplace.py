@@ -137,9 +137,10 @@ Wrap = Callable[[str, object], object]
 
 async def memory_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, key: PrivateKey,
                      on_progress: Progress = lambda *a: None, wrap: Wrap = lambda name, core: core,
-                     tick_seconds: float = 1.0) -> tuple:
+                     tick_seconds: float = 1.0, bus: MemoryBus | None = None, job_id: str | None = None,
+                     hold=None) -> tuple:
     """One job on the memory bus; ``wrap`` may replace a party's core (fault tests make one go silent)."""
-    bus = MemoryBus()
+    bus = bus if bus is not None else MemoryBus()
     ledger, ledger_agent = _ledger(bus, config.chain)
     aggregator = Agent("aggregator", "aggregator", wrap("aggregator", aggregator_core(wallet=load_wallet(None))),
                        bus, pinned=_trusted(ledger_agent.address), tick_seconds=tick_seconds)
@@ -152,10 +153,12 @@ async def memory_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, 
                   pinned=trust)
     for agent in [*agents, buyer]:
         await agent.start()
-    job_id = uuid.uuid4().hex
+    job_id = job_id or uuid.uuid4().hex
     try:
         job = await run_buyer_job(buyer, spec, on_progress=on_progress, job_id=job_id)
         job = await _withdrawals(ledger, buyer.core, job_id)
+        if hold is not None:  # a test keeps the agents up while it sends them more
+            await hold()
     finally:
         for agent in agents:
             await agent.stop()

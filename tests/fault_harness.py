@@ -193,9 +193,12 @@ class Market:
                 elif record["dir"] in ("in", "refused"):
                     handled.add(msg["message_id"])
         dead = set()
+        self.fuzz_dead = {}
         while (d := await self.spy.get(fail=False, timeout=2)) is not None:
             await d.ack()
             dead.add(d.message_id)
+            if (d.message_id or "").startswith("fuzz-"):
+                self.fuzz_dead[d.message_id] = (d.headers or {}).get(t.REASON_HEADER, "")
         queued = set()
         channel = self.admin.channel
         for name, role in [*((o, "owner") for o in self.owners), (self.aggregator, "aggregator"),

@@ -6,7 +6,8 @@ from hypothesis import given, settings, strategies as st
 from deltaml.protocol.fixedpoint import SLACK_BITS
 from deltaml.protocol.linear import (encode_stats, encrypted_gradient, encrypted_update, gradient_descent,
                                      step_size_q, sufficient_stats)
-from deltaml.protocol.metric import encrypted_sse, mask_product_inputs, masked_products, sse_scale_bits
+from deltaml.protocol.metric import (encrypted_sse, mask_product_inputs, masked_products, sse_scale_bits,
+                                     verify_products)
 from deltaml.protocol.refresh import mask_for_refresh, refresh_masked, unmask_refreshed
 
 
@@ -82,7 +83,8 @@ def test_masked_metric_equals_plain_sse(keypair, codec, rows, rng):
         u, v, u_bits, _, secret = mask_product_inputs(pub, enc, cw, scale, rng)
         # the buyer's view: masked values only, never w or h
         assert all(priv.decrypt_raw(c) > 2 ** (u_bits - 1) for c in u)
-        products = masked_products(priv, u, v, u_bits, rng)
+        products, proofs = masked_products(priv, u, v, u_bits, rng, b"job|0|all|v")
+        assert verify_products(pub, u, v, products, proofs, b"job|0|all|v", rng)
         sse = encrypted_sse(pub, enc, products, secret, rng)
         got = codec.decode(priv.decrypt(sse), sse_scale_bits(scale, codec.frac_bits))
         assert abs(got - stats.sse(w)) <= 1e-6 * stats.sse(w)

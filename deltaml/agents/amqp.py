@@ -32,6 +32,7 @@ class AmqpBus:
         self.url = url
         self.prefetch = prefetch
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self.consuming: list = []
 
     async def connect(self) -> "AmqpBus":
         quiet = [logging.getLogger(n) for n in ("aio_pika", "aiormq")]
@@ -92,6 +93,9 @@ class AmqpBus:
             await message.ack()  # only after the dead letter or retry copy is confirmed
 
         await queue.consume(on_message)
+        # aio-pika restores a robust queue's consumer after a reconnect only while the queue object
+        # lives (it keeps weak references): hold it for the bus's lifetime
+        self.consuming.append(queue)
 
     async def close(self) -> None:
         if self.connection is not None:

@@ -90,6 +90,9 @@ class AckPolicy:
         except DecodeError as exc:
             log.warning("message refused", reason=str(exc))
             return Outcome(Verdict.DEAD_LETTER, f"undecodable: {exc}")
+        except Exception as exc:  # whatever the bytes: refuse them, never die of them
+            log.exception("decoder failed")
+            return Outcome(Verdict.DEAD_LETTER, f"undecodable: {type(exc).__name__}: {str(exc)[:200]}")
         bound = log.bind(job=env.job_id, round=env.round, message_id=env.message_id, type=env.type,
                          sender=env.sender)
         try:
@@ -97,6 +100,9 @@ class AckPolicy:
         except AuthError as exc:
             bound.warning("message refused", reason=str(exc))
             return Outcome(Verdict.DEAD_LETTER, f"unauthenticated: {exc}")
+        except Exception as exc:
+            bound.exception("signature check failed")
+            return Outcome(Verdict.DEAD_LETTER, f"unauthenticated: {type(exc).__name__}")
         async with self.lock:
             if env.message_id in self.answers:
                 if delivery.redelivered:

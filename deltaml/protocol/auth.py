@@ -55,7 +55,7 @@ def signer(env: m.Envelope) -> str:
         raw = bytes.fromhex(env.signature)
         signature = keys.Signature(raw)
         return signature.recover_public_key_from_msg_hash(digest(env)).to_checksum_address()
-    except (ValueError, BadSignature, ValidationError) as exc:
+    except (ValueError, BadSignature, ValidationError, TypeError, OverflowError) as exc:
         raise AuthError(f"invalid signature ({exc.__class__.__name__})") from None
 
 

@@ -30,7 +30,7 @@ from .budget import fits_mask
 from .errors import DecryptionRefused
 from .fixedpoint import FixedPoint
 from .machine import FULL_MODEL, Context, Machine, eval_models, is_eval_round, table, without
-from .metric import masked_products
+from .metric import masked_products, proof_context
 from .paillier import PrivateKey
 from .refresh import refresh_masked
 from .chain import LEDGER, ChainParty, expected_settlement, job_key, key_hash, model_index, mse_micro
@@ -138,13 +138,15 @@ def _on_products(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) 
     refuse_unless(env.sender not in job.served.get(env.round, set()), "validator already served this round")
     due = eval_models(env.round, spec.rounds, job.trainers)
     refuse_unless(set(req.models) == set(due), "product request for models that are not due")
-    out = {}
+    out, proofs = {}, {}
     for mid, pair in req.models.items():
         refuse_unless(len(pair.u) == job.dim == len(pair.v), "vectors of the wrong length")
         refuse_unless(fits_mask(pair.u_bits, key.public.bits), "masked range does not fit the key")
-        out[mid] = masked_products(key, pair.u, pair.v, pair.u_bits, ctx.rng)
+        context = proof_context(env.job_id, env.round, mid, env.sender)
+        out[mid], proved = masked_products(key, pair.u, pair.v, pair.u_bits, ctx.rng, context)
+        proofs[mid] = [m.ProductProof(a=p.a, b=p.b, z=p.z, w1=p.w1, w2=p.w2) for p in proved]
     job.served.setdefault(env.round, set()).add(env.sender)
-    return [ctx.reply(env, m.ProductReply(models=out))]
+    return [ctx.reply(env, m.ProductReply(models=out, proofs=proofs))]
 
 
 def _on_metric(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:

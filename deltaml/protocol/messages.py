@@ -27,7 +27,7 @@ def _parse_cipher(v: object) -> int:
             return int(v, 16)
         except ValueError as exc:
             raise ValueError("ciphertext must be a hex string") from exc
-    if isinstance(v, bool):
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
         raise ValueError("ciphertext must be a hex string")
     return int(v)  # an int or gmpy2.mpz from an in-process sender
 
@@ -184,11 +184,22 @@ class ProductRequest(_Payload):
     models: dict[str, MaskedPair]
 
 
+class ProductProof(_Payload):
+    """The buyer's proof for one product (:class:`deltaml.protocol.metric.MulProof`)."""
+
+    a: Cipher
+    b: Cipher
+    z: Cipher
+    w1: Cipher
+    w2: Cipher
+
+
 class ProductReply(_Payload):
-    """Buyer → validator: ``C_j = [v_j]**u_j`` per model."""
+    """Buyer → validator: ``C_j = [v_j]**u_j`` per model, each with its proof."""
 
     type: Literal["product_reply"] = "product_reply"
     models: Models
+    proofs: dict[str, list[ProductProof]]
 
 
 class EvalReply(_Payload):
@@ -403,3 +414,5 @@ def decode(data: bytes | str) -> Envelope:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise DecodeError(f"invalid message at {where or 'top'}: {first['msg']}") from None
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # a validator's own error
+        raise DecodeError(f"invalid message: {type(exc).__name__}: {str(exc)[:200]}") from None

@@ -13,13 +13,17 @@ obtained from the buyer, who holds the key:
 
 DESIGN §2 sends ``[h]`` itself; the buyer holds the key and could decrypt
 ``h = G_v w``, so ``h`` is masked too (``beta``): the buyer sees only masked
-values, and the product ``C_j`` has the same shape for the proof of issue 5.
+values. The buyer proves each ``C_j`` (:class:`MulProof`, Fiat–Shamir) and the
+validator checks the proofs (:func:`verify_products`) before using them.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
+
+import gmpy2
 
 from .errors import DecryptionRefused
 from .linear import EncodedStats
@@ -37,6 +41,7 @@ class MetricSecrets:
     u: tuple
     alpha: tuple[int, ...]
     beta: tuple[int, ...]
+    v: tuple = ()
 
 
 def gram_bits(enc: EncodedStats) -> int:
@@ -56,25 +61,108 @@ def mask_product_inputs(
     beta = tuple(draw_mask(h_bits, rng) for _ in w)
     u = [pub.add(wj, pub.encrypt(a, rng)) for wj, a in zip(w, alpha)]
     v = [pub.add(hj, pub.encrypt(b, rng)) for hj, b in zip(h, beta)]
-    secrets_ = MetricSecrets(scale_bits, tuple(w), tuple(h), tuple(u), alpha, beta)
+    secrets_ = MetricSecrets(scale_bits, tuple(w), tuple(h), tuple(u), alpha, beta, tuple(v))
     return u, v, w_bits, h_bits, secrets_
 
 
+CHALLENGE_BITS = 128
+BATCH_BITS = 64
+
+
+@dataclass(frozen=True)
+class MulProof:
+    """Proof that ``C = [v]**u * rho**n`` for the plaintext ``u`` of ``[u]`` (one coordinate).
+
+    Commitments ``A = (1+n)**a * s**n`` and ``B = [v]**a * t**n``; with the
+    Fiat–Shamir challenge ``e`` the answers are ``z = a + e u mod n``,
+    ``w1 = s * r_u**e`` and ``w2 = t * rho**e * [v]**floor((a + e u) / n)`` (mod n),
+    and the verifier checks ``(1+n)**z w1**n = A [u]**e`` and
+    ``[v]**z w2**n = B C**e`` modulo ``n**2`` (Cramer–Damgård–Nielsen's
+    multiplication protocol).
+    """
+
+    a: int
+    b: int
+    z: int
+    w1: int
+    w2: int
+
+
+def _challenge(pub: PublicKey, context: bytes, rows) -> int:
+    digest = hashlib.sha256(b"deltaml-mulproof-v1" + len(context).to_bytes(4, "big") + context)
+    for row in [(pub.n,), *rows]:
+        for x in row:
+            raw = int(x).to_bytes((int(x).bit_length() + 7) // 8 or 1, "big")
+            digest.update(len(raw).to_bytes(4, "big") + raw)
+    return int.from_bytes(digest.digest()[: CHALLENGE_BITS // 8], "big")
+
+
 def masked_products(
-    priv: PrivateKey, u: Sequence[int], v: Sequence[int], u_bits: int, rng: RandomSource = SYSTEM_RANDOM
-) -> list:
-    """Step 2, the buyer: ``C_j = [v_j]**u_j`` re-randomised, after a range check on ``u``."""
+    priv: PrivateKey, u: Sequence[int], v: Sequence[int], u_bits: int, rng: RandomSource = SYSTEM_RANDOM,
+    context: bytes = b"",
+) -> tuple[list, list[MulProof]]:
+    """Step 2, the buyer: ``C_j = [v_j]**u_j`` re-randomised, after a range check on ``u``, with a
+    proof per coordinate bound to ``context`` (job, round, model) that nothing else was returned."""
     if len(u) != len(v):
         raise DecryptionRefused("masked product request with unequal vectors")
     pub = priv.public
+    n, n2 = pub.n, pub.nsquare
     bound = mask_bound(u_bits)
-    out = []
+    out, secrets_ = [], []
     for uc, vc in zip(u, v):
         uj = priv.decrypt_raw(uc)
         if uj >= bound:
             raise DecryptionRefused("masked value out of range: not a masked model coordinate")
-        out.append(pub.mul(vc, int(uj)) * priv.obfuscator(rng) % pub.nsquare)
-    return out
+        vc = gmpy2.mpz(vc)
+        rho, rho_n = pub.randomness_pair(rng)
+        c = gmpy2.powmod(vc, uj, n2) * rho_n % n2
+        a = gmpy2.mpz(rng.randrange(0, int(n)))
+        s_, s_n = pub.randomness_pair(rng)
+        t_, t_n = pub.randomness_pair(rng)
+        commit_a = (1 + a * n) % n2 * s_n % n2
+        commit_b = gmpy2.powmod(vc, a, n2) * t_n % n2
+        out.append(c)
+        secrets_.append((uj, priv.randomness(uc, uj), rho, a, s_, t_, commit_a, commit_b))
+    e = _challenge(pub, context, [(uc, vc, c, sec[6], sec[7]) for uc, vc, c, sec in zip(u, v, out, secrets_)])
+    proofs = []
+    for vc, (uj, r_u, rho, a, s_, t_, commit_a, commit_b) in zip(v, secrets_):
+        carry, z = divmod(a + e * uj, n)
+        w1 = s_ * gmpy2.powmod(r_u, e, n) % n
+        w2 = t_ * gmpy2.powmod(rho, e, n) % n * gmpy2.powmod(gmpy2.mpz(vc) % n, carry, n) % n
+        proofs.append(MulProof(a=int(commit_a), b=int(commit_b), z=int(z), w1=int(w1), w2=int(w2)))
+    return out, proofs
+
+
+def verify_products(pub: PublicKey, u: Sequence[int], v: Sequence[int], products: Sequence[int],
+                    proofs: Sequence[MulProof], context: bytes = b"", rng: RandomSource = SYSTEM_RANDOM) -> bool:
+    """Whether every ``C_j`` is ``[v_j]**Dec([u_j])`` re-randomised (the validator's check).
+
+    The coordinates are checked together, each equation raised to a fresh
+    random ``BATCH_BITS``-bit weight, so the two ``n``-th powers are taken
+    once for the whole vector. (Elements of small order, which the weights
+    could miss, all encrypt zero: they cannot change a product.)
+    """
+    if not len(u) == len(v) == len(products) == len(proofs) or not u:
+        return False
+    n, n2 = pub.n, pub.nsquare
+    for pr, c in zip(proofs, products):
+        if not (0 <= pr.z < n and 0 < pr.w1 < n and 0 < pr.w2 < n and 0 < c < n2 and 0 < pr.a < n2
+                and 0 < pr.b < n2):
+            return False
+    e = _challenge(pub, context, [(uc, vc, c, pr.a, pr.b) for uc, vc, c, pr in zip(u, v, products, proofs)])
+    weights = [gmpy2.mpz(rng.getrandbits(BATCH_BITS) | 1) for _ in proofs]
+    w1 = w2 = lhs2 = rhs1 = rhs2 = gmpy2.mpz(1)
+    z_total = gmpy2.mpz(0)
+    for uc, vc, c, pr, k in zip(u, v, products, proofs, weights):
+        z_total += k * pr.z
+        w1 = w1 * gmpy2.powmod(pr.w1, k, n2) % n2
+        w2 = w2 * gmpy2.powmod(pr.w2, k, n2) % n2
+        lhs2 = lhs2 * gmpy2.powmod(vc, k * pr.z, n2) % n2
+        rhs1 = rhs1 * gmpy2.powmod(pr.a, k, n2) % n2 * gmpy2.powmod(uc, k * e, n2) % n2
+        rhs2 = rhs2 * gmpy2.powmod(pr.b, k, n2) % n2 * gmpy2.powmod(c, k * e, n2) % n2
+    lhs1 = (1 + (z_total % n) * n) % n2 * gmpy2.powmod(w1, n, n2) % n2
+    lhs2 = lhs2 * gmpy2.powmod(w2, n, n2) % n2
+    return lhs1 == rhs1 and lhs2 == rhs2
 
 
 def encrypted_sse(
@@ -92,6 +180,11 @@ def encrypted_sse(
     coeffs = [*([1] * len(products)), *(-b for b in secrets_.beta), *(-a for a in secrets_.alpha),
               *(-2 * b for b in b_q)]
     return pub.add(pub.dot(ciphers, coeffs), pub.encrypt(c_q, rng))
+
+
+def proof_context(job_id: str, round_: int, model: str, validator: str) -> bytes:
+    """What a product proof is bound to: it cannot be replayed for another request."""
+    return f"{job_id}|{round_}|{model}|{validator}".encode()
 
 
 def sse_scale_bits(scale_bits: int, frac_bits: int) -> int:

@@ -23,7 +23,8 @@ from .chain import LEDGER, ChainParty, job_key, same_address
 from .fixedpoint import FixedPoint
 from .linear import EncodedStats, encode_stats, encrypted_gradient, sufficient_stats
 from .machine import Context, Machine, require, table
-from .metric import MetricSecrets, encrypted_sse, mask_product_inputs, sse_scale_bits
+from .metric import (MetricSecrets, MulProof, encrypted_sse, mask_product_inputs, proof_context, sse_scale_bits,
+                     verify_products)
 from .paillier import PublicKey
 
 
@@ -141,6 +142,13 @@ def _on_products(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) 
     reply: m.ProductReply = env.payload
     require(set(reply.models) == set(secrets_), "product reply for other models than requested")
     pub = job.public_key
+    for mid, sec in secrets_.items():
+        proofs = [MulProof(a=p.a, b=p.b, z=p.z, w1=p.w1, w2=p.w2) for p in reply.proofs.get(mid, [])]
+        context = proof_context(env.job_id, env.round, mid, ctx.name)
+        if not verify_products(pub, sec.u, sec.v, reply.models[mid], proofs, context, ctx.rng):
+            job.phase = OwnerPhase.FINISHED
+            reason = f"the buyer's masked products for {mid} at round {env.round} fail their proof"
+            return [ctx.message(env.job_id, env.round, job.aggregator, m.Failure(reason=reason))]
     sse = {}
     for mid, sec in secrets_.items():
         require(len(reply.models[mid]) == len(sec.w), "product reply of the wrong length")
@@ -185,7 +193,7 @@ OWNER_TABLE = table(
     (P.READY, "role_assignment", _on_role, (P.INITIATED,)),
     ((P.INITIATED, P.IN_PROGRESS), "gradient_request", _on_gradient, (P.IN_PROGRESS,)),
     ((P.INITIATED, P.IN_PROGRESS), "eval_request", _on_eval, (P.IN_PROGRESS,)),
-    (P.IN_PROGRESS, "product_reply", _on_products, (P.IN_PROGRESS,)),
+    (P.IN_PROGRESS, "product_reply", _on_products, (P.IN_PROGRESS, P.FINISHED)),
     (ACTIVE, "job_finished", _on_finished, (P.FINISHED,)),
     (tuple(P), "chain_event", _on_chain_event, tuple(P)),
     (tuple(P), "tx_receipt", _on_receipt, tuple(P)),

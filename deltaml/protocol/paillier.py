@@ -135,12 +135,19 @@ def _subset_products(bases, mod) -> list:
 
 
 @functools.lru_cache(maxsize=8)
-def _fixed_base(n) -> FixedBase:
-    """The DJN base of a key: ``h = -y**2 mod n`` with ``y`` hashed from ``n``; table of ``h**n``."""
+def _djn_h(n):
+    """The DJN generator of a key: ``h = -y**2 mod n`` with ``y`` hashed from ``n`` (public)."""
     n = gmpy2.mpz(n)
     digest = hashlib.shake_256(b"deltaml-djn-base" + int(n).to_bytes((n.bit_length() + 7) // 8, "big"))
     y = gmpy2.mpz(int.from_bytes(digest.digest((n.bit_length() + 7) // 8 + 16), "big")) % n
-    h = (-(y * y)) % n
+    return (-(y * y)) % n
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_base(n) -> FixedBase:
+    """A table of powers of ``h**n mod n**2`` for the DJN obfuscators."""
+    n = gmpy2.mpz(n)
+    h = _djn_h(n)
     nsquare = n * n
     return FixedBase(gmpy2.powmod(h, n, nsquare), nsquare, _djn_exponent_bits(n))
 
@@ -205,6 +212,11 @@ class PublicKey:
         ``r**n``.
         """
         return _fixed_base(self.n).pow(rng.getrandbits(_djn_exponent_bits(self.n)))
+
+    def randomness_pair(self, rng: RandomSource = SYSTEM_RANDOM):
+        """``(rho, rho**n mod n**2)``: an obfuscator with its root, for a prover that must use ``rho``."""
+        x = rng.getrandbits(_djn_exponent_bits(self.n))
+        return gmpy2.powmod(_djn_h(self.n), x, self.n), _fixed_base(self.n).pow(x)
 
     def obfuscator_slow(self, rng: RandomSource = SYSTEM_RANDOM):
         """The textbook ``r**n mod n**2`` (kept for the benchmark of the lever)."""
@@ -326,13 +338,17 @@ class PrivateKey:
 
     def decrypt_verifiably(self, c) -> Decryption:
         """Plaintext and randomness of ``c``, checkable by :func:`verify_decryption`."""
-        pub = self.public
         m = self.decrypt(c)
-        residue = gmpy2.mpz(c) * gmpy2.invert(pub.encode_plain(m), pub.nsquare) % pub.nsquare
+        return Decryption(plaintext=m, randomness=self.randomness(c, m))
+
+    def randomness(self, c, m: int) -> int:
+        """The ``rho`` with ``c = (1+n)**m * rho**n mod n**2``, for ``m`` the plaintext of ``c``."""
+        pub = self.public
+        plain = (1 + (int(m) % pub.n) * pub.n) % pub.nsquare
+        residue = gmpy2.mpz(c) * gmpy2.invert(plain, pub.nsquare) % pub.nsquare
         rho_p = gmpy2.powmod(residue % self.p, self._ninv_p, self.p)
         rho_q = gmpy2.powmod(residue % self.q, self._ninv_q, self.q)
-        rho = self._crt(rho_p, rho_q, self.p, self.q, self._q_inv_p)
-        return Decryption(plaintext=m, randomness=int(rho))
+        return int(self._crt(rho_p, rho_q, self.p, self.q, self._q_inv_p))
 
 
 def verify_decryption(public: PublicKey, c, decryption: Decryption) -> bool:

@@ -1,0 +1,120 @@
+"""Fuzzed envelopes: 10,000 into every agent on the memory bus and 1,000 through the real broker,
+each while an honest job runs. Every one is refused with a reason, no agent dies, the job is exact."""
+
+import asyncio
+import random
+import threading
+import uuid
+
+from hypothesis import HealthCheck, given, settings
+
+from deltaml.agents.bus import MemoryBus
+from deltaml.marketplace import DemoConfig, baselines, make_spec, memory_job, prepare_parts
+from deltaml.protocol.buyer import BuyerPhase
+
+from fault_harness import Market
+from fuzz import bodies, mutate, templates
+
+EXAMPLES = 10_000
+JOB_ID = uuid.uuid4().hex
+AGENTS = ["aggregator", "buyer", "ledger", *(f"owner-{i}" for i in range(1, 6))]
+
+
+class Background:
+    """An honest memory-bus job running in its own thread and loop while the test injects."""
+
+    def __init__(self, keypair) -> None:
+        self.config = DemoConfig(rounds=30, eval_every=10)
+        data, self.parts = prepare_parts(self.config)
+        self.spec = make_spec(self.config, data, keypair[0].to_hex(), "buyer")
+        self.bus = MemoryBus()
+        self.loop = asyncio.new_event_loop()
+        self.injected = 0
+        self.result = None
+        self.done_injecting = asyncio.Event()
+        ready = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            ready.set()
+            self.result = self.loop.run_until_complete(self._job(keypair[1]))
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait()
+
+    async def _job(self, key):
+        async def hold():  # every injected message handled before the agents stop
+            await self.done_injecting.wait()
+            await self.bus.drain()
+
+        return await memory_job(self.config, self.parts, self.spec, key, bus=self.bus, job_id=JOB_ID, hold=hold)
+
+    def inject(self, body: bytes) -> None:
+        async def send():
+            for name in AGENTS:
+                await self.bus.publish(name, body, uuid.uuid4().hex)
+
+        asyncio.run_coroutine_threadsafe(send(), self.loop).result()
+        self.injected += len(AGENTS)
+
+
+_background = {}
+
+
+def background(keypair) -> Background:
+    if "job" not in _background:
+        _background["job"] = Background(keypair)
+    return _background["job"]
+
+
+@settings(max_examples=EXAMPLES, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(body=bodies(JOB_ID))
+def test_fuzzed_envelopes_into_every_agent_on_the_memory_bus(keypair, body):
+    background(keypair).inject(body)
+
+
+def test_the_fuzzed_agents_refused_everything_and_the_honest_job_is_exact(keypair):
+    bg = background(keypair)
+    assert bg.injected >= EXAMPLES * len(AGENTS)
+    bg.loop.call_soon_threadsafe(bg.done_injecting.set)
+    bg.thread.join(timeout=600)
+    assert not bg.thread.is_alive()
+    job, job_id, _, _, _ = bg.result
+    assert job.phase is BuyerPhase.FINISHED, job.reason
+    expected = baselines(bg.parts, bg.config)["centralized_gd_mse"]
+    assert abs(job.published[30]["all"] - expected) / expected < 1e-6
+    refused = [d for d in bg.bus.dead if d.reason]
+    assert len(refused) == len(bg.bus.dead) == bg.injected  # every one refused, with a reason; nothing else
+    assert not [t for t in bg.bus.tasks if t.done() and not t.cancelled()]  # no agent's pump died
+
+
+async def test_a_thousand_fuzzed_messages_through_the_broker_while_a_job_finishes(tmp_path, keypair):
+    mk = Market(tmp_path, DemoConfig(rounds=8, eval_every=4), keypair)
+    await mk.start()
+    kept = templates()
+    rng = random.Random(2026)
+    targets = [mk.aggregator, mk.buyer_name, *mk.owners]
+    try:
+        async def fuzz(mk):
+            await mk.wait_for(lambda: mk.buyer_job() is not None and 0 in mk.buyer_job().published, what="round 0")
+            for i in range(1000):
+                body = mutate(rng.choice(kept), rng, mk.job_id) if i % 4 else rng.randbytes(rng.randrange(300))
+                for target in [rng.choice(targets)]:
+                    body = body.replace(b'"aggregator"', f'"{mk.aggregator}"'.encode())
+                    await mk.bus.publish(target, body, f"fuzz-{i}")
+
+        job = await mk.run(fuzz)
+        assert job.phase is BuyerPhase.FINISHED, job.reason
+        expected = baselines(mk.parts, mk.config)
+        assert abs(job.published[8]["all"] - expected["centralized_gd_mse"]) / expected["centralized_gd_mse"] < 1e-6
+        await asyncio.sleep(2)
+        books = await mk.books()  # reads the dead letters
+        assert books.lost == [] and books.wei_lost == 0
+        assert len(mk.fuzz_dead) == 1000, sorted(set(range(1000)) - {int(i[5:]) for i in mk.fuzz_dead})[:10]
+        assert all(reason for reason in mk.fuzz_dead.values())
+        assert all(p.poll() is None for p in mk.procs.values())  # no daemon died
+    finally:
+        await mk.close()
