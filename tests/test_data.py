@@ -50,3 +50,37 @@ def test_csv_round_trip_and_split(tmp_path):
     parts = demo_split(data, 5)
     assert [len(p.y) for p in parts] == [89, 89, 88, 88, 88]
     assert sorted(np.concatenate([p.y for p in parts])) == sorted(data.y)
+
+
+def test_a_million_rows_load_and_reduce_to_the_same_statistics(tmp_path):
+    from deltaml.protocol.linear import sufficient_stats
+
+    gen = np.random.default_rng(1)
+    X = gen.normal(size=(1_000_000, 3))
+    y = X @ np.array([1.0, -2.0, 0.5]) + gen.normal(size=1_000_000)
+    path = tmp_path / "big.csv"
+    np.savetxt(path, np.column_stack([X, y]), delimiter=",", header="a,b,c,t", comments="", fmt="%.17g")
+    data = load_csv(path)
+    assert data.features == ("a", "b", "c") and data.target == "t" and data.X.shape == (1_000_000, 3)
+    stats = sufficient_stats(data.X, data.y)
+    assert stats.rows == 1_000_000 and np.allclose(stats.moment, sufficient_stats(X, y).moment)
+
+
+def test_a_mistake_deep_in_a_large_file_is_still_named(tmp_path):
+    rows = "\n".join(f"{i},{2 * i}" for i in range(50_000))
+    path = write(tmp_path, f"a,b\n{rows}\n7,inf\n")
+    with pytest.raises(DataError, match="row 50002, column 2 \\(b\\): not a finite number"):
+        load_csv(path)
+
+
+def test_an_owner_whose_columns_differ_from_the_job_says_why_it_does_not_join():
+    from deltaml.protocol import messages as m
+    from deltaml.protocol.owner import OwnerData
+
+    data = OwnerData(("age", "bmi", "target"), np.ones((3, 3)))
+    spec = m.JobSpec(buyer="b", features=["age", "bp"], target="target", owners=2, validators=1, rounds=1,
+                     lr=1.0, eval_every=1, key_bits=2048, public_key="ab")
+    assert data.select(spec) is None
+    assert data.mismatch(spec) == "the data lacks columns ['bp']"
+    spec = spec.model_copy(update={"features": ["age", "bmi"], "ranges": [(0.0, 0.5), (0.0, 2.0)]})
+    assert data.mismatch(spec) == "column age has values outside the job's range [0.0, 0.5]"

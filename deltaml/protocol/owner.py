@@ -49,6 +49,7 @@ class OwnerJob:
     pending: dict[int, dict[str, MetricSecrets]] = field(default_factory=dict)
     confirmed: bool = False
     paid_wei: int = 0
+    declined: str = ""  # why this owner's data does not fit the offer
 
     @property
     def public_key(self) -> PublicKey:
@@ -65,24 +66,32 @@ class OwnerData:
 
     def select(self, spec: m.JobSpec) -> tuple[np.ndarray, np.ndarray] | None:
         """The job's features and target from these rows, or None if they do not match."""
-        index = {c: i for i, c in enumerate(self.columns)}
-        if spec.target not in index or any(f not in index for f in spec.features):
+        if self.mismatch(spec):
             return None
-        X = self.X[:, [index[f] for f in spec.features]]
+        index = {c: i for i, c in enumerate(self.columns)}
+        return self.X[:, [index[f] for f in spec.features]], self.X[:, index[spec.target]]
+
+    def mismatch(self, spec: m.JobSpec) -> str:
+        """Why these rows cannot serve the job (names or ranges), or "" if they can."""
+        index = {c: i for i, c in enumerate(self.columns)}
+        missing = [c for c in [*spec.features, spec.target] if c not in index]
+        if missing:
+            return f"the data lacks columns {missing}"
         if spec.ranges is not None:
             if len(spec.ranges) != len(spec.features):
-                return None
-            lo = np.array([r[0] for r in spec.ranges])
-            hi = np.array([r[1] for r in spec.ranges])
-            if np.any(X < lo) or np.any(X > hi):
-                return None
-        return X, self.X[:, index[spec.target]]
+                return "the job's ranges do not match its features"
+            for f, (lo, hi) in zip(spec.features, spec.ranges):
+                column = self.X[:, index[f]]
+                if np.any(column < lo) or np.any(column > hi):
+                    return f"column {f} has values outside the job's range [{lo}, {hi}]"
+        return ""
 
 
 def _on_offer(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:
-    selected = data.select(job.spec)
-    if selected is None or not data.auto_accept:
+    job.declined = data.mismatch(job.spec) or ("" if data.auto_accept else "not auto-accepting offers")
+    if job.declined:
         return []
+    selected = data.select(job.spec)
     job.phase = OwnerPhase.READY
     if not job.spec.escrow:
         return [ctx.reply(env, m.JoinRequest(rows=len(selected[1])))]
