@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,9 @@ def _load_fast(path: Path) -> Dataset | None:
             header = [h.strip() for h in header]
             if len(header) < 2 or len(set(header)) != len(header) or any(h == "" for h in header):
                 return None
-            table = np.loadtxt(handle, delimiter=",", dtype=float, ndmin=2)
+            with warnings.catch_warnings():  # a header-only file: the checked reader says so
+                warnings.simplefilter("ignore", UserWarning)
+                table = np.loadtxt(handle, delimiter=",", dtype=float, ndmin=2)
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     if table.shape[0] == 0 or table.shape[1] != len(header) or not np.isfinite(table).all():
