@@ -27,7 +27,7 @@ import gmpy2
 
 from .errors import DecryptionRefused
 from .linear import EncodedStats
-from .paillier import SYSTEM_RANDOM, PrivateKey, PublicKey, RandomSource
+from .paillier import SYSTEM_RANDOM, PrivateKey, PublicKey, RandomSource, multi_power
 from .refresh import draw_mask, mask_bound
 
 
@@ -120,7 +120,7 @@ def masked_products(
         s_, s_n = pub.randomness_pair(rng)
         t_, t_n = pub.randomness_pair(rng)
         commit_a = (1 + a * n) % n2 * s_n % n2
-        commit_b = gmpy2.powmod(vc, a, n2) * t_n % n2
+        commit_b = priv.pow_crt(vc, a) * t_n % n2
         out.append(c)
         secrets_.append((uj, priv.randomness(uc, uj), rho, a, s_, t_, commit_a, commit_b))
     e = _challenge(pub, context, [(uc, vc, c, sec[6], sec[7]) for uc, vc, c, sec in zip(u, v, out, secrets_)])
@@ -150,18 +150,18 @@ def verify_products(pub: PublicKey, u: Sequence[int], v: Sequence[int], products
                 and 0 < pr.b < n2):
             return False
     e = _challenge(pub, context, [(uc, vc, c, pr.a, pr.b) for uc, vc, c, pr in zip(u, v, products, proofs)])
-    weights = [gmpy2.mpz(rng.getrandbits(BATCH_BITS) | 1) for _ in proofs]
-    w1 = w2 = lhs2 = rhs1 = rhs2 = gmpy2.mpz(1)
-    z_total = gmpy2.mpz(0)
-    for uc, vc, c, pr, k in zip(u, v, products, proofs, weights):
-        z_total += k * pr.z
-        w1 = w1 * gmpy2.powmod(pr.w1, k, n2) % n2
-        w2 = w2 * gmpy2.powmod(pr.w2, k, n2) % n2
-        lhs2 = lhs2 * gmpy2.powmod(vc, k * pr.z, n2) % n2
-        rhs1 = rhs1 * gmpy2.powmod(pr.a, k, n2) % n2 * gmpy2.powmod(uc, k * e, n2) % n2
-        rhs2 = rhs2 * gmpy2.powmod(pr.b, k, n2) % n2 * gmpy2.powmod(c, k * e, n2) % n2
+    ks = [rng.getrandbits(BATCH_BITS) | 1 for _ in proofs]
+    ke = [k * e for k in ks]
+    try:  # each side one multi-exponentiation; a base that is no unit mod n**2 is no valid proof
+        w1 = multi_power(pub, [pr.w1 for pr in proofs], ks)
+        w2 = multi_power(pub, [pr.w2 for pr in proofs], ks)
+        lhs2 = multi_power(pub, [*v, w2], [*(k * pr.z for k, pr in zip(ks, proofs)), n])
+        rhs1 = multi_power(pub, [*(pr.a for pr in proofs), *u], [*ks, *ke])
+        rhs2 = multi_power(pub, [*(pr.b for pr in proofs), *products], [*ks, *ke])
+    except ZeroDivisionError:
+        return False
+    z_total = sum(k * pr.z for k, pr in zip(ks, proofs))
     lhs1 = (1 + (z_total % n) * n) % n2 * gmpy2.powmod(w1, n, n2) % n2
-    lhs2 = lhs2 * gmpy2.powmod(w2, n, n2) % n2
     return lhs1 == rhs1 and lhs2 == rhs2
 
 
