@@ -77,6 +77,15 @@ def load_csv(path: str | Path) -> Dataset:
     return _load_checked(path)
 
 
+def _header_problem(header: list[str]) -> str:
+    """What is wrong with a header row, or "" if nothing is."""
+    if len(header) < 2:
+        return f"need at least two columns (features and a target), got {len(header)}"
+    if len(set(header)) != len(header) or any(h == "" for h in header):
+        return "column names must be non-empty and distinct"
+    return ""
+
+
 def _load_fast(path: Path) -> Dataset | None:
     try:
         with path.open(newline="") as handle:
@@ -84,7 +93,7 @@ def _load_fast(path: Path) -> Dataset | None:
             if header is None:
                 return None
             header = [h.strip() for h in header]
-            if len(header) < 2 or len(set(header)) != len(header) or any(h == "" for h in header):
+            if _header_problem(header):
                 return None
             with warnings.catch_warnings():  # a header-only file: the checked reader says so
                 warnings.simplefilter("ignore", UserWarning)
@@ -107,10 +116,9 @@ def _load_checked(path: Path) -> Dataset:
         if header is None:
             raise DataError(f"{path}: empty file")
         header = [h.strip() for h in header]
-        if len(header) < 2:
-            raise DataError(f"{path}: row 1: need at least two columns (features and a target), got {len(header)}")
-        if len(set(header)) != len(header) or any(h == "" for h in header):
-            raise DataError(f"{path}: row 1: column names must be non-empty and distinct")
+        problem = _header_problem(header)
+        if problem:
+            raise DataError(f"{path}: row 1: {problem}")
         rows = []
         for number, record in enumerate(reader, start=2):
             if not record or all(c.strip() == "" for c in record):

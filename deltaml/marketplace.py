@@ -167,11 +167,12 @@ async def memory_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, 
     return job, job_id, [d.reason for d in bus.dead], ledger, timings
 
 
-async def _withdrawals(ledger: LedgerCore, buyer, job_id: str, timeout: float = 60.0):
+async def _withdrawals(ledger: LedgerCore, buyer, job_id: str, timeout: float = 60.0, absent=frozenset()):
     """Wait until the escrow is settled and every credited party has withdrawn; return the buyer's job.
 
     The pull payments are part of the job; a failed job whose escrow exists is
     settled by the aggregator at once, and its refund is withdrawn like a payment.
+    Addresses in ``absent`` (parties that are gone) are not waited for.
     """
     deadline = time.monotonic() + timeout
     job = buyer.jobs[job_id]
@@ -182,7 +183,7 @@ async def _withdrawals(ledger: LedgerCore, buyer, job_id: str, timeout: float = 
             raise RuntimeError("the escrow was not settled in time")
         await asyncio.sleep(0.05)
     job = buyer.jobs[job_id]
-    payees = [*job.payments_wei, *([job.buyer_address] if job.refund_wei else [])]
+    payees = [a for a in [*job.payments_wei, *([job.buyer_address] if job.refund_wei else [])] if a not in absent]
     while any(ledger.chain.credit(a) for a in payees):
         if time.monotonic() > deadline:
             raise RuntimeError("payments were credited but not withdrawn in time")

@@ -31,7 +31,7 @@ from deltaml.agents.ledger import Chain, LedgerCore
 from deltaml.agents.parties import buyer_core, context, load_wallet
 from deltaml.agents.runtime import run_buyer_job
 from deltaml.data import write_csv
-from deltaml.marketplace import DemoConfig, make_spec, prepare_parts
+from deltaml.marketplace import DemoConfig, _trust_args, _withdrawals, make_spec, prepare_parts
 from deltaml.protocol import messages as m
 from deltaml.protocol.buyer import BuyerPhase
 from deltaml.protocol.chain import LEDGER, job_key
@@ -67,6 +67,7 @@ class Market:
         self.aggregator_process = aggregator_process
         self.procs: dict[str, subprocess.Popen] = {}
         self.agents: list[Agent] = []
+        self.traces: list[Trace] = []
         self.job_id = uuid.uuid4().hex
         self.wrap = lambda name, core: core
 
@@ -111,13 +112,12 @@ class Market:
             await agent.start()
 
     def _trace(self, role: str, name: str) -> Trace:
-        self.traces = getattr(self, "traces", [])
         self.traces.append(Trace(self.tmp / f"{name}.jsonl", {"role": role, "name": name, "seed": ""}))
         return self.traces[-1]
 
     def _spawn(self, role: str, name: str, args: list[str]) -> None:
         env = {**os.environ, "DELTAML_AMQP_URL": t.role_url(AMQP_URL, role), "DELTAML_LOG_LEVEL": "warning"}
-        trust = [a for n, addr in self.trust.items() if n != name for a in ("--trust", f"{n}={addr}")]
+        trust = _trust_args({n: addr for n, addr in self.trust.items() if n != name})
         with open(self.tmp / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "deltaml.cli", role, *args, "--key", str(self.tmp / f"{name}.key"),
@@ -130,6 +130,10 @@ class Market:
         self._spawn("aggregator", self.aggregator, ["--name", self.aggregator,
                                                     "--state-dir", str(self.tmp / "aggregator-state"),
                                                     "--tick-seconds", "0.1"])
+
+    def queues(self) -> list[tuple[str, str]]:
+        """(role, name) of this market's own queues (the ledger's is shared)."""
+        return [*(("owner", o) for o in self.owners), ("aggregator", self.aggregator), ("buyer", self.buyer_name)]
 
     def kill(self, name: str) -> None:
         """SIGKILL: no goodbye, no flush beyond what was written."""
@@ -147,8 +151,8 @@ class Market:
                                                  job_id=self.job_id))
         if during is not None:
             await during(self)
-        job = await asyncio.wait_for(task, timeout=timeout)
-        return await self.settled(job)
+        await asyncio.wait_for(task, timeout=timeout)
+        return await self.settled()
 
     def buyer_job(self):
         return self.buyer.core.jobs.get(self.job_id)
@@ -160,16 +164,9 @@ class Market:
                 raise TimeoutError(f"waited {timeout} s for {what}")
             await asyncio.sleep(0.02)
 
-    async def settled(self, job, timeout: float = 60):
-        """For a paid job whose escrow exists, wait for settlement and every withdrawal."""
-        if job_key(self.job_id) not in self.ledger.jobs:
-            return job
-        await self.wait_for(lambda: self.buyer_job().settled, timeout, "settlement")
-        job = self.buyer_job()
-        payees = [a for a in [*job.payments_wei, job.buyer_address]
-                  if a not in self.dead_addresses()]
-        await self.wait_for(lambda: not any(self.ledger.chain.credit(a) for a in payees), timeout, "withdrawals")
-        return self.buyer_job()
+    async def settled(self, timeout: float = 60):
+        """For a paid job whose escrow exists, wait for settlement and every withdrawal but the dead's."""
+        return await _withdrawals(self.ledger, self.buyer.core, self.job_id, timeout, self.dead_addresses())
 
     def dead_addresses(self) -> set[str]:
         return {json.loads((self.tmp / f"{n}.key").read_text())["address"] for n, p in self.procs.items()
@@ -200,10 +197,8 @@ class Market:
             if (d.message_id or "").startswith("fuzz-"):
                 self.fuzz_dead[d.message_id] = (d.headers or {}).get(t.REASON_HEADER, "")
         queued = set()
-        channel = self.admin.channel
-        for name, role in [*((o, "owner") for o in self.owners), (self.aggregator, "aggregator"),
-                           (self.buyer_name, "buyer"), (LEDGER, "ledger")]:
-            queue = await channel.declare_queue(t.queue_name(role, name), passive=True)
+        for role, name in [*self.queues(), ("ledger", LEDGER)]:
+            queue = await self.admin.channel.declare_queue(t.queue_name(role, name), passive=True)
             while (msg := await queue.get(fail=False, no_ack=False)) is not None:
                 queued.add(msg.message_id)
                 await msg.ack()
@@ -211,7 +206,7 @@ class Market:
         books.handled = len(handled & set(sent))
         books.dead = len(dead & set(sent))
         books.queued = len(queued & set(sent))
-        books.lost = sorted(f"{msg['type'] if 'type' in msg else msg['payload']['type']} → {msg['recipient']}"
+        books.lost = sorted(f"{msg['payload']['type']} → {msg['recipient']}"
                             for mid, msg in sent.items() if mid not in handled | dead | queued)
         job = self.buyer_job()
         if job_key(self.job_id) in self.ledger.jobs and job.settled:
@@ -236,8 +231,7 @@ class Market:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        for name, role in [*((o, "owner") for o in self.owners), (self.aggregator, "aggregator"),
-                           (self.buyer_name, "buyer")]:
+        for role, name in self.queues():
             await self.admin.channel.queue_delete(t.queue_name(role, name))
         await self.bus.close()
         for trace in getattr(self, "traces", []):

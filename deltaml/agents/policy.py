@@ -62,13 +62,13 @@ class AckPolicy:
                 log.exception("tick failed")
                 return
             record_tick(seconds)
-            if outgoing:
-                self._save(None, [])
+            if not outgoing:
+                return
+            self._save(None, [])
             for out in outgoing:
                 self.record("out", out)
                 await self.publish(out)
-            if outgoing:
-                log.info("acted on silence", sent=[o.type for o in outgoing])
+            log.info("acted on silence", sent=[o.type for o in outgoing])
 
     def _save(self, message_id: str | None, outgoing: list[m.Envelope]) -> None:
         """Checkpoint the step before anything of it leaves (see :mod:`deltaml.agents.checkpoint`)."""
@@ -81,8 +81,11 @@ class AckPolicy:
         broker's redelivery of the unacknowledged message publishes them again instead of finding
         a core that moved on without them."""
         task = asyncio.ensure_future(self._handle(delivery))
-        task.add_done_callback(_retrieve)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_retrieve)  # nobody awaits it now: report how it ended
+            raise
 
     async def _handle(self, delivery: Delivery) -> Outcome:
         try:

@@ -52,7 +52,7 @@ def replay(path: str | Path) -> tuple[int, list[str]]:
             replayed += 1
             if record["dir"] == "tick":  # time passed: the core's deadlines
                 got = core.tick(record["seconds"])
-                if [m.encode(e) for e in got] != [m.encode(e) for e in expected]:
+                if not _same(got, expected):
                     diffs.append(f"tick of {record['seconds']} s: {len(got)} outputs differ from the "
                                  f"{len(expected)} recorded")
                 continue
@@ -74,6 +74,11 @@ def replay(path: str | Path) -> tuple[int, list[str]]:
                 except ProtocolError as exc:
                     diffs.append(f"{where}: now refused: {exc}")
                     continue
-            if [m.encode(e) for e in got] != [m.encode(e) for e in expected]:
+            if not _same(got, expected):
                 diffs.append(f"{where}: {len(got)} outputs differ from the {len(expected)} recorded")
     return replayed, diffs
+
+
+def _same(got: list[m.Envelope], expected: list[m.Envelope]) -> bool:
+    """The same outputs, byte for byte on the wire."""
+    return [m.encode(e) for e in got] == [m.encode(e) for e in expected]

@@ -334,13 +334,12 @@ WAITING_FOR = {
 def _on_silence(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
     """The job waited ``round_timeout`` seconds: drop silent trainers if a quorum answered, else fail."""
     waited = job.spec.round_timeout
-    if job.phase == AggPhase.TRAINING and job.spec.quorum:
-        silent = [t for t in job.trainers if t not in job.replies]
-        if len(job.trainers) - len(silent) >= job.spec.quorum:
-            return _drop(job, ctx, job_id, silent, waited)
     if job.phase == AggPhase.TRAINING:
-        silent = ", ".join(t for t in job.trainers if t not in job.replies)
-        return _fail(job, ctx, job_id, f"round {job.round + 1}: no gradient from {silent} within {waited:g} s")
+        silent = [t for t in job.trainers if t not in job.replies]
+        if job.spec.quorum and len(job.trainers) - len(silent) >= job.spec.quorum:
+            return _drop(job, ctx, job_id, silent, waited)
+        return _fail(job, ctx, job_id,
+                     f"round {job.round + 1}: no gradient from {', '.join(silent)} within {waited:g} s")
     return _fail(job, ctx, job_id, f"round {job.round}: waited {waited:g} s for {WAITING_FOR[job.phase]}")
 
 

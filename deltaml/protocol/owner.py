@@ -91,12 +91,12 @@ def _on_offer(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> 
     job.declined = data.mismatch(job.spec) or ("" if data.auto_accept else "not auto-accepting offers")
     if job.declined:
         return []
-    selected = data.select(job.spec)
+    rows = len(data.X)  # the data fits: every row serves the job
     job.phase = OwnerPhase.READY
     if not job.spec.escrow:
-        return [ctx.reply(env, m.JoinRequest(rows=len(selected[1])))]
+        return [ctx.reply(env, m.JoinRequest(rows=rows))]
     require(ctx.wallet is not None, "a paid job needs this owner's Ethereum key")
-    join = m.JoinRequest(rows=len(selected[1]), address=ctx.wallet.address)
+    join = m.JoinRequest(rows=rows, address=ctx.wallet.address)
     return [*ctx.wallet.greet(ctx), ctx.reply(env, join)]
 
 
