@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import resource
 import asyncio
 import json
 import os
@@ -28,6 +29,8 @@ def _common(p: argparse.ArgumentParser, settings: Settings) -> None:
     p.add_argument("--trace", type=Path, default=None, help="append every message in and out (JSON lines)")
     p.add_argument("--trust", action="append", default=[], metavar="NAME=ADDRESS",
                    help="only ADDRESS may sign as party NAME (e.g. aggregator=0x..., ledger=0x...); repeatable")
+    p.add_argument("--precompute", action=argparse.BooleanOptionalAction, default=settings.precompute,
+                   help="compute Paillier obfuscators ahead while idle, on a low-priority thread (default on)")
 
 
 def _pinned(args) -> dict[str, str]:
@@ -109,7 +112,7 @@ def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = N
         state_dir = getattr(args, "state_dir", None)
         checkpoint = Checkpoint(state_dir) if state_dir else None
         agent = Agent(role, name, core, bus, trace, key=key, pinned=pinned, checkpoint=checkpoint,
-                      tick_seconds=getattr(args, "tick_seconds", 1.0))
+                      tick_seconds=getattr(args, "tick_seconds", 1.0), precompute=args.precompute)
         if agent.resumed:
             structlog.get_logger().info("resumed from checkpoint", jobs=len(core.jobs), state_dir=str(state_dir))
         await agent.start()
@@ -124,7 +127,12 @@ def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = N
         await bus.close()
         timings = os.environ.get("DELTAML_TIMINGS_DIR")
         if timings:  # for benchmarks/e2e.py: seconds of work per message type
-            (Path(timings) / f"{role}-{name}.json").write_text(json.dumps(agent.policy.busy))
+            streams = getattr(core.ctx.rng, "streams", {}).values()
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            counts = {"cpu seconds (process)": usage.ru_utime + usage.ru_stime,
+                      "obfuscators taken": sum(st.taken for st in streams),
+                      "obfuscators found precomputed": sum(st.served_ahead for st in streams)}
+            (Path(timings) / f"{role}-{name}.json").write_text(json.dumps({**agent.policy.busy, **counts}))
         if trace:
             trace.close()
         if checkpoint:
@@ -200,7 +208,7 @@ def cmd_buyer_train(args) -> int:
             save_key(key, key_path)
             trace = Trace(args.trace, {"role": "buyer", "name": args.name,
                                        "seed": core.ctx.rng.seed_bytes.hex(), "key": str(key_path.resolve())})
-        agent = Agent("buyer", args.name, core, bus, trace, pinned=_pinned(args))
+        agent = Agent("buyer", args.name, core, bus, trace, pinned=_pinned(args), precompute=args.precompute)
         await agent.start()
         job_id = uuid.uuid4().hex
         try:

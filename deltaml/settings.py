@@ -18,3 +18,4 @@ class Settings(BaseSettings):
     bus: Literal["amqp", "memory"] = "amqp"
     chain: str = "embedded"
     key_bits: int = 2048
+    precompute: bool = True

@@ -25,6 +25,7 @@ from ..protocol.auth import Keyring, sign
 from .bus import Bus
 from .checkpoint import Checkpoint
 from .policy import AckPolicy
+from .precompute import Precomputer
 
 log = structlog.get_logger()
 
@@ -58,7 +59,7 @@ class Agent:
 
     def __init__(self, role: str, name: str, core: Any, bus: Bus, trace: Trace | None = None,
                  key: bytes | None = None, pinned: dict[str, str] | None = None, tick_seconds: float = 1.0,
-                 checkpoint: Checkpoint | None = None) -> None:
+                 checkpoint: Checkpoint | None = None, precompute: bool = False) -> None:
         self.role, self.name, self.core, self.bus, self.trace = role, name, core, bus, trace
         wallet = getattr(getattr(core, "ctx", None), "wallet", None)
         self.key = key or (wallet.private_key if wallet is not None else os.urandom(32))
@@ -76,6 +77,8 @@ class Agent:
             self.resumed = True
         self.tick_seconds = tick_seconds
         self.ticker: asyncio.Task | None = None
+        rng = getattr(getattr(core, "ctx", None), "rng", None)
+        self.precomputer = Precomputer(rng, self.policy.idle) if precompute and hasattr(rng, "streams") else None
 
     @property
     def address(self) -> str:
@@ -91,6 +94,8 @@ class Agent:
         await self.bus.consume(self.role, self.name, self.policy)
         if hasattr(self.core, "tick") and self.ticker is None:
             self.ticker = asyncio.create_task(self._tick_forever())
+        if self.precomputer is not None and not self.precomputer.thread.is_alive():
+            self.precomputer.start()
 
     async def _tick_forever(self) -> None:
         record = self.trace.tick if self.trace else lambda s: None
@@ -102,7 +107,9 @@ class Agent:
                 log.warning("tick not published", reason=f"{type(exc).__name__}: {exc}")
 
     async def stop(self) -> None:
-        """Stop ticking (the bus is closed by its owner)."""
+        """Stop ticking and precomputing (the bus is closed by its owner)."""
+        if self.precomputer is not None:
+            self.precomputer.stop()
         if self.ticker is not None:
             self.ticker.cancel()
             await asyncio.gather(self.ticker, return_exceptions=True)

@@ -13,6 +13,7 @@ other exception is a transient failure, retried a bounded number of times.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import OrderedDict
 from typing import Awaitable, Callable
@@ -45,6 +46,8 @@ class AckPolicy:
         self.lock = asyncio.Lock()
         self.busy: dict[str, float] = {}  # seconds spent stepping the core, per message type
         self.mark = time.monotonic()  # end of the core's last step or tick
+        self.idle = threading.Event()  # clear while the core steps (a helper thread may work when set)
+        self.idle.set()
 
     async def tick(self, tick: Callable[[float], list[m.Envelope]],
                    record_tick: Callable[[float], None] = lambda s: None) -> None:
@@ -114,6 +117,7 @@ class AckPolicy:
                 bound.info("duplicate delivery acknowledged", answered_again=delivery.redelivered)
                 return Outcome(Verdict.ACK, "duplicate")
             started = time.perf_counter()
+            self.idle.clear()
             try:
                 outgoing = await asyncio.to_thread(self.step, env)
             except ProtocolError as exc:
@@ -123,6 +127,8 @@ class AckPolicy:
             except Exception as exc:  # a bug or a transient fault: bounded retries, then dead letter
                 bound.exception("handler failed")
                 return Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
+            finally:
+                self.idle.set()
             self.busy[env.type] = self.busy.get(env.type, 0.0) + time.perf_counter() - started
             self.mark = time.monotonic()
             self.keyring.bind(env, address)

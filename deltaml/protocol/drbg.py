@@ -1,7 +1,11 @@
 """A deterministic, cryptographically strong random source (SHAKE-256 in counter mode).
 
 Agents draw every mask and every Paillier randomness from one of these,
-seeded from the operating system. Recording the seed in an agent's private
+seeded from the operating system. Paillier obfuscators come from one
+numbered stream per key, derived from the same seed
+(:class:`~deltaml.protocol.paillier.ObfuscatorStream`), so that a helper
+thread can compute them ahead in idle time without changing what a replay
+produces. Recording the seed in an agent's private
 trace is what makes a run replayable bit for bit; without the seed the
 stream is as unpredictable as the OS's.
 """
@@ -12,6 +16,8 @@ import hashlib
 import os
 import random
 
+from .paillier import ObfuscatorStream, PublicKey
+
 
 class Drbg(random.Random):
     """``random.Random`` interface over a SHAKE-256 keystream."""
@@ -20,6 +26,7 @@ class Drbg(random.Random):
         self._seed = os.urandom(32) if seed is None else bytes(seed)
         self._counter = 0
         self._buffer = b""
+        self.streams: dict[int, ObfuscatorStream] = {}
         super().__init__(0)
 
     @property
@@ -47,9 +54,22 @@ class Drbg(random.Random):
     def random(self) -> float:
         return self.getrandbits(53) / (1 << 53)
 
+    def obfuscators(self, pub: PublicKey) -> ObfuscatorStream:
+        """The numbered obfuscator stream of ``pub`` (made on first use)."""
+        stream = self.streams.get(int(pub.n))
+        if stream is None:
+            seed = hashlib.shake_256(b"deltaml-obfuscators" + self._seed + format(pub.n, "x").encode()).digest(32)
+            stream = self.streams[int(pub.n)] = ObfuscatorStream(pub, seed)
+        return stream
+
     def getstate(self):
-        """Seed, counter and unread bytes: as secret as the seed (a checkpoint is kept 0600)."""
-        return (self._seed, self._counter, self._buffer)
+        """Seed, counter, unread bytes and how far each obfuscator stream got: as secret as the
+        seed (a checkpoint is kept 0600)."""
+        return (self._seed, self._counter, self._buffer, {n: s.taken for n, s in self.streams.items()})
 
     def setstate(self, state) -> None:
-        self._seed, self._counter, self._buffer = state
+        self._seed, self._counter, self._buffer, taken = state
+        self.streams = {}
+        for n, count in taken.items():
+            stream = self.obfuscators(PublicKey(n))
+            stream.taken = stream.claimed = count

@@ -25,7 +25,7 @@ from .linear import EncodedStats, encode_stats, encrypted_gradient, sufficient_s
 from .machine import Context, Machine, require, table
 from .metric import (MetricSecrets, MulProof, encrypted_sse, mask_product_inputs, proof_context, sse_scale_bits,
                      verify_products)
-from .paillier import PublicKey
+from .paillier import PublicKey, expect_obfuscators
 
 
 class OwnerPhase(Enum):
@@ -108,6 +108,8 @@ def _on_role(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> l
     job.stats = encode_stats(sufficient_stats(*selected), codec)
     job.role, job.models = env.payload.role, list(env.payload.models)
     job.phase = OwnerPhase.INITIATED
+    # a trainer re-randomises d values per model each round: those obfuscators can be made ahead
+    expect_obfuscators(job.public_key, ctx.rng, max(1, len(job.models)) * job.stats.stats.dim)
     return [ctx.reply(env, m.RoleAccepted(role=job.role, rows=job.stats.stats.rows))]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import secrets
+import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -163,6 +164,71 @@ def _djn_exponent_bits(n) -> int:
     return (int(gmpy2.mpz(n).bit_length()) + 1) // 2
 
 
+class ObfuscatorStream:
+    """The DJN obfuscators of one key as a numbered sequence: item ``k`` is ``h_s**x_k``
+    with ``x_k`` derived from a secret seed and ``k``.
+
+    Because an item depends only on its number, whoever computes it gets the same
+    value: the protocol takes items in order (:meth:`take`), a helper thread may
+    compute items ahead in idle time (:meth:`claim`, :meth:`compute`, :meth:`offer`),
+    and a replay with the same seed produces the same ciphertexts either way. An item
+    is used once; a precomputed item that arrives after its number was taken is dropped.
+    """
+
+    def __init__(self, pub: "PublicKey", seed: bytes, taken: int = 0, ahead: int = 128) -> None:
+        self.pub, self.seed, self.ahead = pub, bytes(seed), ahead
+        self.taken = taken  # number of the next item the protocol takes
+        self.claimed = taken  # number of the next item a helper may compute
+        self.ready: dict[int, object] = {}
+        self.lock = threading.Lock()
+        self.served_ahead = 0  # items the protocol found precomputed (for benchmarks)
+
+    def exponent(self, k: int) -> int:
+        bits = _djn_exponent_bits(self.pub.n)
+        raw = hashlib.shake_256(self.seed + k.to_bytes(8, "big")).digest((bits + 7) // 8)
+        return int.from_bytes(raw, "big") >> (-bits % 8)
+
+    def compute(self, k: int):
+        """Item ``k``, from scratch."""
+        return _fixed_base(self.pub.n).pow(self.exponent(k))
+
+    def take(self):
+        """The next item: precomputed if a helper got there first, computed now otherwise."""
+        with self.lock:
+            k = self.taken
+            self.taken += 1
+            self.claimed = max(self.claimed, self.taken)
+            value = self.ready.pop(k, None)
+        if value is None:
+            return self.compute(k)
+        self.served_ahead += 1
+        return value
+
+    def claim(self) -> int | None:
+        """The number of an item worth computing ahead, or None if ``ahead`` items wait already."""
+        with self.lock:
+            if self.claimed - self.taken >= self.ahead:
+                return None
+            k = self.claimed
+            self.claimed += 1
+            return k
+
+    def offer(self, k: int, value) -> None:
+        """Hand in a precomputed item (kept only if its number is still to come)."""
+        with self.lock:
+            if k >= self.taken:
+                self.ready[k] = value
+
+
+def expect_obfuscators(pub: "PublicKey", rng: RandomSource, per_step: int) -> None:
+    """Tell a random source with obfuscator streams that ``pub`` will need about
+    ``per_step`` obfuscators per message, so a helper can start computing them."""
+    streams = getattr(rng, "obfuscators", None)
+    if streams is not None:
+        stream = streams(pub)
+        stream.ahead = max(stream.ahead, 3 * per_step)
+
+
 def check_key_bits(bits: int) -> None:
     """Refuse keys the protocol does not allow."""
     if bits < MIN_KEY_BITS:
@@ -215,8 +281,12 @@ class PublicKey:
         from the key (public, like ``g``) and ``x`` uniform of half the modulus' length,
         as DJN specify (PKC 2001 / IJIS 2010, section 4; HEU and ABY do the same). A
         windowed table of powers of ``h_s`` makes this about twenty times cheaper than
-        ``r**n``.
+        ``r**n``. A random source that keeps numbered streams (:class:`ObfuscatorStream`)
+        serves them from there, where idle time may have computed them already.
         """
+        streams = getattr(rng, "obfuscators", None)
+        if streams is not None:
+            return streams(self).take()
         return _fixed_base(self.n).pow(rng.getrandbits(_djn_exponent_bits(self.n)))
 
     def randomness_pair(self, rng: RandomSource = SYSTEM_RANDOM):

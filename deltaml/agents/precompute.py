@@ -1,0 +1,72 @@
+"""Idle time put to use: Paillier obfuscators computed ahead on a low-priority thread.
+
+An obfuscator (``h_s**x mod n**2``) is the costly half of every fresh
+encryption, and it does not depend on what is encrypted. A trainer needs
+``d`` of them per model per round; between rounds it waits for the
+aggregator, the buyer and the chain. This helper fills that wait: while the
+agent is not handling a message it computes the next items of each
+obfuscator stream of the core's random source
+(:class:`~deltaml.protocol.paillier.ObfuscatorStream`), so the protocol
+finds them ready. It runs at the lowest scheduling priority, so on a busy
+machine it takes only cycles nobody else wants, and it pauses while its own
+agent works, so it never competes with it for the interpreter lock.
+
+Only a daemon (one agent per process) uses it: agents sharing a process
+would each call the others' busy time idle.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import structlog
+
+log = structlog.get_logger()
+
+
+class Precomputer:
+    """One daemon thread serving every obfuscator stream of ``rng`` while ``idle`` is set."""
+
+    def __init__(self, rng, idle: threading.Event, poll: float = 0.05) -> None:
+        self.rng, self.idle, self.poll = rng, idle, poll
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="obfuscators", daemon=True)
+        self.computed = 0
+
+    def start(self) -> None:
+        # the agent's own work takes the interpreter back within a millisecond, not the default five
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+
+    def _next(self):
+        for stream in list(self.rng.streams.values()):
+            k = stream.claim()
+            if k is not None:
+                return stream, k
+        return None
+
+    def _run(self) -> None:
+        try:  # Linux: the nice value of this thread alone
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        while not self.done.is_set():
+            if not self.idle.wait(self.poll):
+                continue
+            work = self._next()
+            if work is None:
+                self.done.wait(self.poll)
+                continue
+            stream, k = work
+            try:
+                stream.offer(k, stream.compute(k))
+                self.computed += 1
+            except Exception:  # never let the helper take the agent down; the protocol computes its own
+                log.exception("obfuscator precomputation failed")
+                return

@@ -1,0 +1,82 @@
+"""Obfuscators computed ahead in idle time are the ones the protocol would have computed itself."""
+
+import threading
+import time
+
+from deltaml.agents.precompute import Precomputer
+from deltaml.protocol.drbg import Drbg
+from deltaml.protocol.paillier import expect_obfuscators
+
+
+def wait_until(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
+
+
+def test_stream_items_depend_only_on_seed_and_number(keypair):
+    pub, priv = keypair
+    a, b = Drbg(b"s" * 32), Drbg(b"s" * 32)
+    first = [pub.encrypt(7, a) for _ in range(3)]
+    stream = b.obfuscators(pub)
+    for k in (2, 1):  # computed ahead, out of order
+        stream.offer(k, stream.compute(k))
+    assert [pub.encrypt(7, b) for _ in range(3)] == first
+    assert stream.served_ahead == 2
+    assert all(priv.decrypt(c) == 7 for c in first)
+    assert pub.encrypt(7, Drbg(b"t" * 32)) != first[0]
+
+
+def test_an_item_offered_after_it_was_taken_is_dropped(keypair):
+    pub, _ = keypair
+    stream = Drbg(b"s" * 32).obfuscators(pub)
+    k = stream.claim()
+    stream.take()
+    stream.offer(k, 12345)
+    assert stream.ready == {} and stream.take() == stream.compute(1)
+
+
+def test_claims_stop_once_enough_wait(keypair):
+    pub, _ = keypair
+    rng = Drbg(b"s" * 32)
+    expect_obfuscators(pub, rng, per_step=4)
+    stream = rng.obfuscators(pub)
+    stream.ahead = 12
+    claims = [stream.claim() for _ in range(14)]
+    assert claims[:12] == list(range(12)) and claims[12:] == [None, None]
+    stream.take()
+    assert stream.claim() == 12
+
+
+def test_helper_works_only_while_the_agent_is_idle(keypair):
+    pub, _ = keypair
+    rng, idle = Drbg(b"s" * 32), threading.Event()
+    stream = rng.obfuscators(pub)
+    stream.ahead = 8
+    helper = Precomputer(rng, idle, poll=0.01)
+    helper.start()
+    try:
+        time.sleep(0.2)
+        assert helper.computed == 0  # the agent is busy
+        idle.set()
+        wait_until(lambda: len(stream.ready) == 8)
+        assert helper.computed == 8  # and no more than asked for
+        reference = Drbg(b"s" * 32).obfuscators(pub)
+        assert [stream.take() for _ in range(8)] == [reference.compute(k) for k in range(8)]
+        assert stream.served_ahead == 8
+        wait_until(lambda: len(stream.ready) == 8)  # refilled after the protocol took them
+    finally:
+        helper.stop()
+    assert not helper.thread.is_alive()
+
+
+def test_checkpointed_stream_goes_on_where_it_stopped(keypair):
+    pub, _ = keypair
+    rng = Drbg(b"s" * 32)
+    for _ in range(3):
+        pub.encrypt(1, rng)
+    restored = Drbg()
+    restored.setstate(rng.getstate())
+    assert pub.encrypt(1, restored) == pub.encrypt(1, rng)
