@@ -84,3 +84,11 @@ def test_an_owner_whose_columns_differ_from_the_job_says_why_it_does_not_join():
     assert data.mismatch(spec) == "the data lacks columns ['bp']"
     spec = spec.model_copy(update={"features": ["age", "bmi"], "ranges": [(0.0, 0.5), (0.0, 2.0)]})
     assert data.mismatch(spec) == "column age has values outside the job's range [0.0, 0.5]"
+
+
+def test_diabetes_is_read_bit_for_bit_as_scikit_learn_scales_it():
+    from sklearn.datasets import load_diabetes as sklearn_diabetes
+
+    ours, theirs = load_diabetes(), sklearn_diabetes()
+    assert ours.features == tuple(theirs.feature_names)
+    assert np.array_equal(ours.X, theirs.data) and np.array_equal(ours.y, theirs.target)
