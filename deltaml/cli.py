@@ -131,6 +131,7 @@ def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = N
             usage = resource.getrusage(resource.RUSAGE_SELF)
             counts = {"cpu seconds (process)": usage.ru_utime + usage.ru_stime,
                       "obfuscators taken": sum(st.taken for st in streams),
+                      "obfuscators computed ahead": agent.precomputer.computed if agent.precomputer else 0,
                       "obfuscators found precomputed": sum(st.served_ahead for st in streams)}
             (Path(timings) / f"{role}-{name}.json").write_text(json.dumps({**agent.policy.busy, **counts}))
         if trace:

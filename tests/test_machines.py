@@ -105,11 +105,16 @@ def test_aggregator_rejects_undefined_and_duplicate_messages(keypair):
         core.handle(env(m.JoinRequest(rows=1), sender="owner-1"))
     core = started_aggregator(keypair)
     job = core.jobs["j"]
-    assert job.phase is AggPhase.EVALUATING and job.validators == ["owner-3"]
+    # round 0 is being evaluated while round 1 trains
+    assert job.phase is AggPhase.TRAINING and list(job.evals) == [0] and job.validators == ["owner-3"]
     with pytest.raises(InvalidTransition):
+        core.handle(env(m.RefreshReply(models={}), sender="buyer"))
+    with pytest.raises(ProtocolError, match="wrong models"):
         core.handle(env(m.GradientReply(rows=10, gradients={}), sender="owner-1", round_=1))
     with pytest.raises(ProtocolError, match="not expected"):
         core.handle(env(m.EvalReply(rows=10, sse_scale_bits=96, sse={"all": 1}), sender="owner-1"))
+    with pytest.raises(ProtocolError, match="no evaluation of round 5"):
+        core.handle(env(m.EvalReply(rows=10, sse_scale_bits=96, sse={"all": 1}), sender="owner-3", round_=5))
     assert core.jobs["j"] is job  # a refused message leaves the state untouched
 
 

@@ -6,8 +6,11 @@ assigns roles (the last ``validators`` in name order validate) and waits for
 each to accept (STARTING). Then it loops, deciding each time what comes
 next (:func:`_advance`):
 
-- an evaluation is due (round 0, every ``eval_every``, the last round):
-  EVALUATING, then VERIFYING while the buyer decrypts the total verifiably;
+- an evaluation is due (round 0, every ``eval_every``, the last round): the
+  validators get the model of that round and, with the buyer, score it while
+  training goes on (an evaluation in flight is kept in ``AggJob.evals``); the
+  last one is waited for, EVALUATING then VERIFYING while the buyer decrypts
+  the totals verifiably, and settling waits until every evaluation is in;
 - the scale has no room for the next step: REFRESHING with the buyer;
 - otherwise TRAINING: every trainer returns ``[G_i w - b_i]`` for each model
   it belongs to (the full model and the leave-one-out models without each
@@ -61,6 +64,15 @@ class AggPhase(Enum):
 
 
 @dataclass
+class Evaluation:
+    """An evaluation in flight: the models asked for and the validators' replies so far."""
+
+    targets: list[str]
+    replies: dict[str, m.Envelope] = field(default_factory=dict)
+    waited: float = 0.0  # seconds since it last heard from a validator or the buyer
+
+
+@dataclass
 class AggJob:
     """One job as the aggregator runs it."""
 
@@ -75,7 +87,8 @@ class AggJob:
     validators: list[str] = field(default_factory=list)
     replies: dict[str, m.Envelope] = field(default_factory=dict)
     masks: dict[str, RefreshMasks] = field(default_factory=dict)
-    evaluated_round: int = -1
+    evaluated_round: int = -1  # the last round whose evaluation was started
+    evals: dict[int, Evaluation] = field(default_factory=dict)  # evaluations in flight, by round
     mse_history: list[tuple[int, float]] = field(default_factory=list)
     final_mse: dict[str, float] = field(default_factory=dict)
     reason: str = ""
@@ -117,16 +130,22 @@ def _advance(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
     if is_eval_round(job.round, spec.rounds, spec.eval_every) and job.evaluated_round != job.round:
         if not _fits(job, can_evaluate):
             return _start_refresh(job, ctx, job_id)
-        job.phase = AggPhase.EVALUATING
-        job.replies = {}
+        job.evaluated_round = job.round
         targets = eval_models(job.round, spec.rounds, job.trainers)
+        job.evals[job.round] = Evaluation(targets=targets)
         req = m.EvalRequest(scale_bits=job.scale_bits, models={k: job.models[k] for k in targets})
-        return [ctx.message(job_id, job.round, v, req) for v in job.validators]
+        out = [ctx.message(job_id, job.round, v, req) for v in job.validators]
+        # the evaluation scores this round's ciphertexts: training need not wait for it, except at the end
+        return out + _advance(job, ctx, job_id)
     if job.round == spec.rounds:
+        if job.evals:
+            job.phase = AggPhase.EVALUATING if spec.rounds in job.evals else AggPhase.VERIFYING
+            return []
         job.phase = AggPhase.SETTLING
+        out = ctx.wallet.call(ctx, job_id, job.round, "settle", [job_key(job_id)]) if job.spec.escrow else []
         result = m.JobResult(scale_bits=job.scale_bits, model=job.models[FULL_MODEL],
-                             mse_history=job.mse_history, final_mse=job.final_mse)
-        return [ctx.message(job_id, job.round, job.buyer, result)]
+                             mse_history=sorted(job.mse_history), final_mse=job.final_mse)
+        return [*out, ctx.message(job_id, job.round, job.buyer, result)]
     if not _fits(job, can_train):
         return _start_refresh(job, ctx, job_id)
     job.phase = AggPhase.TRAINING
@@ -239,54 +258,64 @@ def _on_refreshed(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope
     return _advance(job, ctx, env.job_id)
 
 
+def _evaluation(job: AggJob, env: m.Envelope) -> Evaluation:
+    ev = job.evals.get(env.round)
+    require(ev is not None, f"no evaluation of round {env.round} is under way")
+    return ev
+
+
 def _on_eval(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
-    _from(job, env, job.validators, "evaluation")
-    require(env.round == job.round, f"evaluation for round {env.round}, expected {job.round}")
-    targets = eval_models(job.round, job.spec.rounds, job.trainers)
-    require(set(env.payload.sse) == set(targets), "evaluation of the wrong models")
-    job.replies[env.sender] = env
-    if len(job.replies) < len(job.validators):
+    ev = _evaluation(job, env)
+    require(env.sender in job.validators, f"evaluation from {env.sender}, who is not expected to send it")
+    require(env.sender not in ev.replies, f"duplicate evaluation from {env.sender}")
+    require(set(env.payload.sse) == set(ev.targets), "evaluation of the wrong models")
+    ev.replies[env.sender] = env
+    ev.waited = 0.0
+    if len(ev.replies) < len(job.validators):
         return []
     pub = job.public_key
-    parts = [m.ValidatorPart(validator=v, rows=job.replies[v].payload.rows, sse=job.replies[v].payload.sse)
+    parts = [m.ValidatorPart(validator=v, rows=ev.replies[v].payload.rows, sse=ev.replies[v].payload.sse)
              for v in job.validators]
-    totals = {mid: pub.sum(p.sse[mid] for p in parts) for mid in targets}
-    scale = job.replies[job.validators[0]].payload.sse_scale_bits
-    job.phase = AggPhase.VERIFYING
+    totals = {mid: pub.sum(p.sse[mid] for p in parts) for mid in ev.targets}
+    scale = ev.replies[job.validators[0]].payload.sse_scale_bits
+    if job.phase == AggPhase.EVALUATING and env.round == job.spec.rounds:
+        job.phase = AggPhase.VERIFYING
     req = m.MetricRequest(sse_scale_bits=scale, totals=totals, parts=parts)
-    return [ctx.message(env.job_id, job.round, job.buyer, req)]
+    return [ctx.message(env.job_id, env.round, job.buyer, req)]
 
 
 def _on_metric(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
-    require(env.sender == job.buyer and env.round == job.round, "metric from the wrong party or round")
-    targets = eval_models(job.round, job.spec.rounds, job.trainers)
-    require(set(env.payload.metrics) == set(targets), "metrics for the wrong models")
+    require(env.sender == job.buyer, "metric from a party that is not the buyer")
+    ev = _evaluation(job, env)
+    require(len(ev.replies) == len(job.validators), f"no metric of round {env.round} was asked for")
+    require(set(env.payload.metrics) == set(ev.targets), "metrics for the wrong models")
     pub = job.public_key
-    totals = {mid: pub.sum(r.payload.sse[mid] for r in job.replies.values()) for mid in targets}
+    totals = {mid: pub.sum(r.payload.sse[mid] for r in ev.replies.values()) for mid in ev.targets}
     for mid, metric in env.payload.metrics.items():
         require_valid_decryption(pub, totals[mid], Decryption(metric.sse, metric.randomness))
-    job.evaluated_round = job.round
-    job.mse_history.append((job.round, env.payload.metrics[FULL_MODEL].mse))
-    if job.round == job.spec.rounds:
+    del job.evals[env.round]
+    job.mse_history.append((env.round, env.payload.metrics[FULL_MODEL].mse))
+    if env.round == job.spec.rounds:
         job.final_mse = {mid: metric.mse for mid, metric in env.payload.metrics.items()}
     progress = m.Progress(phase="evaluated", mse=env.payload.metrics[FULL_MODEL].mse)
-    out = [ctx.message(env.job_id, job.round, "progress", progress)]
+    out = [ctx.message(env.job_id, env.round, "progress", progress)]
     if job.spec.escrow:
-        out += _record_metrics(job, env, ctx, totals)
-    return out + _advance(job, ctx, env.job_id)
+        out += _record_metrics(job, env, ctx, totals, ev)
+    if job.round == job.spec.rounds and job.phase in (AggPhase.EVALUATING, AggPhase.VERIFYING):
+        out += _advance(job, ctx, env.job_id)  # settle once the last evaluation is in
+    return out
 
 
-def _record_metrics(job: AggJob, env: m.Envelope, ctx: Context, totals: dict[str, int]) -> list[m.Envelope]:
-    """Put every verified metric on chain (the ledger checks each proof again); settle after the last."""
+def _record_metrics(job: AggJob, env: m.Envelope, ctx: Context, totals: dict[str, int],
+                    ev: Evaluation) -> list[m.Envelope]:
+    """Put every verified metric on chain (the ledger checks each proof again)."""
     out = []
-    scale = job.replies[job.validators[0]].payload.sse_scale_bits
+    scale = ev.replies[job.validators[0]].payload.sse_scale_bits
     for mid, metric in sorted(env.payload.metrics.items(), key=lambda kv: model_index(kv[0], job.trainers)):
-        args = metric_args(env.job_id, job.round, model_index(mid, job.roster), totals[mid], metric.sse, scale,
+        args = metric_args(env.job_id, env.round, model_index(mid, job.roster), totals[mid], metric.sse, scale,
                            metric.rows, metric.randomness)
         proof = m.MetricProof(ciphertext=totals[mid], public_key=job.spec.public_key)
-        out += ctx.wallet.call(ctx, env.job_id, job.round, "recordMetric", args, proof=proof)
-    if job.round == job.spec.rounds:
-        out += ctx.wallet.call(ctx, env.job_id, job.round, "settle", [job_key(env.job_id)])
+        out += ctx.wallet.call(ctx, env.job_id, env.round, "recordMetric", args, proof=proof)
     return out
 
 
@@ -343,6 +372,13 @@ def _on_silence(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
     return _fail(job, ctx, job_id, f"round {job.round}: waited {waited:g} s for {WAITING_FOR[job.phase]}")
 
 
+def _on_stalled_evaluation(job: AggJob, ctx: Context, job_id: str, round_: int) -> list[m.Envelope]:
+    """An evaluation in flight heard nothing for ``round_timeout`` seconds: without it there is no metric."""
+    ev = job.evals[round_]
+    waiting = "the buyer's metric" if len(ev.replies) == len(job.validators) else "validators' evaluations"
+    return _fail(job, ctx, job_id, f"evaluation of round {round_}: waited {job.spec.round_timeout:g} s for {waiting}")
+
+
 def _on_chain_event(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     """The escrow drives the start: post the participants once funded, train once all confirmed."""
     require(env.sender == LEDGER, "chain events come from the ledger")
@@ -388,7 +424,8 @@ def _on_failure(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
 
 A = AggPhase
 RUNNING = (A.RECRUITING, A.STARTING, A.TRAINING, A.REFRESHING, A.EVALUATING, A.VERIFYING, A.SETTLING)
-NEXT = (A.TRAINING, A.REFRESHING, A.EVALUATING, A.SETTLING)
+NEXT = (A.TRAINING, A.REFRESHING, A.EVALUATING, A.VERIFYING, A.SETTLING)
+EVALUATION_GOES_ON = (A.TRAINING, A.REFRESHING, A.EVALUATING, A.VERIFYING)
 AGGREGATOR_TABLE = table(
     (A.RECRUITING, "join_request", _on_join, (A.RECRUITING, A.STARTING)),
     ((A.STARTING, A.TRAINING, A.REFRESHING, A.EVALUATING, A.VERIFYING), "join_request", _on_late_join,
@@ -396,8 +433,8 @@ AGGREGATOR_TABLE = table(
     (A.STARTING, "role_accepted", _on_accepted, (A.STARTING, *NEXT)),
     (A.TRAINING, "gradient_reply", _on_gradient, (A.TRAINING, *NEXT)),
     (A.REFRESHING, "refresh_reply", _on_refreshed, NEXT),
-    (A.EVALUATING, "eval_reply", _on_eval, (A.EVALUATING, A.VERIFYING)),
-    (A.VERIFYING, "metric_reply", _on_metric, NEXT),
+    (EVALUATION_GOES_ON, "eval_reply", _on_eval, EVALUATION_GOES_ON),
+    (EVALUATION_GOES_ON, "metric_reply", _on_metric, (*EVALUATION_GOES_ON, A.SETTLING)),
     (A.SETTLING, "job_closed", _on_closed, (A.FINISHED,)),
     (RUNNING, "failure", _on_failure, (A.FAILED,)),
     (tuple(A), "chain_event", _on_chain_event, tuple(A)),
@@ -435,13 +472,21 @@ class AggregatorCore(ChainParty):
             if job.phase not in WAITING_FOR:
                 continue
             job.idle += seconds
+            stalled = []
+            for round_, ev in job.evals.items():
+                ev.waited += seconds
+                if ev.waited >= job.spec.round_timeout:
+                    stalled.append(round_)
             if job.idle >= job.spec.round_timeout:
                 out += self.guarded(self._silence, job_id)
+            elif stalled:
+                out += self.guarded(lambda j, r=stalled[0]: self._silence(j, r), job_id)
         return out
 
-    def _silence(self, job_id: str) -> list[m.Envelope]:
+    def _silence(self, job_id: str, stalled_round: int | None = None) -> list[m.Envelope]:
         new = copy.deepcopy(self.jobs[job_id])
-        out = _on_silence(new, self.ctx, job_id)
+        out = (_on_silence(new, self.ctx, job_id) if stalled_round is None
+               else _on_stalled_evaluation(new, self.ctx, job_id, stalled_round))
         new.idle = 0.0
         self.jobs[job_id] = new
         return out

