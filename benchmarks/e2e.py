@@ -6,20 +6,26 @@ an evaluation every 10, leave-one-out contributions, settlement on the
 embedded chain, 2048-bit keys) through ``deltaml demo --bus amqp``, the same
 training in plain numpy, and a reference run of the 2019 original's algorithm
 (``original.run``, timed for a few rounds and scaled to the job's rounds).
-Prints one table and writes ``benchmarks/results.json``.
+Also the same job with encryption switched off (``marketplace.run_plain``:
+the same processes, rounds, leave-one-out models and signed messages over
+RabbitMQ, plain numpy inside), which is what the agents, the broker and the
+serialisation cost by themselves. Prints one table and writes
+``benchmarks/results.json``. ``--levers`` also runs the job without the
+idle-time obfuscators (``DELTAML_PRECOMPUTE=false``), to measure that lever.
 
 Phases come from each agent's own account of the seconds it spent handling
 each message type (``busy_seconds`` in the report). Trainers work in parallel,
 so the slowest trainer's products are on the path; "messaging and waiting" is
 what the wall time leaves after the work on the path.
 
-    python benchmarks/e2e.py [--rounds 100] [--original-rounds 10] [--json benchmarks/results.json]
+    python benchmarks/e2e.py [--rounds 100] [--original-rounds 10] [--levers] [--json benchmarks/results.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +37,7 @@ import crypto_floor  # noqa: E402
 import original  # noqa: E402
 
 from deltaml.agents.runtime import configure_logging  # noqa: E402
-from deltaml.marketplace import DemoConfig, baselines, prepare_parts, run_demo  # noqa: E402
+from deltaml.marketplace import DemoConfig, baselines, prepare_parts, run_demo, run_plain  # noqa: E402
 
 
 def phases(busy: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -54,10 +60,20 @@ def phases(busy: dict[str, dict[str, float]]) -> dict[str, float]:
     }
 
 
+def cpu_seconds(busy: dict[str, dict[str, float]], before: os.times_result) -> dict[str, float]:
+    """CPU seconds each daemon reported, and this process's during the job (buyer, ledger, chain)."""
+    out = {a: b["cpu seconds (process)"] for a, b in busy.items() if "cpu seconds (process)" in b}
+    here = os.times()
+    out["this process (buyer, ledger, embedded chain)"] = here.user + here.system - before.user - before.system
+    out["total"] = sum(out.values())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--original-rounds", type=int, default=10)
+    ap.add_argument("--levers", action="store_true", help="also run without idle-time obfuscators")
     ap.add_argument("--json", default=str(Path(__file__).resolve().parent / "results.json"))
     args = ap.parse_args()
     configure_logging("console", "warning")
@@ -67,16 +83,35 @@ def main() -> None:
 
     print("\n== the job over RabbitMQ, separate processes, embedded chain ==")
     config = DemoConfig(rounds=args.rounds, eval_every=10)
+    before = os.times()
     report = run_demo(config, "amqp", on_progress=lambda r, mse, t: print(f"round {r:>4} {mse:10.2f} {t:7.1f}s"))
     wall = report["wall_seconds"]
     path = phases(report["busy_seconds"])
     path["messaging and waiting (rest of the wall time)"] = wall - sum(
         v for k, v in path.items() if k != "chain (parties' events and receipts)")
 
+    cpu = cpu_seconds(report["busy_seconds"], before)
     data, parts = prepare_parts(config)
     started = time.perf_counter()
     baselines(parts, config)
     numpy_seconds = time.perf_counter() - started
+
+    print("\n== the same job with encryption switched off, same processes and bus ==")
+    plain = run_plain(config)
+    print(f"plain job: {plain['job_seconds']:.2f} s for the rounds, {plain['wall_seconds']:.2f} s with start-up; "
+          f"final MSE {plain['final_mse']:.4f}")
+
+    levers = {}
+    if args.levers:
+        print("\n== lever: the job without idle-time obfuscators ==")
+        os.environ["DELTAML_PRECOMPUTE"] = "false"
+        try:
+            off = run_demo(config, "amqp")
+        finally:
+            os.environ.pop("DELTAML_PRECOMPUTE")
+        levers["without idle-time obfuscators"] = {"wall_seconds": off["wall_seconds"],
+                                                   "phases_seconds": phases(off["busy_seconds"])}
+        print(f"without idle-time obfuscators: {off['wall_seconds']:.2f} s (with: {wall:.2f} s)")
 
     print(f"\n== the original's algorithm, {args.original_rounds} rounds ==")
     ref = original.run(args.original_rounds)
@@ -88,6 +123,9 @@ def main() -> None:
         ("crypto floor, same work, this machine", floor["floor_seconds"]),
         ("  all Paillier work in one process", floor["total_seconds"]),
         ("  critical path with trainers in parallel", floor["critical_path_seconds"]),
+        ("CPU seconds of every process (all cores)", cpu["total"]),
+        ("plain numpy through the same bus and processes, encryption off", plain["wall_seconds"]),
+        ("  of which the rounds (job request to result)", plain["job_seconds"]),
         ("plain numpy, same training and leave-one-out models (in process)", numpy_seconds),
         (f"original's algorithm, {args.original_rounds} rounds scaled to {args.rounds}", ref_scaled),
     ]
@@ -100,7 +138,8 @@ def main() -> None:
     print(f"final MSE {report['final_mse']:.4f} (centralised GD {report['centralized_gd_mse']:.4f})")
     results = {
         "rounds": args.rounds, "wall_seconds": wall, "phases_seconds": path, "floor": floor,
-        "numpy_seconds": numpy_seconds, "original": {**ref, "scaled_seconds": ref_scaled},
+        "numpy_seconds": numpy_seconds, "plain_bus": plain, "cpu_seconds": cpu, "levers": levers,
+        "original": {**ref, "scaled_seconds": ref_scaled},
         "ratio_to_floor": ratio_floor, "speedup_over_original": speedup, "final_mse": report["final_mse"],
         "centralized_gd_mse": report["centralized_gd_mse"], "gas": report["chain"]["gas"],
         "busy_seconds": report["busy_seconds"],

@@ -33,6 +33,7 @@ from .data import Dataset, DataError, demo_split, load, write_csv
 from .protocol import messages as m
 from .protocol.buyer import BuyerPhase
 from .protocol.chain import DEFAULT_DEADLINE, LEDGER, job_key
+from .protocol.machine import FULL_MODEL, Context
 from .protocol.linear import gradient_descent, least_squares, sufficient_stats
 from .protocol.owner import OwnerCore, OwnerData
 from .protocol.paillier import PrivateKey, PublicKey, generate_keypair
@@ -218,8 +219,13 @@ def _spawn(role: str, args: list[str], url: str, timings: str):
            "DELTAML_LOG_LEVEL": os.environ.get("DELTAML_LOG_LEVEL", "warning"), "DELTAML_TIMINGS_DIR": timings}
     env.update({k: v for k, v in os.environ.items() if k.startswith("DELTAML_") and k not in env})
     process = _launcher().Process(target=_daemon_main, args=(args, env), name=f"deltaml-{role}", daemon=False)
-    # A forkserver child would first re-run the parent's main script (multiprocessing's "safe
-    # importing of main"): a daemon needs nothing from it, so it is not told where it is.
+    _start_quietly(process)
+    return process
+
+
+def _start_quietly(process) -> None:
+    """Start a forkserver child without having it first re-run the parent's main script
+    (multiprocessing's "safe importing of main"): a daemon needs nothing from it."""
     main = sys.modules["__main__"]
     script = main.__dict__.pop("__file__", None)
     try:
@@ -227,7 +233,6 @@ def _spawn(role: str, args: list[str], url: str, timings: str):
     finally:
         if script is not None:
             main.__file__ = script
-    return process
 
 
 def _stop(children) -> None:
@@ -315,3 +320,76 @@ def run_memory(config: DemoConfig, on_progress: Progress = lambda *a: None,
                keypair: tuple[PublicKey, PrivateKey] | None = None) -> dict:
     """The demo on the memory bus."""
     return run_demo(config, "memory", on_progress, keypair)
+
+
+def _plain_daemon(role: str, name: str, url: str, rows: tuple | None) -> None:
+    """The body of a baseline daemon process: a plain core (:mod:`.protocol.plain`) as an agent."""
+    from .agents.amqp import AmqpBus
+    from .agents.runtime import configure_logging, until_signalled
+    from .protocol.plain import PlainAggregator, PlainOwner
+
+    configure_logging("console", "warning")
+
+    async def main() -> None:
+        bus = await AmqpBus(url).connect()
+        core = PlainAggregator(context(name)) if rows is None else PlainOwner(context(name), sufficient_stats(*rows))
+        agent = Agent(role, name, core, bus)
+        await agent.start()
+        await until_signalled()
+        await agent.stop()
+        await bus.close()
+
+    asyncio.run(main())
+
+
+class _PlainBuyer:
+    """The baseline's buyer: it only waits for the result."""
+
+    def __init__(self) -> None:
+        self.result: m.JobResult | None = None
+
+    def handle(self, env: m.Envelope) -> list[m.Envelope]:
+        if env.type == "job_result":
+            self.result = env.payload
+        return []
+
+
+async def _plain_job(config: DemoConfig, data: Dataset, parts: list[Dataset], url: str) -> tuple[float, m.JobResult]:
+    from .agents.amqp import AmqpBus
+
+    bus = await AmqpBus(url).connect()
+    children: list = []
+    names = owner_names(config.owners)
+    try:
+        for role, name in [("aggregator", "aggregator"), ("buyer", "buyer"), *(("owner", o) for o in names)]:
+            await (await bus.declare(role, name)).purge()
+        spawn = _launcher()
+        for role, name, rows in [("aggregator", "aggregator", None),
+                                 *(("owner", n, (p.X, p.y)) for n, p in zip(names, parts))]:
+            child = spawn.Process(target=_plain_daemon, args=(role, name, url, rows), name=f"deltaml-plain-{name}")
+            _start_quietly(child)
+            children.append(child)
+        buyer = _PlainBuyer()
+        agent = Agent("buyer", "buyer", buyer, bus)
+        await agent.start()
+        spec = make_spec(config, data, "00", "buyer", escrow=False)
+        request = m.JobRequest(spec=spec, initial_model=[0] * (len(spec.features) + 1))
+        started = time.perf_counter()
+        await agent.send_all([Context("buyer").message(uuid.uuid4().hex, 0, "aggregator", request)])
+        while buyer.result is None:
+            await asyncio.sleep(0.005)
+        return time.perf_counter() - started, buyer.result
+    finally:
+        _stop(children)
+        await bus.close()
+
+
+def run_plain(config: DemoConfig, amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/") -> dict:
+    """The demo's job with encryption switched off (:mod:`.protocol.plain`): same parties as separate
+    processes, same rounds and leave-one-out models, same signed messages over RabbitMQ."""
+    started = time.perf_counter()
+    data, parts = prepare_parts(config)
+    job_seconds, result = asyncio.run(_plain_job(config, data, parts, amqp_url))
+    return {"wall_seconds": time.perf_counter() - started, "job_seconds": job_seconds,
+            "final_mse": result.final_mse[FULL_MODEL], "mse_history": result.mse_history,
+            **baselines(parts, config)}

@@ -174,8 +174,23 @@ class Market:
 
     # ---- books ------------------------------------------------------------------------------
 
+    async def quiet(self, timeout: float = 30.0) -> None:
+        """Wait until every queue a live agent consumes is empty (the agents have caught up with
+        whatever was sent to them: a fuzzed backlog can outlast the job)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            busy = 0
+            for role, name in [*self.queues(), ("ledger", LEDGER)]:
+                queue = await self.admin.channel.declare_queue(t.queue_name(role, name), passive=True)
+                result = queue.declaration_result
+                busy += result.message_count if result.consumer_count else 0
+            if not busy:
+                return
+            await asyncio.sleep(0.2)
+
     async def books(self) -> Books:
         """Account for every message of this job and every wei of its escrow."""
+        await self.quiet()
         await asyncio.sleep(1.0)  # let the last acks and dead letters land
         books = Books()
         sent, handled = {}, set()

@@ -105,3 +105,38 @@ def test_cli_demo_writes_the_report(tmp_path, capsys):
     assert_matches_centralised(report)
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("round")]
     assert [int(l.split()[1]) for l in lines] == [0, 1, 2]
+
+
+def test_a_job_without_leave_one_out_trains_the_full_model_only(keypair):
+    import asyncio
+
+    from deltaml.marketplace import baselines, make_spec, memory_job, prepare_parts
+
+    config = DemoConfig(owners=4, rounds=4, eval_every=2)
+    data, parts = prepare_parts(config)
+    spec = make_spec(config, data, keypair[0].to_hex(), "buyer", escrow=False).model_copy(
+        update={"leave_one_out": False})
+    job, _, refused, _, timings = asyncio.run(memory_job(config, parts, spec, keypair[1]))
+    assert refused == [] and job.contributions == {}
+    assert set(job.published[4]) == {"all"}  # no leave-one-out model was trained or scored
+    expected = baselines(parts, config)["centralized_gd_mse"]
+    assert abs(job.published[4]["all"] - expected) / expected < 1e-6
+    assert job.settlement.payments and set(job.settlement.payments.values()) == {config.fixed_reward_wei}
+
+
+def test_a_paid_job_needs_leave_one_out(keypair):
+    from deltaml.marketplace import make_spec, prepare_parts
+    from deltaml.protocol import messages as m
+    from deltaml.protocol.aggregator import AggregatorCore
+    from deltaml.protocol.chain import Wallet
+    from deltaml.protocol.errors import ProtocolError
+    from deltaml.protocol.machine import Context
+
+    config = DemoConfig(owners=3, rounds=2)
+    data, _ = prepare_parts(config)
+    spec = make_spec(config, data, keypair[0].to_hex(), "buyer").model_copy(update={"leave_one_out": False})
+    core = AggregatorCore(Context("aggregator", wallet=Wallet(private_key=b"\x01" * 32)))
+    request = m.JobRequest(spec=spec, initial_model=[keypair[0].encrypt(0)] * (len(spec.features) + 1))
+    with pytest.raises(ProtocolError, match="leave-one-out"):
+        core.handle(m.Envelope(message_id="i", job_id="j", round=0, sender="buyer", recipient="aggregator",
+                               payload=request))

@@ -44,7 +44,7 @@ from . import messages as m
 from .budget import can_evaluate, can_train
 from .fixedpoint import FixedPoint
 from .linear import encrypted_update, step_size_q
-from .machine import (FULL_MODEL, Context, Machine, eval_models, is_eval_round, natural_key,
+from .machine import (FULL_MODEL, Context, Machine, eval_models, is_eval_round, loo_trainers, natural_key,
                       require, table, without)
 from .chain import LEDGER, ChainParty, job_key, key_hash, metric_args, model_index, same_address
 from .paillier import PublicKey, require_valid_decryption, Decryption
@@ -131,7 +131,7 @@ def _advance(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
         if not _fits(job, can_evaluate):
             return _start_refresh(job, ctx, job_id)
         job.evaluated_round = job.round
-        targets = eval_models(job.round, spec.rounds, job.trainers)
+        targets = eval_models(job.round, spec.rounds, loo_trainers(spec, job.trainers))
         job.evals[job.round] = Evaluation(targets=targets)
         req = m.EvalRequest(scale_bits=job.scale_bits, models={k: job.models[k] for k in targets})
         out = [ctx.message(job_id, job.round, v, req) for v in job.validators]
@@ -187,7 +187,7 @@ def _on_join(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     job.roster = list(job.trainers)
     job.validators = names[job.spec.trainers:]
     job.models = {FULL_MODEL: job.models[FULL_MODEL]}
-    for t in job.trainers:
+    for t in loo_trainers(job.spec, job.trainers):
         job.models[without(t)] = job.models[FULL_MODEL]
     job.phase = AggPhase.STARTING
     out = [ctx.message(env.job_id, 0, t, m.RoleAssignment(role="trainer", models=job.models_of(t)))
@@ -499,6 +499,9 @@ class AggregatorCore(ChainParty):
         require(len(req.initial_model) == len(req.spec.features) + 1, "initial model of the wrong length")
         require(req.spec.validators < req.spec.owners, "a job needs at least one trainer")
         require(req.spec.quorum <= req.spec.trainers, "a quorum larger than the trainers")
+        require(req.spec.leave_one_out or not req.spec.escrow, "a paid job needs leave-one-out contributions")
+        require(req.spec.leave_one_out or not req.spec.quorum,
+                "going on without a silent trainer needs the leave-one-out models")
         require(not req.spec.escrow or self.wallet is not None, "this aggregator takes no paid jobs (no key)")
         self.jobs[env.job_id] = AggJob(phase=AggPhase.RECRUITING, spec=req.spec, buyer=env.sender,
                                        models={FULL_MODEL: list(req.initial_model)},

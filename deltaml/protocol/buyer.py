@@ -29,7 +29,7 @@ from . import messages as m
 from .budget import fits_mask
 from .errors import DecryptionRefused
 from .fixedpoint import FixedPoint
-from .machine import FULL_MODEL, Context, Machine, eval_models, is_eval_round, table, without
+from .machine import FULL_MODEL, Context, Machine, eval_models, is_eval_round, loo_trainers, table, without
 from .metric import masked_products, proof_context
 from .paillier import PrivateKey
 from .refresh import refresh_masked
@@ -111,7 +111,7 @@ def _on_participants(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateK
 
 
 def _all_models(job: BuyerJob) -> list[str]:
-    return [FULL_MODEL, *(without(t) for t in job.trainers)]
+    return [FULL_MODEL, *(without(t) for t in loo_trainers(job.spec, job.trainers))]
 
 
 def _on_refresh(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
@@ -136,7 +136,7 @@ def _on_products(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) 
     refuse_unless(is_eval_round(env.round, spec.rounds, spec.eval_every), f"round {env.round} is not evaluated")
     refuse_unless(env.round not in job.published, "evaluation already published")
     refuse_unless(env.sender not in job.served.get(env.round, set()), "validator already served this round")
-    due = eval_models(env.round, spec.rounds, job.trainers)
+    due = eval_models(env.round, spec.rounds, loo_trainers(spec, job.trainers))
     refuse_unless(set(req.models) == set(due), "product request for models that are not due")
     out, proofs = {}, {}
     for mid, pair in req.models.items():
@@ -157,7 +157,7 @@ def _on_metric(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) ->
     served = job.served.get(env.round, set())
     refuse_unless(served == set(job.validators), "not every validator has been served for this evaluation")
     refuse_unless(sorted(p.validator for p in req.parts) == sorted(served), "parts are not the served validators")
-    due = eval_models(env.round, job.spec.rounds, job.trainers)
+    due = eval_models(env.round, job.spec.rounds, loo_trainers(job.spec, job.trainers))
     refuse_unless(set(req.totals) == set(due), "totals for models that are not due")
     for mid in due:
         refuse_unless(all(mid in p.sse for p in req.parts), "a part lacks a model")
@@ -183,12 +183,16 @@ def _on_result(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) ->
     codec = FixedPoint(spec.frac_bits, spec.magnitude_bits)
     job.model = [codec.decode(key.decrypt(c), res.scale_bits) for c in res.model]
     final = job.published[spec.rounds]
-    job.contributions = leave_one_out(final[FULL_MODEL], {t: final[without(t)] for t in job.trainers})
+    loo = loo_trainers(spec, job.trainers)
+    job.contributions = leave_one_out(final[FULL_MODEL], {t: final[without(t)] for t in loo})
     micro = job.published_micro[spec.rounds]
+    final_micro = {model_index(mid, job.roster): v for mid, v in micro.items()}
+    for i in range(1, len(job.roster) + 1):  # a contribution not measured is no contribution
+        final_micro.setdefault(i, final_micro[0])
     job.settlement = expected_settlement(
         fixed_reward=spec.fixed_reward_wei, variable_pool=spec.variable_pool_wei, trainers=job.roster,
-        validators=job.validators, mse0=job.published_micro[0][FULL_MODEL],
-        final={model_index(mid, job.roster): v for mid, v in micro.items()}, dropped=job.dropped)
+        validators=job.validators, mse0=job.published_micro[0][FULL_MODEL], final=final_micro,
+        dropped=job.dropped)
     job.phase = BuyerPhase.FINISHED if job.settled or not spec.escrow else BuyerPhase.SETTLING
     closed = m.JobClosed(payments_wei=job.settlement.payments, refund_wei=job.settlement.refund)
     return [ctx.reply(env, closed)]

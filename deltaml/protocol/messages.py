@@ -69,6 +69,9 @@ class JobSpec(_Payload):
     round_timeout: float = Field(default=600.0, gt=0)
     #: Trainers that must still answer for training to go on without a silent one; 0: all of them.
     quorum: int = Field(default=0, ge=0)
+    #: Train a leave-one-out model per trainer to measure contributions (needed for payment and for
+    #: dropping a silent trainer); off, a job with many trainers trains the full model only.
+    leave_one_out: bool = True
 
     @property
     def deposit_wei(self) -> int:
