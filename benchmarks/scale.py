@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 
@@ -33,7 +35,8 @@ from deltaml.agents.amqp import AmqpBus
 from deltaml.agents.bus import MemoryBus
 from deltaml.agents.ledger import Chain, LedgerCore
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
-from deltaml.agents.runtime import configure_logging, run_buyer_job
+from deltaml.agents.runtime import configure_logging, run_buyer_job, until_signalled
+from deltaml.marketplace import _launcher, _start_quietly, _stop
 from deltaml.protocol import messages as m
 from deltaml.protocol.chain import DEFAULT_DEADLINE, LEDGER
 from deltaml.protocol.linear import sufficient_stats
@@ -79,19 +82,57 @@ async def job(rows: int, rounds: int, key) -> dict:
     return {"rows": rows, "stats_seconds": stats_seconds, "seconds_per_round": per_round}
 
 
-async def many_owners(owners: int, rounds: int, key, rows: int = 1000,
+COLUMNS = tuple(f"x{i}" for i in range(FEATURES)) + ("y",)
+
+
+def _owner_core(name: str, seed: int, rows: int) -> OwnerCore:
+    return OwnerCore(context(name, wallet=load_wallet(None)), OwnerData(COLUMNS, owner_rows(rows, seed)))
+
+
+def _importable(fn):
+    """``fn`` from this file imported as a module, so a forkserver child can find it by name."""
+    if __name__ != "__main__":
+        return fn
+    import importlib
+
+    return getattr(importlib.import_module(Path(__file__).stem), fn.__name__)
+
+
+def _owner_group(group: list[tuple[int, str]], rows: int, url: str) -> None:
+    """A process hosting some of the owners, each its own agent with its own queue."""
+    configure_logging("console", "warning")
+
+    async def main() -> None:
+        bus = await AmqpBus(url).connect()
+        agents = [Agent("owner", name, _owner_core(name, seed, rows), bus) for seed, name in group]
+        for a in agents:
+            await a.start()
+        await until_signalled()
+        await bus.close()
+
+    asyncio.run(main())
+
+
+async def many_owners(owners: int, rounds: int, key, rows: int = 1000, processes: int = os.cpu_count() or 1,
                       url: str = "amqp://guest:guest@127.0.0.1:5672/") -> dict:
-    """(a): ``owners`` owner agents on the real broker, full model only, ``rounds`` rounds."""
+    """(a): ``owners`` owner agents on the real broker, full model only, ``rounds`` rounds; the
+    owners are spread over ``processes`` processes (this one holds the aggregator and the buyer too)."""
     bus = await AmqpBus(url).connect()
     columns = tuple(f"x{i}" for i in range(FEATURES)) + ("y",)
     names = [f"owner-{i}" for i in range(1, owners + 1)]
+    children: list = []
     try:
         for role, name in [("aggregator", "aggregator"), ("buyer", "buyer"), *(("owner", n) for n in names)]:
             await (await bus.declare(role, name)).purge()  # nothing an earlier run left behind
         agents = [Agent("aggregator", "aggregator", aggregator_core(wallet=load_wallet(None)), bus)]
-        for i, name in enumerate(names):
-            core = OwnerCore(context(name, wallet=load_wallet(None)), OwnerData(columns, owner_rows(rows, i)))
-            agents.append(Agent("owner", name, core, bus))
+        groups = [list(enumerate(names))[k::processes] for k in range(processes)]
+        for group in groups[1:]:  # the owners in other processes, to use every core
+            child = _launcher().Process(target=_importable(_owner_group), args=(group, rows, url),
+                                        name="deltaml-owners")
+            _start_quietly(child)
+            children.append(child)
+        for i, name in groups[0]:
+            agents.append(Agent("owner", name, _owner_core(name, i, rows), bus))
         buyer = Agent("buyer", "buyer", buyer_core("buyer", key, wallet=load_wallet(None)), bus)
         for a in [*agents, buyer]:
             await a.start()
@@ -106,10 +147,11 @@ async def many_owners(owners: int, rounds: int, key, rows: int = 1000,
         for a in [*agents, buyer]:
             await a.stop()
     finally:
+        _stop(children)
         await bus.close()
     assert finished.model is not None, finished.reason
     queues = {topology.queue_name("owner", n) for n in names}
-    return {"owners": owners, "rounds": rounds, "setup_seconds": times[0], "wall_seconds": wall,
+    return {"owners": owners, "processes": processes, "rounds": rounds, "setup_seconds": times[0], "wall_seconds": wall,
             "seconds_per_round": (times[rounds] - times[0]) / rounds, "queues": len(queues),
             "final_mse": finished.published[rounds]["all"]}
 
@@ -126,7 +168,7 @@ def main() -> None:
     if args.owners:
         r = asyncio.run(many_owners(args.owners, args.owner_rounds, key))
         print(f"(a) {r['owners']} owners ({r['owners'] - 1} trainers, 1 validator, {r['queues']} owner queues) "
-              f"over RabbitMQ, {r['rounds']} rounds, full model only:")
+              f"in {r['processes']} processes over RabbitMQ, {r['rounds']} rounds, full model only:")
         print(f"    {r['seconds_per_round']:.3f} s per round; {r['setup_seconds']:.1f} s from the job request to "
               f"the first metric; {r['wall_seconds']:.1f} s in all; final MSE {r['final_mse']:.4f}")
     if args.rows:
