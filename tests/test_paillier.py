@@ -103,3 +103,14 @@ def test_matrix_powers_refuse_a_vector_of_the_wrong_length(keypair):
     pub, _ = keypair
     with pytest.raises(ValueError, match="expected 2 ciphertexts"):
         MatrixPowers([[1, 2]]).apply(pub, [pub.encrypt(1)])
+
+
+def test_the_key_holders_randomness_pair_is_the_public_one(keypair):
+    import random
+
+    pub, priv = keypair
+    assert priv.randomness_pair(random.Random(5)) == pub.randomness_pair(random.Random(5))
+    rho, rho_n = priv.randomness_pair(random.Random(6))
+    assert rho_n == pow(int(rho), int(pub.n), int(pub.nsquare))
+    c = pub.encrypt(42)
+    assert priv.pow_crt(c, 12345) == pow(int(c), 12345, int(pub.nsquare))

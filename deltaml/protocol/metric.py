@@ -114,11 +114,11 @@ def masked_products(
         if uj >= bound:
             raise DecryptionRefused("masked value out of range: not a masked model coordinate")
         vc = gmpy2.mpz(vc)
-        rho, rho_n = pub.randomness_pair(rng)
-        c = gmpy2.powmod(vc, uj, n2) * rho_n % n2
+        rho, rho_n = priv.randomness_pair(rng)
+        c = priv.pow_crt(vc, uj) * rho_n % n2
         a = gmpy2.mpz(rng.randrange(0, int(n)))
-        s_, s_n = pub.randomness_pair(rng)
-        t_, t_n = pub.randomness_pair(rng)
+        s_, s_n = priv.randomness_pair(rng)
+        t_, t_n = priv.randomness_pair(rng)
         commit_a = (1 + a * n) % n2 * s_n % n2
         commit_b = priv.pow_crt(vc, a) * t_n % n2
         out.append(c)

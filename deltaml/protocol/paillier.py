@@ -403,6 +403,16 @@ class PrivateKey:
         xq = gmpy2.powmod(gmpy2.mpz(base) % self._qsq, e % (self.q * (self.q - 1)), self._qsq)
         return self._crt(xp, xq, self._psq, self._qsq, self._qsq_inv)
 
+    def randomness_pair(self, rng: RandomSource = SYSTEM_RANDOM):
+        """:meth:`PublicKey.randomness_pair` (the same draw gives the same pair) with the root
+        ``h**x mod n`` computed modulo ``p`` and ``q``: about twice as fast for a prover."""
+        pub = self.public
+        x = rng.getrandbits(_djn_exponent_bits(pub.n))
+        h = _djn_h(pub.n)
+        rho_p = gmpy2.powmod(h % self.p, x % (self.p - 1), self.p)
+        rho_q = gmpy2.powmod(h % self.q, x % (self.q - 1), self.q)
+        return self._crt(rho_p, rho_q, self.p, self.q, self._q_inv_p), _fixed_base(pub.n).pow(x)
+
     def obfuscator_crt(self, rng: RandomSource = SYSTEM_RANDOM):
         """``r**n mod n**2`` computed modulo ``p**2`` and ``q**2`` (about 2x faster than textbook)."""
         r = gmpy2.mpz(rng.randrange(1, int(self.public.n)))
