@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import sys
 import tempfile
@@ -289,6 +290,9 @@ def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = la
              amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/") -> dict:
     """Run one job end to end; return the DESIGN §5 report."""
     started = time.perf_counter()
+    if bus != "memory":  # the daemons' server imports while the key is made and the contract deployed
+        _launcher()
+        multiprocessing.forkserver.ensure_running()
     data, parts = prepare_parts(config)
     public, private = keypair or generate_keypair(config.key_bits)
     spec = make_spec(config, data, public.to_hex(), "buyer")
