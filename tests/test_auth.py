@@ -120,3 +120,23 @@ async def test_a_redelivered_message_is_answered_again_and_a_mere_duplicate_is_n
     for redelivered in (False, False, True):
         assert (await policy(Delivery(body, {}, redelivered=redelivered))).verdict is Verdict.ACK
     assert sent == [answer.message_id, answer.message_id]  # first handling, then the broker's redelivery
+
+
+async def test_another_senders_reuse_of_a_handled_message_id_is_judged_on_its_own():
+    # found by the fuzzer: a stranger's message under an honest message's id was acknowledged as a duplicate
+    handled = []
+
+    def step(env):
+        handled.append(env.sender)
+        return []
+
+    async def publish(env):
+        pass
+
+    policy = AckPolicy(step, publish)
+    honest = join()
+    assert (await policy(Delivery(m.encode(sign(honest, ALICE)), {}))).verdict is Verdict.ACK
+    stranger = honest.model_copy(update={"sender": "owner-9"})
+    assert (await policy(Delivery(m.encode(sign(stranger, MALLORY)), {}))).reason != "duplicate"
+    assert (await policy(Delivery(m.encode(sign(honest, ALICE)), {}))).reason == "duplicate"
+    assert handled == ["owner-1", "owner-9"]

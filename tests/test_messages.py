@@ -42,6 +42,11 @@ def mutate(**changes):
     (mutate(payload__rows="many"), "payload.gradient_reply.rows"),
     (mutate(payload__gradients={"all": ["zz"]}), "hex"),
     (mutate(round=-1), "round"),
+    (mutate(round=True), "round"),  # found by the fuzzer: coerced to 1 under the same signature
+    (mutate(round="0001"), "round"),
+    (mutate(sender=""), "sender"),  # found by the fuzzer: an empty name was bound like any other
+    (mutate(message_id=""), "message_id"),
+    (mutate(recipient="x" * 200), "recipient"),
     (mutate(extra_field=1), "extra_field"),
 ])
 def test_bad_messages_are_refused_with_a_reason(data, reason):

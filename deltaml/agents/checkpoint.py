@@ -39,9 +39,10 @@ class Checkpoint:
         self.db.execute("CREATE TABLE IF NOT EXISTS answers (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
                         "message_id TEXT UNIQUE, envelopes TEXT)")
 
-    def save(self, core: bytes, keys: dict, message_id: str | None, answers: list[m.Envelope]) -> None:
-        """The state after one step, and that step's answers, atomically."""
-        with_answers = message_id is not None
+    def save(self, core: bytes, keys: dict, handled: str | None, answers: list[m.Envelope]) -> None:
+        """The state after one step, and that step's answers (under the handled message's
+        ``sender/message_id``, :func:`deltaml.agents.policy.handled_key`), atomically."""
+        with_answers = handled is not None
         self.db.execute("BEGIN")
         try:
             self.db.execute("INSERT OR REPLACE INTO state (id, core, keys) VALUES (1, ?, ?)",
@@ -49,7 +50,7 @@ class Checkpoint:
             if with_answers:
                 encoded = "\n".join(m.encode(a).decode() for a in answers)
                 self.db.execute("INSERT OR REPLACE INTO answers (message_id, envelopes) VALUES (?, ?)",
-                                (message_id, encoded))
+                                (handled, encoded))
                 self.db.execute("DELETE FROM answers WHERE seq <= (SELECT MAX(seq) FROM answers) - ?",
                                 (KEEP_ANSWERS,))
             self.db.execute("COMMIT")
@@ -63,8 +64,8 @@ class Checkpoint:
         if row is None:
             return None
         answers = {}
-        for message_id, encoded in self.db.execute("SELECT message_id, envelopes FROM answers ORDER BY seq"):
-            answers[message_id] = [m.decode(line) for line in encoded.splitlines() if line]
+        for handled, encoded in self.db.execute("SELECT message_id, envelopes FROM answers ORDER BY seq"):
+            answers[handled] = [m.decode(line) for line in encoded.splitlines() if line]
         return row[0], pickle.loads(row[1]), answers
 
     def close(self) -> None:

@@ -2,8 +2,10 @@
 
 Success acks. A message that fails to decode, is not signed by the address
 its sender is known by (:mod:`deltaml.protocol.auth`), or breaks the protocol
-is dead-lettered with the reason. A message already handled (same message id)
-is acknowledged and changes nothing. If the broker redelivered it — a consumer
+is dead-lettered with the reason. A message already handled (same message id
+from the same sender) is acknowledged and changes nothing; another sender's
+reuse of an id is judged on its own, so a stranger cannot have an honest
+message's id acknowledged in its place. If the broker redelivered it — a consumer
 died between handling and acking — its recorded answers are published again,
 since they may not all have left; a mere duplicate (a publisher's retry) is
 not answered twice, or duplicates would multiply round after round. Any
@@ -110,9 +112,10 @@ class AckPolicy:
             bound.exception("signature check failed")
             return Outcome(Verdict.DEAD_LETTER, f"unauthenticated: {type(exc).__name__}")
         async with self.lock:
-            if env.message_id in self.answers:
+            handled = handled_key(env)
+            if handled in self.answers:
                 if delivery.redelivered:
-                    for out in self.answers[env.message_id]:
+                    for out in self.answers[handled]:
                         await self.publish(out)
                 bound.info("duplicate delivery acknowledged", answered_again=delivery.redelivered)
                 return Outcome(Verdict.ACK, "duplicate")
@@ -133,15 +136,20 @@ class AckPolicy:
             self.mark = time.monotonic()
             self.keyring.bind(env, address)
             self.record("in", env)
-            self.answers[env.message_id] = outgoing
+            self.answers[handled] = outgoing
             while len(self.answers) > REMEMBERED:
                 self.answers.popitem(last=False)
-            self._save(env.message_id, outgoing)
+            self._save(handled, outgoing)
             for out in outgoing:
                 self.record("out", out)
                 await self.publish(out)
             bound.debug("handled", sent=[o.type for o in outgoing])
             return Outcome(Verdict.ACK)
+
+
+def handled_key(env: m.Envelope) -> str:
+    """What a handled message is remembered by: its id within its (authenticated) sender's."""
+    return f"{env.sender}/{env.message_id}"
 
 
 def _retrieve(task: asyncio.Task) -> None:

@@ -369,13 +369,13 @@ class Envelope(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    message_id: str
-    correlation_id: str | None = None
-    job_id: str
-    round: int = Field(default=0, ge=0)
-    sender: str
-    recipient: str
-    schema_version: int = SCHEMA_VERSION
+    message_id: str = Field(min_length=1, max_length=128)
+    correlation_id: str | None = Field(default=None, max_length=128)
+    job_id: str = Field(max_length=128)  # empty for what concerns no job (a ledger greeting)
+    round: int = Field(default=0, ge=0, strict=True)  # not true, not "0001": one spelling per signed value
+    sender: str = Field(min_length=1, max_length=128)
+    recipient: str = Field(min_length=1, max_length=128)
+    schema_version: int = Field(default=SCHEMA_VERSION, strict=True)
     signature: str | None = None
     payload: Payload
 
