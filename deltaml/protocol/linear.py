@@ -61,6 +61,9 @@ class EncodedStats:
     codec: FixedPoint
     powers: MatrixPowers
 
+    def __deepcopy__(self, memo) -> "EncodedStats":
+        return self  # frozen, and copied with every step of an owner's state otherwise
+
     def gram_times(self, pub: PublicKey, w: Sequence[int]) -> list:
         """``[G w]`` from ``[w]``: one multi-exponentiation over the rows of ``G``."""
         return self.powers.apply(pub, w)

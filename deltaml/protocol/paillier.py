@@ -12,6 +12,7 @@ Verifiable decryption: ``c = (1+n)**m * rho**n mod n**2`` determines ``m`` and
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import secrets
@@ -26,6 +27,10 @@ from .errors import KeyTooShort, ProofInvalid
 
 DEFAULT_KEY_BITS = 2048
 MIN_KEY_BITS = 2048
+
+# An mpz is immutable: a deep copy of a state holding ciphertexts may share them, instead of a
+# round trip through bytes per ciphertext (which the copy module does for types it does not know).
+copy._deepcopy_dispatch[type(gmpy2.mpz(0))] = copy._deepcopy_atomic  # noqa: SLF001
 
 
 class RandomSource(Protocol):
@@ -83,8 +88,13 @@ class MatrixPowers:
         if any(len(row) != self.width for row in rows):
             raise ValueError("matrix rows of unequal length")
         self.groups = [range(s, min(s + group, self.width)) for s in range(0, self.width, group)]
-        self.signed = any(k < 0 for row in rows for k in row)
+        # only a base with a negative entry in some row needs its inverse
+        negative = {j for row in rows for j, k in enumerate(row) if k < 0}
+        self.inverted = [[j for j in members if j in negative] for members in self.groups]
         self.schedule = [self._row_schedule(row) for row in rows]
+
+    def __deepcopy__(self, memo) -> "MatrixPowers":
+        return self  # nothing in it changes after construction
 
     def _row_schedule(self, row: list[int]) -> list[tuple[tuple[int, int, int], ...]]:
         bits = max((abs(k).bit_length() for k in row), default=0)
@@ -98,7 +108,7 @@ class MatrixPowers:
                         if row[j] > 0:
                             pos |= 1 << p
                         else:
-                            neg |= 1 << p
+                            neg |= 1 << self.inverted[g].index(j)
                 step.append((g, pos, neg))
             steps.append(tuple(s for s in step if s[1] or s[2]))
         return steps
@@ -110,10 +120,9 @@ class MatrixPowers:
         mod = pub.nsquare
         cs = [gmpy2.mpz(c) for c in cs]
         tables = []
-        for members in self.groups:
-            bases = [cs[j] for j in members]
-            inverses = _subset_products([gmpy2.invert(b, mod) for b in bases], mod) if self.signed else None
-            tables.append((_subset_products(bases, mod), inverses))
+        for members, inverted in zip(self.groups, self.inverted):
+            inverses = _subset_products([gmpy2.invert(cs[j], mod) for j in inverted], mod) if inverted else None
+            tables.append((_subset_products([cs[j] for j in members], mod), inverses))
         out = []
         for steps in self.schedule:
             acc = gmpy2.mpz(1)
