@@ -15,6 +15,7 @@ benchmarks compare their wall time with the "critical path" line.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import random
@@ -38,19 +39,26 @@ def timed(fn, repeat=3):
     return best, out
 
 
-def schedule(rounds: int, eval_every: int, key_bits: int, codec: FixedPoint) -> tuple[int, int]:
-    """How many refreshes and evaluations the aggregator's budget rule makes in a job."""
+def schedule(rounds: int, eval_every: int, key_bits: int, codec: FixedPoint) -> tuple[list[int], list[int]]:
+    """The scales at which the aggregator's budget rule refreshes and evaluates in a job.
+
+    The cost of an evaluation grows with the scale of the model it scores (the
+    masks and the validator's exponents are that much longer), so the floor
+    times each at the scale the job reaches.
+    """
     f, b = codec.frac_bits, codec.magnitude_bits
-    scale, refreshes, evals = f, 0, 0
+    scale, refreshes, evals = f, [], []
     for r in range(rounds + 1):
         if r == 0 or r == rounds or r % eval_every == 0:
             if not can_evaluate(scale, f, b, key_bits):
-                refreshes, scale = refreshes + 1, f
-            evals += 1
+                refreshes.append(scale)
+                scale = f
+            evals.append(scale)
         if r == rounds:
             break
         if not can_train(scale, f, b, key_bits):
-            refreshes, scale = refreshes + 1, f
+            refreshes.append(scale)
+            scale = f
         scale += 2 * f
     return refreshes, evals
 
@@ -85,54 +93,63 @@ def measure(args) -> dict:
     t_grad, grad = timed(lambda: encrypted_gradient(pub, enc_t, w, s, rng))
     t_products, _ = timed(lambda: enc_t.gram_times(pub, w))
     t_update, new = timed(lambda: encrypted_update(pub, codec, w, [grad] * T, step_size_q(codec, 1.5, 353)))
-    vb, drop = codec.value_bits(s + 2 * codec.frac_bits), 2 * codec.frac_bits
-    t_mask, (masked, masks) = timed(lambda: mask_for_refresh(pub, new, vb, drop, rng))
-    t_refresh, fresh = timed(lambda: refresh_masked(priv, masked, vb, drop, rng))
-    t_unmask, _ = timed(lambda: unmask_refreshed(pub, fresh, masks))
-    t_v1, (u, v, ub, _, sec) = timed(lambda: mask_product_inputs(pub, enc_v, w, s, rng))
-    t_buyer_prod, (prods, proofs) = timed(lambda: masked_products(priv, u, v, ub, rng))
-    t_verify, _ = timed(lambda: verify_products(pub, u, v, prods, proofs, b"", rng))
-    t_v3, sse = timed(lambda: encrypted_sse(pub, enc_v, prods, sec, rng))
-    t_publish, _ = timed(lambda: priv.decrypt_verifiably(sse))
     t_enc, _ = timed(lambda: pub.encrypt(12345, rng), repeat=20)
     t_crt, _ = timed(lambda: priv.encode_and_obfuscate_crt(12345, rng), repeat=20)
     t_textbook, _ = timed(lambda: pub.obfuscator_slow(rng), repeat=20)
-    t_dec, _ = timed(lambda: priv.decrypt(sse), repeat=20)
 
-    refreshes, evals = schedule(args.rounds, args.eval_every, args.key_bits, codec)
     R = args.rounds
-    eval_models_total = (evals - 1) * 1 + models  # every evaluation scores the full model; the last all models
+    refresh_scales, eval_scales = schedule(R, args.eval_every, args.key_bits, codec)
     rows = [
         # (component, who, count in the job, seconds each)
         ("trainer products (G[w] per model)", "trainer", R * per_trainer, t_products),
         ("trainer re-randomisation (d enc per model)", "trainer", R * per_trainer, t_grad - t_products),
         ("aggregator update (per model)", "aggregator", R * models, t_update),
-        ("refresh masks (d enc per model)", "aggregator", refreshes * models, t_mask + t_unmask),
-        ("buyer refresh (d dec + d enc per model)", "buyer", refreshes * models, t_refresh),
-        ("validator masks and proof check (per model)", "validator", eval_models_total, t_v1 + t_v3 + t_verify),
-        ("buyer masked products and proofs (per model)", "buyer", eval_models_total, t_buyer_prod),
-        ("buyer verifiable decryption (per model)", "buyer", eval_models_total, t_publish),
     ]
+    for scale, count in sorted(collections.Counter(refresh_scales).items()):
+        ws = [priv.encrypt(codec.encode(0.5 * j, scale)) for j in range(d)]
+        vb, drop = codec.value_bits(scale), scale - codec.frac_bits
+        t_mask, (masked, masks) = timed(lambda: mask_for_refresh(pub, ws, vb, drop, rng))
+        t_refresh, fresh = timed(lambda: refresh_masked(priv, masked, vb, drop, rng))
+        t_unmask, _ = timed(lambda: unmask_refreshed(pub, fresh, masks))
+        rows += [(f"refresh masks (d enc per model), scale {scale}", "aggregator", count * models, t_mask + t_unmask),
+                 (f"buyer refresh (d dec + d enc per model), scale {scale}", "buyer", count * models, t_refresh)]
+    # every evaluation scores the full model; the last scores all models
+    scored = collections.Counter(eval_scales[:-1]) + collections.Counter({eval_scales[-1]: models})
+    for scale, count in sorted(scored.items()):
+        ws = [priv.encrypt(codec.encode(0.5 * j, scale)) for j in range(d)]
+        t_v1, (u, v, ub, _, sec) = timed(lambda: mask_product_inputs(pub, enc_v, ws, scale, rng))
+        t_buyer_prod, (prods, proofs) = timed(lambda: masked_products(priv, u, v, ub, rng))
+        t_verify, _ = timed(lambda: verify_products(pub, u, v, prods, proofs, b"", rng))
+        t_v3, sse = timed(lambda: encrypted_sse(pub, enc_v, prods, sec, rng))
+        t_publish, _ = timed(lambda: priv.decrypt_verifiably(sse))
+        rows += [
+            (f"validator masks and proof check (per model), scale {scale}", "validator", count,
+             t_v1 + t_v3 + t_verify),
+            (f"buyer masked products and proofs (per model), scale {scale}", "buyer", count, t_buyer_prod),
+            (f"buyer verifiable decryption (per model), scale {scale}", "buyer", count, t_publish),
+        ]
+    t_dec, _ = timed(lambda: priv.decrypt(sse), repeat=20)
+    refreshes, evals = len(refresh_scales), len(eval_scales)
     print(f"Paillier {pub.bits}-bit; d={d}; {T} trainers, {models} models; {R} rounds, "
           f"{refreshes} refreshes, {evals} evaluations")
     print(f"single operations: encrypt (fixed-base) {t_enc*1e3:.2f} ms, textbook r^n {t_textbook*1e3:.2f} ms, "
           f"encrypt via CRT {t_crt*1e3:.2f} ms, decrypt {t_dec*1e3:.2f} ms\n")
-    print(f"{'component':<46}{'party':<12}{'count':>7}{'ms each':>10}{'s in job':>10}")
+    print(f"{'component':<62}{'party':<12}{'count':>7}{'ms each':>10}{'s in job':>10}")
     by_party: dict[str, float] = {}
     for name, party, count, each in rows:
         by_party[party] = by_party.get(party, 0.0) + count * each
-        print(f"{name:<46}{party:<12}{count:>7}{each*1e3:>10.2f}{count*each:>10.2f}")
+        print(f"{name:<62}{party:<12}{count:>7}{each*1e3:>10.2f}{count*each:>10.2f}")
     # The trainer rows are one trainer's work. Trainers work in parallel, so one trainer's share
     # is on the critical path; the aggregator, buyer and validator wait for each other.
     rest = sum(v for k, v in by_party.items() if k != "trainer")
     total = T * by_party["trainer"] + rest
     critical = by_party["trainer"] + rest
-    print(f"\n{'all Paillier work, one process':<68}{total:>10.2f} s")
-    print(f"{'critical path (trainers in parallel)':<68}{critical:>10.2f} s")
-    print(f"{'per round on the critical path':<68}{critical / R * 1e3:>10.1f} ms")
+    print(f"\n{'all Paillier work, one process':<84}{total:>10.2f} s")
+    print(f"{'critical path (trainers in parallel)':<84}{critical:>10.2f} s")
+    print(f"{'per round on the critical path':<84}{critical / R * 1e3:>10.1f} ms")
     cores = os.cpu_count() or 1
     floor = max(critical, total / cores)
-    print(f"{f'floor on this machine: max(critical path, all work / {cores} cores)':<68}{floor:>10.2f} s")
+    print(f"{f'floor on this machine: max(critical path, all work / {cores} cores)':<84}{floor:>10.2f} s")
     return {"key_bits": pub.bits, "rounds": R, "refreshes": refreshes, "evaluations": evals, "cores": cores,
             "single_ms": {"encrypt_fixed_base": t_enc * 1e3, "obfuscator_textbook": t_textbook * 1e3,
                           "encrypt_crt": t_crt * 1e3, "decrypt": t_dec * 1e3},

@@ -80,3 +80,27 @@ def test_checkpointed_stream_goes_on_where_it_stopped(keypair):
     restored = Drbg()
     restored.setstate(rng.getstate())
     assert pub.encrypt(1, restored) == pub.encrypt(1, rng)
+
+
+def test_a_keys_table_is_built_once_whoever_asks_first(keypair, monkeypatch):
+    from deltaml.protocol import paillier
+
+    pub, _ = keypair
+    built = []
+    real = paillier.FixedBase
+
+    def counting(*args):
+        built.append(threading.get_ident())
+        time.sleep(0.2)  # a slow build: the other thread asks meanwhile
+        return real(*args)
+
+    monkeypatch.setattr(paillier, "FixedBase", counting)
+    monkeypatch.setattr(paillier, "_TABLES", {})
+    tables = []
+    threads = [threading.Thread(target=lambda: tables.append(paillier._fixed_base(pub.n))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1 and len(tables) == 3 and tables[0] is tables[1] is tables[2]
+    assert tables[0].pow(12345) == paillier._fixed_base(pub.n).pow(12345)

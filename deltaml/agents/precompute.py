@@ -7,9 +7,11 @@ aggregator, the buyer and the chain. This helper fills that wait: while the
 agent is not handling a message it computes the next items of each
 obfuscator stream of the core's random source
 (:class:`~deltaml.protocol.paillier.ObfuscatorStream`), so the protocol
-finds them ready. It runs at the lowest scheduling priority, so on a busy
-machine it takes only cycles nobody else wants, and it pauses while its own
-agent works, so it never competes with it for the interpreter lock.
+finds them ready. It builds a new key's table of powers first, at the agent's
+own priority (the first message needs it), then runs at the lowest scheduling
+priority, so on a busy machine it takes only cycles nobody else wants; it
+pauses while its own agent works, so it never competes with it for the
+interpreter lock.
 
 Only a daemon (one agent per process) uses it: agents sharing a process
 would each call the others' busy time idle.
@@ -52,10 +54,7 @@ class Precomputer:
         return None
 
     def _run(self) -> None:
-        try:  # Linux: the nice value of this thread alone
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
+        niced = False
         while not self.done.is_set():
             if not self.idle.wait(self.poll):
                 continue
@@ -65,8 +64,22 @@ class Precomputer:
                 continue
             stream, k = work
             try:
+                # A key's table first, at the agent's own priority: its first message waits for it
+                # (a trainer's first round needs it at once), so it must not be built at the lowest.
+                stream.prepare()
+                if not niced:
+                    _lowest_priority()
+                    niced = True
                 stream.offer(k, stream.compute(k))
                 self.computed += 1
             except Exception:  # never let the helper take the agent down; the protocol computes its own
                 log.exception("obfuscator precomputation failed")
                 return
+
+
+def _lowest_priority() -> None:
+    """Linux: the nice value of the calling thread alone."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass

@@ -47,7 +47,7 @@ from .linear import encrypted_update, step_size_q
 from .machine import (FULL_MODEL, Context, Machine, eval_models, is_eval_round, loo_trainers, natural_key,
                       require, table, without)
 from .chain import LEDGER, ChainParty, job_key, key_hash, metric_args, model_index, same_address
-from .paillier import PublicKey, require_valid_decryption, Decryption
+from .paillier import Decryption, PublicKey, expect_obfuscators, require_valid_decryption
 from .refresh import RefreshMasks, mask_for_refresh, unmask_refreshed
 
 
@@ -189,6 +189,8 @@ def _on_join(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     job.models = {FULL_MODEL: job.models[FULL_MODEL]}
     for t in loo_trainers(job.spec, job.trainers):
         job.models[without(t)] = job.models[FULL_MODEL]
+    # a refresh encrypts a mask per coefficient of every model: a helper may prepare them
+    expect_obfuscators(job.public_key, ctx.rng, len(job.models) * len(job.models[FULL_MODEL]))
     job.phase = AggPhase.STARTING
     out = [ctx.message(env.job_id, 0, t, m.RoleAssignment(role="trainer", models=job.models_of(t)))
            for t in job.trainers]

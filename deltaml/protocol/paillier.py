@@ -159,13 +159,39 @@ def _djn_h(n):
     return (-(y * y)) % n
 
 
-@functools.lru_cache(maxsize=8)
+_TABLES: dict = {}  # n -> FixedBase, the most recent keys' (a table is 16 MB for a 2048-bit key)
+_TABLES_LOCK = threading.Lock()
+_BUILDING: dict = {}  # n -> lock held while one thread builds that table
+KEPT_TABLES = 4
+
+
 def _fixed_base(n) -> FixedBase:
-    """A table of powers of ``h**n mod n**2`` for the DJN obfuscators."""
+    """A table of powers of ``h**n mod n**2`` for the DJN obfuscators, built once per key:
+    a thread that asks while another builds it waits for that build (a third of a second
+    of work for a 2048-bit key) instead of doing it again."""
     n = gmpy2.mpz(n)
-    h = _djn_h(n)
-    nsquare = n * n
-    return FixedBase(gmpy2.powmod(h, n, nsquare), nsquare, _djn_exponent_bits(n))
+    with _TABLES_LOCK:
+        table = _TABLES.get(n)
+        if table is not None:
+            return table
+        building = _BUILDING.setdefault(n, threading.Lock())
+    with building:
+        with _TABLES_LOCK:
+            table = _TABLES.get(n)
+        if table is None:
+            h, nsquare = _djn_h(n), n * n
+            table = FixedBase(gmpy2.powmod(h, n, nsquare), nsquare, _djn_exponent_bits(n))
+            with _TABLES_LOCK:
+                _TABLES[n] = table
+                while len(_TABLES) > KEPT_TABLES:
+                    _TABLES.pop(next(iter(_TABLES)))
+                _BUILDING.pop(n, None)
+    return table
+
+
+def warm_obfuscators(pub: "PublicKey") -> None:
+    """Build ``pub``'s obfuscator table now (e.g. on a thread while a job is being set up)."""
+    _fixed_base(pub.n)
 
 
 def _djn_exponent_bits(n) -> int:
@@ -196,6 +222,10 @@ class ObfuscatorStream:
         bits = _djn_exponent_bits(self.pub.n)
         raw = hashlib.shake_256(self.seed + k.to_bytes(8, "big")).digest((bits + 7) // 8)
         return int.from_bytes(raw, "big") >> (-bits % 8)
+
+    def prepare(self) -> None:
+        """Build the key's obfuscator table now, if no thread has."""
+        _fixed_base(self.pub.n)
 
     def compute(self, k: int):
         """Item ``k``, from scratch."""
