@@ -154,8 +154,20 @@ def _wallet(args):
 
 def cmd_aggregator(args) -> int:
     from .agents.parties import aggregator_core
+    from .agents.workers import Workers
 
-    return _serve("aggregator", args.name, aggregator_core(args.name, wallet=_wallet(args)), args, {})
+    if args.workers < 0:
+        raise CliError(f"--workers {args.workers}: expected 0 (one per core) or more")
+    core = aggregator_core(args.name, wallet=_wallet(args))
+    count = args.workers or os.cpu_count() or 1
+    workers = Workers(count) if count > 1 else None  # made before any thread starts (see workers.py)
+    if workers is not None:
+        core.ctx.map = workers.map
+    try:
+        return _serve("aggregator", args.name, core, args, {})
+    finally:
+        if workers is not None:
+            workers.close()
 
 
 def cmd_ledger(args) -> int:
@@ -275,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("aggregator", help="run the aggregator daemon")
     p.add_argument("--name", default="aggregator")
+    p.add_argument("--workers", type=int, default=settings.workers,
+                   help="processes for the models' gradient steps (default: one per core; 1: none)")
     _common(p, settings)
     _key(p)
     _state(p)

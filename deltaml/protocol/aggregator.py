@@ -238,15 +238,22 @@ def _on_gradient(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]
 def _step_models(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
     """One gradient step per model from the trainers' replies, then the next phase."""
     pub, codec = job.public_key, job.codec
+    steps = []
     for mid in job.models:
         members = job.members(mid)
         rows = sum(job.replies[t].payload.rows for t in members)
         grads = [job.replies[t].payload.gradients[mid] for t in members]
-        eta = step_size_q(codec, job.spec.lr, rows)
-        job.models[mid] = encrypted_update(pub, codec, job.models[mid], grads, eta)
+        steps.append((pub, codec, job.models[mid], grads, step_size_q(codec, job.spec.lr, rows)))
+    for mid, new in zip(list(job.models), ctx.map(_update, steps)):
+        job.models[mid] = new
     job.round += 1
     job.scale_bits += 2 * codec.frac_bits
     return _advance(job, ctx, job_id)
+
+
+def _update(step: tuple) -> list:
+    """One model's gradient step (a pure function of its input: it may run in a worker process)."""
+    return encrypted_update(*step)
 
 
 def _on_refreshed(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:

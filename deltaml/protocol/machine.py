@@ -34,6 +34,9 @@ class Context:
     clock: Callable[[], float] = lambda: 0.0
     ids: Callable[[], str] | None = None
     wallet: Any = None  # a chain.Wallet for parties that sign transactions
+    # how a handler applies a pure function to independent per-model inputs: a loop here, a process
+    # pool in a daemon (deltaml.agents.workers); the results are the same
+    map: Callable[[Callable, list], list] = lambda fn, items: [fn(x) for x in items]
 
     def __post_init__(self) -> None:
         if self.ids is None:  # 128 random bits: unique across agents, reproducible from a seeded rng
