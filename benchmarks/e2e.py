@@ -64,10 +64,12 @@ def phases(busy: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def cpu_seconds(busy: dict[str, dict[str, float]], before: os.times_result) -> dict[str, float]:
-    """CPU seconds each daemon reported, and this process's during the job (buyer, ledger, chain)."""
+    """CPU seconds each daemon reported (with its workers'), and this process's during the job."""
     out = {a: b["cpu seconds (process)"] for a, b in busy.items() if "cpu seconds (process)" in b}
     here = os.times()
-    out["this process (buyer, ledger, embedded chain)"] = here.user + here.system - before.user - before.system
+    out["this process (buyer with its workers, ledger, embedded chain)"] = (
+        here.user + here.system + here.children_user + here.children_system
+        - before.user - before.system - before.children_user - before.children_system)
     out["total"] = sum(out.values())
     return out
 

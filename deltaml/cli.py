@@ -51,6 +51,11 @@ def _state(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tick-seconds", type=float, default=1.0, help="how often deadlines are checked")
 
 
+def _workers_option(p: argparse.ArgumentParser, settings: Settings, work: str) -> None:
+    p.add_argument("--workers", type=int, default=settings.workers,
+                   help=f"processes for {work} (default 0: one per core; 1: this process only)")
+
+
 def _key(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", type=Path, default=None,
                    help="this party's Ethereum key file, created with mode 0600 if missing")
@@ -95,7 +100,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = None) -> int:
+def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = None, workers=None) -> int:
     from .agents.agent import Agent, Trace
     from .agents.amqp import AmqpBus
     from .agents.checkpoint import Checkpoint
@@ -125,11 +130,13 @@ def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = N
         structlog.get_logger().info("agent stopping", role=role, name=name)
         await agent.stop()
         await bus.close()
+        if workers is not None:
+            workers.close()
         timings = os.environ.get("DELTAML_TIMINGS_DIR")
         if timings:  # for benchmarks/e2e.py: seconds of work per message type
             streams = getattr(core.ctx.rng, "streams", {}).values()
-            usage = resource.getrusage(resource.RUSAGE_SELF)
-            counts = {"cpu seconds (process)": usage.ru_utime + usage.ru_stime,
+            usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+            counts = {"cpu seconds (process)": sum(u.ru_utime + u.ru_stime for u in usage),  # with its workers
                       "obfuscators taken": sum(st.taken for st in streams),
                       "obfuscators computed ahead": agent.precomputer.computed if agent.precomputer else 0,
                       "obfuscators found precomputed": sum(st.served_ahead for st in streams)}
@@ -154,20 +161,21 @@ def _wallet(args):
 
 def cmd_aggregator(args) -> int:
     from .agents.parties import aggregator_core
-    from .agents.workers import Workers
+
+    core = aggregator_core(args.name, wallet=_wallet(args))
+    return _serve("aggregator", args.name, core, args, {}, workers=_workers(args, core))
+
+
+def _workers(args, core, pub=None):
+    """The party's worker pool for its per-model work, made before any thread starts (workers.py)."""
+    from .agents.workers import workers_for
 
     if args.workers < 0:
         raise CliError(f"--workers {args.workers}: expected 0 (one per core) or more")
-    core = aggregator_core(args.name, wallet=_wallet(args))
-    count = args.workers or os.cpu_count() or 1
-    workers = Workers(count) if count > 1 else None  # made before any thread starts (see workers.py)
+    workers = workers_for(args.workers, pub)
     if workers is not None:
         core.ctx.map = workers.map
-    try:
-        return _serve("aggregator", args.name, core, args, {})
-    finally:
-        if workers is not None:
-            workers.close()
+    return workers
 
 
 def cmd_ledger(args) -> int:
@@ -212,6 +220,7 @@ def cmd_buyer_train(args) -> int:
                      deadline=int(time.time()) + args.deadline_hours * 3600,
                      fixed_reward_wei=args.fixed_reward_wei, variable_pool_wei=args.variable_pool_wei)
     core = buyer_core(args.name, key, wallet=_wallet(args))
+    workers = _workers(args, core, key.public)
 
     async def main():
         bus = await AmqpBus(args.amqp_url).connect()
@@ -230,7 +239,11 @@ def cmd_buyer_train(args) -> int:
             await bus.close()
 
     started = time.perf_counter()
-    job_id, job = asyncio.run(main())
+    try:
+        job_id, job = asyncio.run(main())
+    finally:
+        if workers is not None:
+            workers.close()
     if job.phase is not BuyerPhase.FINISHED:
         raise CliError(f"job {job_id} failed: {job.reason}")
     report = buyer_report(job, job_id, args.key_bits, time.perf_counter() - started)
@@ -287,8 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("aggregator", help="run the aggregator daemon")
     p.add_argument("--name", default="aggregator")
-    p.add_argument("--workers", type=int, default=settings.workers,
-                   help="processes for the models' gradient steps (default: one per core; 1: none)")
+    _workers_option(p, settings, "the models' gradient steps")
     _common(p, settings)
     _key(p)
     _state(p)
@@ -321,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--key-bits", type=int, default=settings.key_bits)
     p.add_argument("--name", default="buyer")
+    _workers_option(p, settings, "the refreshes and masked products of several models")
     p.add_argument("--report", type=Path, default=None)
     p.add_argument("--model-out", type=Path, default=None)
     p.add_argument("--fixed-reward-wei", type=int, default=10**16)

@@ -30,6 +30,7 @@ from .agents.bus import MemoryBus
 from .agents.ledger import Chain, LedgerCore
 from .agents.parties import aggregator_core, buyer_core, context, load_wallet
 from .agents.runtime import buyer_report, run_buyer_job
+from .agents.workers import workers_for
 from .data import Dataset, DataError, demo_split, load, write_csv
 from .protocol import messages as m
 from .protocol.buyer import BuyerPhase
@@ -248,7 +249,7 @@ def _stop(children) -> None:
 
 
 async def _amqp_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, key: PrivateKey,
-                    on_progress: Progress, url: str) -> tuple:
+                    on_progress: Progress, url: str, workers=None) -> tuple:
     from .agents.amqp import AmqpBus
 
     bus = await AmqpBus(url).connect()
@@ -272,7 +273,10 @@ async def _amqp_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, k
                 children.append(_spawn("owner", ["owner", "--data", str(path), "--name", name, "--auto-accept",
                                                  "--key", str(Path(tmp) / f"{name}.key"), *_trust_args(trust)],
                                        url, tmp))
-            buyer = Agent("buyer", "buyer", buyer_core("buyer", key, wallet=load_wallet(None)), bus, pinned=trust)
+            core = buyer_core("buyer", key, wallet=load_wallet(None))
+            if workers is not None:
+                core.ctx.map = workers.map
+            buyer = Agent("buyer", "buyer", core, bus, pinned=trust)
             await buyer.start()
             job_id = uuid.uuid4().hex
             job = await run_buyer_job(buyer, spec, on_progress=on_progress, job_id=job_id)
@@ -298,9 +302,14 @@ def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = la
     spec = make_spec(config, data, public.to_hex(), "buyer")
     if bus == "memory":
         job, job_id, refused, ledger, timings = asyncio.run(memory_job(config, parts, spec, private, on_progress))
-    else:
-        job, job_id, refused, ledger, timings = asyncio.run(
-            _amqp_job(config, parts, spec, private, on_progress, amqp_url))
+    else:  # the buyer's pool, forked while this process has one thread, builds its tables meanwhile
+        workers = workers_for(0, public)
+        try:
+            job, job_id, refused, ledger, timings = asyncio.run(
+                _amqp_job(config, parts, spec, private, on_progress, amqp_url, workers))
+        finally:
+            if workers is not None:
+                workers.close()
     if job.phase is not BuyerPhase.FINISHED:
         raise RuntimeError(f"job did not finish: {job.reason or 'failed'}")
     report = buyer_report(job, job_id, public.bits, 0.0)

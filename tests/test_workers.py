@@ -1,16 +1,21 @@
-"""The aggregator's worker pool: the same gradient steps as a plain loop, in other processes,
-and no worker outlives a killed daemon."""
+"""Worker pools: the aggregator's gradient steps and the buyer's refreshes and masked products are
+the same as in a plain loop, they run in other processes, and no worker outlives a killed daemon."""
 
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 
 from deltaml.agents.workers import Workers
+from deltaml.data import demo_split, load_diabetes
 from deltaml.protocol.aggregator import _update
+from deltaml.protocol.buyer import _products, _refresh
 from deltaml.protocol.fixedpoint import FixedPoint
-from deltaml.protocol.linear import step_size_q
+from deltaml.protocol.linear import encode_stats, step_size_q, sufficient_stats
+from deltaml.protocol.metric import mask_product_inputs
+from deltaml.protocol.refresh import mask_for_refresh
 
 
 def _pid(_):
@@ -57,3 +62,25 @@ def _alive(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"  # a zombie has stopped
     except FileNotFoundError:
         return False
+
+
+def test_the_buyers_refreshes_and_products_in_the_pool_equal_the_loop(keypair):
+    pub, priv = keypair
+    codec, rng = FixedPoint(), random.Random(7)
+    scale = 3 * codec.frac_bits
+    models = [[priv.encrypt(codec.encode(0.3 * j - k, scale)) for j in range(11)] for k in range(3)]
+    vb, drop = codec.value_bits(scale), scale - codec.frac_bits
+    refreshes = [(priv, mask_for_refresh(pub, w, vb, drop, rng)[0], vb, drop, bytes([k]) * 32)
+                 for k, w in enumerate(models)]
+    part = demo_split(load_diabetes(), 5)[4]
+    enc = encode_stats(sufficient_stats(part.X, part.y), codec)
+    products = []
+    for k, w in enumerate(models):
+        u, v, u_bits, _, _ = mask_product_inputs(pub, enc, w, scale, rng)
+        products.append((priv, u, v, u_bits, bytes([k + 9]) * 32, b"context"))
+    workers = Workers(2)
+    try:
+        assert workers.map(_refresh, refreshes) == [_refresh(r) for r in refreshes]
+        assert workers.map(_products, products) == [_products(p) for p in products]
+    finally:
+        workers.close()

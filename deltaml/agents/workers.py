@@ -1,7 +1,8 @@
 """Every core for one party's per-model work: the process pool behind a handler's ``ctx.map``.
 
 A handler that does the same costly, independent computation for each model
-(the aggregator's gradient steps) hands a pure function and the list of
+(the aggregator's gradient steps, the buyer's refreshes and masked products)
+hands a pure function and the list of
 inputs to ``ctx.map``. In tests and replays that is a plain loop; a daemon
 gives its context this pool instead, so a party on a multi-core machine
 uses all its cores while the other parties wait for it. The results are
@@ -18,9 +19,12 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
+import os
 import signal
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterable, TypeVar
+
+from ..protocol.paillier import warm_obfuscators
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -38,6 +42,17 @@ def _ready(_: int) -> bool:
     return True
 
 
+def workers_for(count: int, pub=None) -> "Workers | None":
+    """A pool of ``count`` processes (0: one per core), or None where one process is all there is."""
+    count = count or os.cpu_count() or 1
+    if count < 2:
+        return None
+    workers = Workers(count)
+    if pub is not None:
+        workers.warm(pub)
+    return workers
+
+
 class Workers:
     """``count`` worker processes and a ``map`` that spreads a list over them."""
 
@@ -46,6 +61,11 @@ class Workers:
         self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"),
                                         initializer=_stop_with_parent)
         list(self.pool.map(_ready, range(count)))  # fork them all now, while this process has one thread
+
+    def warm(self, pub) -> None:
+        """Have each worker build ``pub``'s obfuscator table now, in the background."""
+        for _ in range(self.count):
+            self.pool.submit(warm_obfuscators, pub)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         items = list(items)

@@ -33,6 +33,7 @@ from .machine import FULL_MODEL, Context, Machine, eval_models, is_eval_round, l
 from .metric import masked_products, proof_context
 from .paillier import PrivateKey
 from .refresh import refresh_masked
+from .drbg import Drbg
 from .chain import LEDGER, ChainParty, expected_settlement, job_key, key_hash, model_index, mse_micro
 from .settlement import Settlement, leave_one_out
 
@@ -124,7 +125,8 @@ def _on_refresh(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -
     refuse_unless(req.drop_bits == req.value_bits - spec.magnitude_bits - spec.frac_bits and req.drop_bits > 0,
                   "refresh drop does not bring the model back to its base scale")
     _check_models(job, req.models, _all_models(job))
-    out = {mid: refresh_masked(key, cs, req.value_bits, req.drop_bits, ctx.rng) for mid, cs in req.models.items()}
+    work = [(key, cs, req.value_bits, req.drop_bits, _seed(ctx)) for cs in req.models.values()]
+    out = dict(zip(req.models, ctx.map(_refresh, work)))
     job.refreshed.add(env.round)
     return [ctx.reply(env, m.RefreshReply(models=out))]
 
@@ -138,15 +140,36 @@ def _on_products(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) 
     refuse_unless(env.sender not in job.served.get(env.round, set()), "validator already served this round")
     due = eval_models(env.round, spec.rounds, loo_trainers(spec, job.trainers))
     refuse_unless(set(req.models) == set(due), "product request for models that are not due")
-    out, proofs = {}, {}
+    work = []
     for mid, pair in req.models.items():
         refuse_unless(len(pair.u) == job.dim == len(pair.v), "vectors of the wrong length")
         refuse_unless(fits_mask(pair.u_bits, key.public.bits), "masked range does not fit the key")
         context = proof_context(env.job_id, env.round, mid, env.sender)
-        out[mid], proved = masked_products(key, pair.u, pair.v, pair.u_bits, ctx.rng, context)
+        work.append((key, pair.u, pair.v, pair.u_bits, _seed(ctx), context))
+    out, proofs = {}, {}
+    for mid, (products, proved) in zip(req.models, ctx.map(_products, work)):
+        out[mid] = products
         proofs[mid] = [m.ProductProof(a=p.a, b=p.b, z=p.z, w1=p.w1, w2=p.w2) for p in proved]
     job.served.setdefault(env.round, set()).add(env.sender)
     return [ctx.reply(env, m.ProductReply(models=out, proofs=proofs))]
+
+
+def _seed(ctx: Context) -> bytes:
+    """A model's own randomness, drawn in order from the buyer's: whichever process works on
+    that model, the same draw gives the same ciphertexts."""
+    return ctx.rng.getrandbits(256).to_bytes(32, "big")
+
+
+def _refresh(work: tuple) -> list:
+    """One model's refresh (pure: it may run in a worker process)."""
+    key, ciphers, value_bits, drop_bits, seed = work
+    return refresh_masked(key, ciphers, value_bits, drop_bits, Drbg(seed))
+
+
+def _products(work: tuple) -> tuple:
+    """One model's masked products and proofs (pure: it may run in a worker process)."""
+    key, u, v, u_bits, seed, context = work
+    return masked_products(key, u, v, u_bits, Drbg(seed), context)
 
 
 def _on_metric(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
