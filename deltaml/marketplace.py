@@ -248,8 +248,9 @@ def _stop(children) -> None:
             child.join()
 
 
-async def _amqp_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, key: PrivateKey,
-                    on_progress: Progress, url: str, workers=None) -> tuple:
+async def _amqp_job(config: DemoConfig, data: Dataset, parts: list[Dataset],
+                    make_key: Callable[[], tuple[PublicKey, PrivateKey]], on_progress: Progress, url: str,
+                    workers=None) -> tuple:
     from .agents.amqp import AmqpBus
 
     bus = await AmqpBus(url).connect()
@@ -273,6 +274,11 @@ async def _amqp_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, k
                 children.append(_spawn("owner", ["owner", "--data", str(path), "--name", name, "--auto-accept",
                                                  "--key", str(Path(tmp) / f"{name}.key"), *_trust_args(trust)],
                                        url, tmp))
+            # the buyer's key is made while the daemons start (they need it only in the job request)
+            public, key = await asyncio.to_thread(make_key)
+            spec = make_spec(config, data, public.to_hex(), "buyer")
+            if workers is not None:
+                workers.warm(public)
             core = buyer_core("buyer", key, wallet=load_wallet(None))
             if workers is not None:
                 core.ctx.map = workers.map
@@ -286,7 +292,7 @@ async def _amqp_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, k
             await bus.close()
             timings = {p.stem: json.loads(p.read_text()) for p in Path(tmp).glob("*.json")}
     timings.update({"buyer-buyer": buyer.policy.busy, "ledger-ledger": ledger_agent.policy.busy})
-    return job, job_id, [], ledger, timings
+    return public, (job, job_id, [], ledger, timings)
 
 
 def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = lambda *a: None,
@@ -294,19 +300,23 @@ def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = la
              amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/") -> dict:
     """Run one job end to end; return the DESIGN §5 report."""
     started = time.perf_counter()
-    if bus != "memory":  # the daemons' server imports while the key is made and the contract deployed
+    if bus != "memory":  # the daemons' server imports while the contract is deployed
         _launcher()
         multiprocessing.forkserver.ensure_running()
     data, parts = prepare_parts(config)
-    public, private = keypair or generate_keypair(config.key_bits)
-    spec = make_spec(config, data, public.to_hex(), "buyer")
+
+    def make_key() -> tuple[PublicKey, PrivateKey]:
+        return keypair or generate_keypair(config.key_bits)
+
     if bus == "memory":
+        public, private = make_key()
+        spec = make_spec(config, data, public.to_hex(), "buyer")
         job, job_id, refused, ledger, timings = asyncio.run(memory_job(config, parts, spec, private, on_progress))
-    else:  # the buyer's pool, forked while this process has one thread, builds its tables meanwhile
-        workers = workers_for(0, public)
+    else:  # the buyer's pool is forked while this process has one thread
+        workers = workers_for(0)
         try:
-            job, job_id, refused, ledger, timings = asyncio.run(
-                _amqp_job(config, parts, spec, private, on_progress, amqp_url, workers))
+            public, (job, job_id, refused, ledger, timings) = asyncio.run(
+                _amqp_job(config, data, parts, make_key, on_progress, amqp_url, workers))
         finally:
             if workers is not None:
                 workers.close()

@@ -110,6 +110,17 @@ class Market:
         self.agents.append(self.buyer)
         for agent in self.agents:
             await agent.start()
+        await self.until_consuming(self.owners)
+
+    async def until_consuming(self, names: list[str], role: str = "owner", timeout: float = 120) -> None:
+        """Wait until each daemon consumes its queue: a job's recruiting clock must not run while
+        five interpreters are still importing (seconds on a busy two-core machine)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        for name in names:
+            while (await self.admin.declare(role, name)).declaration_result.consumer_count < 1:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError(f"{name} is not consuming its queue after {timeout} s")
+                await asyncio.sleep(0.1)
 
     def _trace(self, role: str, name: str) -> Trace:
         self.traces.append(Trace(self.tmp / f"{name}.jsonl", {"role": role, "name": name, "seed": ""}))

@@ -55,7 +55,7 @@ def centralised(mk, drop=None):
 
 
 async def test_an_owner_killed_mid_round_is_dropped_and_the_rest_equals_centralised_training(market):
-    mk = await market(DemoConfig(rounds=8, eval_every=4, round_timeout=3.0, quorum=3))
+    mk = await market(DemoConfig(rounds=8, eval_every=4, round_timeout=5.0, quorum=3))
     await mk.start()
     victim = mk.owners[1]
 
@@ -73,7 +73,7 @@ async def test_an_owner_killed_mid_round_is_dropped_and_the_rest_equals_centrali
 
 
 async def test_an_owner_killed_without_a_quorum_fails_the_job_cleanly_with_a_refund(market):
-    mk = await market(DemoConfig(rounds=8, eval_every=4, round_timeout=3.0))
+    mk = await market(DemoConfig(rounds=8, eval_every=4, round_timeout=5.0))
     await mk.start()
 
     async def kill(mk):
@@ -87,7 +87,7 @@ async def test_an_owner_killed_without_a_quorum_fails_the_job_cleanly_with_a_ref
 
 
 async def test_the_buyer_offline_during_a_refresh_fails_the_job_with_the_escrow_refundable(market):
-    mk = await market(DemoConfig(rounds=40, eval_every=3, round_timeout=3.0))
+    mk = await market(DemoConfig(rounds=40, eval_every=3, round_timeout=5.0))
     silent = {}
 
     def wrap(name, core):
