@@ -42,6 +42,9 @@ class ChainUnavailable(RuntimeError):
     """No chain answers at the given URL."""
 
 
+PLAIN_TRANSFER_GAS = 21_000
+
+
 class Chain:
     """A web3 connection to a chain with the escrow contract deployed on it."""
 
@@ -87,8 +90,11 @@ class Chain:
         """Top a development account up so it can pay gas (and a deposit)."""
         if self.faucet is None or self.balance(address) >= FAUCET_TOPUP // 2:
             return
-        tx = self.w3.eth.send_transaction({"from": self.faucet, "to": to_checksum_address(address),
-                                           "value": FAUCET_TOPUP})
+        to = to_checksum_address(address)
+        transfer = {"from": self.faucet, "to": to, "value": FAUCET_TOPUP}
+        if not self.w3.eth.get_code(to):  # a plain account: a transfer's fixed gas, no estimate (half the time)
+            transfer["gas"] = PLAIN_TRANSFER_GAS
+        tx = self.w3.eth.send_transaction(transfer)
         self.w3.eth.wait_for_transaction_receipt(tx)
 
     def gas_price(self) -> int:

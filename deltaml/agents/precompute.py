@@ -68,7 +68,7 @@ class Precomputer:
                 # (a trainer's first round needs it at once), so it must not be built at the lowest.
                 stream.prepare()
                 if not niced:
-                    _lowest_priority()
+                    lowest_priority()
                     niced = True
                 stream.offer(k, stream.compute(k))
                 self.computed += 1
@@ -77,7 +77,7 @@ class Precomputer:
                 return
 
 
-def _lowest_priority() -> None:
+def lowest_priority() -> None:
     """Linux: the nice value of the calling thread alone."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 import sys
-import threading
 import time
 import uuid
 from typing import Callable
@@ -15,7 +14,6 @@ import structlog
 
 from ..protocol import messages as m
 from ..protocol.buyer import BuyerCore, BuyerJob, BuyerPhase
-from ..protocol.paillier import PublicKey, warm_obfuscators
 from .agent import Agent
 
 log = structlog.get_logger()
@@ -58,9 +56,6 @@ async def run_buyer_job(agent: Agent, spec: m.JobSpec, aggregator: str = "aggreg
     core: BuyerCore = agent.core
     job_id = job_id or uuid.uuid4().hex
     started = time.perf_counter()
-    # the key's obfuscator table (a third of a second) is built while the owners are recruited
-    threading.Thread(target=warm_obfuscators, args=(PublicKey.from_hex(spec.public_key),), daemon=True,
-                     name="obfuscator-table").start()
     await agent.send_all(core.open_job(job_id, spec, aggregator), direction="open")
     log.info("job requested", job=job_id, owners=spec.owners, rounds=spec.rounds)
     shown: set[int] = set()

@@ -21,10 +21,13 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
 from ..protocol.paillier import warm_obfuscators
+from .precompute import lowest_priority
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -40,6 +43,15 @@ def _stop_with_parent() -> None:
 
 def _ready(_: int) -> bool:
     return True
+
+
+def _warm_in_background(pub) -> None:
+    def build() -> None:
+        lowest_priority()
+        warm_obfuscators(pub)
+
+    threading.Thread(target=build, name="obfuscator-table", daemon=True).start()
+    time.sleep(0.05)  # stay busy a moment, so the next such request goes to another worker
 
 
 def workers_for(count: int, pub=None) -> "Workers | None":
@@ -63,14 +75,14 @@ class Workers:
         list(self.pool.map(_ready, range(count)))  # fork them all now, while this process has one thread
 
     def warm(self, pub) -> None:
-        """Have each worker build ``pub``'s obfuscator table now, in the background."""
+        """Have each worker build ``pub``'s obfuscator table on a low-priority thread: in time
+        nobody else wants while a job starts, where five daemons and a key compete for the cores."""
         for _ in range(self.count):
-            self.pool.submit(warm_obfuscators, pub)
+            self.pool.submit(_warm_in_background, pub)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-        items = list(items)
-        if len(items) < 2:
-            return [fn(x) for x in items]
+        """``[fn(x) for x in items]``, in the workers (also a single item: this process then never
+        needs the tables the work uses)."""
         return list(self.pool.map(fn, items))
 
     def close(self) -> None:
