@@ -6,8 +6,10 @@ functions: one trainer's products and re-randomisation, the aggregator's
 update, the buyer's refresh (decryptions and encryptions) and the
 aggregator's masks, and one validator evaluation. Refreshes and evaluations
 do not happen every round, so the table also gives how often each happens
-in a 100-round job and what the job costs in total. Later end-to-end
-benchmarks compare their wall time with the "critical path" line.
+in a 100-round job, at which scales (the aggregator's budget rule, replayed),
+and what the job costs in total. Each component is timed five times; the
+floor takes the medians, and is also given from the fastest runs.
+``benchmarks/e2e.py`` compares the job's wall time with the floor line.
 
     python benchmarks/crypto_floor.py [--rounds 100] [--eval-every 10] [--key-bits 2048] [--json FILE]
 """
