@@ -129,3 +129,30 @@ async def test_unroutable_messages_are_not_lost(harness):
     body = uuid.uuid4().hex.encode()
     await harness.bus.publish(unique("nobody"), body, "m5")
     assert any(b == body for b, _ in await harness.dead_letters())
+
+
+async def test_closing_the_broker_bus_lets_a_delivery_under_way_finish_and_be_acknowledged():
+    bus = await AmqpBus(AMQP_URL).connect()
+    name = f"owner-close-{uuid.uuid4().hex[:6]}"
+    started, finished = asyncio.Event(), []
+
+    async def slow(delivery):
+        started.set()
+        await asyncio.sleep(0.5)
+        finished.append(delivery.body)
+        return Outcome(Verdict.ACK)
+
+    try:
+        await bus.consume("owner", name, slow)
+        await bus.publish(name, b"work", "m-1")
+        await asyncio.wait_for(started.wait(), 10)
+    finally:
+        await bus.close()  # while the handler sleeps
+    assert finished == [b"work"]
+    check = await AmqpBus(AMQP_URL).connect()
+    try:
+        queue = await check.declare("owner", name)
+        assert queue.declaration_result.message_count == 0  # acknowledged, not left for redelivery
+        await queue.delete(if_unused=False, if_empty=False)
+    finally:
+        await check.close()

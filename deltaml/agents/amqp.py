@@ -10,6 +10,8 @@ role's broker user needs no right to create them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import aio_pika
@@ -32,7 +34,10 @@ class AmqpBus:
         self.url = url
         self.prefetch = prefetch
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
-        self.consuming: list = []
+        self.consuming: list = []  # (queue, consumer tag)
+        self.in_flight = 0  # deliveries being handled
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     async def connect(self) -> "AmqpBus":
         quiet = [logging.getLogger(n) for n in ("aio_pika", "aiormq")]
@@ -81,25 +86,43 @@ class AmqpBus:
         queue = await self.declare(role, name)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
-            headers = dict(message.headers or {})
-            attempts = int(headers.get(ATTEMPTS_HEADER, 0))
-            outcome = await handler(Delivery(message.body, headers, attempts, bool(message.redelivered)))
-            if outcome.verdict is Verdict.RETRY and attempts + 1 < MAX_ATTEMPTS:
-                headers[ATTEMPTS_HEADER] = attempts + 1
-                await self.channel.default_exchange.publish(_copy(message, headers), routing_key=queue_name)
-            elif outcome.verdict is not Verdict.ACK:
-                headers.update({t.REASON_HEADER: outcome.reason[:1000], "x-deltaml-queue": queue_name})
-                await self.dead.publish(_copy(message, headers), routing_key=queue_name)
-            await message.ack()  # only after the dead letter or retry copy is confirmed
+            self.in_flight += 1
+            self.idle.clear()
+            try:
+                await self._handle(message, handler, queue_name)
+            finally:
+                self.in_flight -= 1
+                if not self.in_flight:
+                    self.idle.set()
 
-        await queue.consume(on_message)
+        tag = await queue.consume(on_message)
         # aio-pika restores a robust queue's consumer after a reconnect only while the queue object
         # lives (it keeps weak references): hold it for the bus's lifetime
-        self.consuming.append(queue)
+        self.consuming.append((queue, tag))
 
-    async def close(self) -> None:
-        if self.connection is not None:
-            await self.connection.close()
+    async def _handle(self, message: AbstractIncomingMessage, handler: Handler, queue_name: str) -> None:
+        headers = dict(message.headers or {})
+        attempts = int(headers.get(ATTEMPTS_HEADER, 0))
+        outcome = await handler(Delivery(message.body, headers, attempts, bool(message.redelivered)))
+        if outcome.verdict is Verdict.RETRY and attempts + 1 < MAX_ATTEMPTS:
+            headers[ATTEMPTS_HEADER] = attempts + 1
+            await self.channel.default_exchange.publish(_copy(message, headers), routing_key=queue_name)
+        elif outcome.verdict is not Verdict.ACK:
+            headers.update({t.REASON_HEADER: outcome.reason[:1000], "x-deltaml-queue": queue_name})
+            await self.dead.publish(_copy(message, headers), routing_key=queue_name)
+        await message.ack()  # only after the dead letter or retry copy is confirmed
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop taking deliveries, let those under way finish (answers published, acknowledged)
+        for up to ``grace`` seconds, then close; what is left unacknowledged the broker redelivers."""
+        if self.connection is None:
+            return
+        for queue, tag in self.consuming:
+            with contextlib.suppress(Exception):  # a closed channel has no consumer to cancel
+                await queue.cancel(tag)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.idle.wait(), grace)
+        await self.connection.close()
 
 
 def _copy(message: AbstractIncomingMessage, headers: dict) -> aio_pika.Message:
