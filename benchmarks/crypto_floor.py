@@ -120,7 +120,7 @@ def measure(args) -> dict:
 
     t_grad, grad = timed(lambda: encrypted_gradient(pub, enc_t, w, s, rng))
     t_products, _ = timed(lambda: enc_t.gram_times(pub, w))
-    t_update, new = timed(lambda: encrypted_update(pub, codec, w, [grad] * T, step_size_q(codec, 1.5, 353)))
+    t_update, _ = timed(lambda: encrypted_update(pub, codec, w, [grad] * T, step_size_q(codec, 1.5, 353)))
     t_enc, _ = timed(lambda: pub.encrypt(12345, rng), repeat=20)
     t_crt, _ = timed(lambda: priv.encode_and_obfuscate_crt(12345, rng), repeat=20)
     t_textbook, _ = timed(lambda: pub.obfuscator_slow(rng), repeat=20)

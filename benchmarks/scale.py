@@ -1,9 +1,9 @@
 """Scale: many owners over the real broker, and many rows per owner.
 
 (a) ``--owners 100``: 99 trainers and a validator, each an agent with its own
-    durable queue on RabbitMQ, run in this process (one event loop, one
-    connection; an in-process simulation over the real broker) for 10 rounds
-    of 2048-bit training. With n trainers leave-one-out would mean n models
+    durable queue on RabbitMQ, spread over one process per core (each process
+    one event loop and one connection; this one also holds the aggregator and
+    the buyer) for 10 rounds of 2048-bit training. With n trainers leave-one-out would mean n models
     per trainer per round, so this job asks for the full model only
     (``JobSpec.leave_one_out = False``, an unpaid job: the contract pays only
     on leave-one-out contributions).
@@ -36,14 +36,16 @@ from deltaml.agents.bus import MemoryBus
 from deltaml.agents.ledger import Chain, LedgerCore
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.agents.runtime import configure_logging, run_buyer_job, until_signalled
-from deltaml.marketplace import _launcher, _start_quietly, _stop
+from deltaml.marketplace import _job_queues, _launcher, _start_quietly, _stop, fresh_queues
 from deltaml.protocol import messages as m
 from deltaml.protocol.chain import DEFAULT_DEADLINE, LEDGER
 from deltaml.protocol.linear import sufficient_stats
+from deltaml.protocol.machine import owner_names
 from deltaml.protocol.owner import OwnerCore, OwnerData
 from deltaml.protocol.paillier import generate_keypair
 
 FEATURES = 20
+COLUMNS = tuple(f"x{i}" for i in range(FEATURES)) + ("y",)
 
 
 def owner_rows(n: int, seed: int) -> np.ndarray:
@@ -55,7 +57,6 @@ def owner_rows(n: int, seed: int) -> np.ndarray:
 
 async def job(rows: int, rounds: int, key) -> dict:
     bus = MemoryBus()
-    columns = tuple(f"x{i}" for i in range(FEATURES)) + ("y",)
     tables = [owner_rows(rows, s) for s in range(5)]
     started = time.perf_counter()
     for t in tables:
@@ -65,12 +66,12 @@ async def job(rows: int, rounds: int, key) -> dict:
     agents = [Agent("ledger", LEDGER, ledger, bus),
               Agent("aggregator", "aggregator", aggregator_core(wallet=load_wallet(None)), bus)]
     for i, t in enumerate(tables, start=1):
-        core = OwnerCore(context(f"owner-{i}", wallet=load_wallet(None)), OwnerData(columns, t))
+        core = OwnerCore(context(f"owner-{i}", wallet=load_wallet(None)), OwnerData(COLUMNS, t))
         agents.append(Agent("owner", f"owner-{i}", core, bus))
     buyer = Agent("buyer", "buyer", buyer_core("buyer", key, wallet=load_wallet(None)), bus)
     for a in [*agents, buyer]:
         await a.start()
-    spec = m.JobSpec(buyer="buyer", features=list(columns[:-1]), target="y", owners=5, validators=1, rounds=rounds,
+    spec = m.JobSpec(buyer="buyer", features=list(COLUMNS[:-1]), target="y", owners=5, validators=1, rounds=rounds,
                      lr=0.5, eval_every=rounds, key_bits=key.public.bits, public_key=key.public.to_hex(),
                      escrow=True, deadline=int(time.time()) + DEFAULT_DEADLINE)
     times: dict[int, float] = {}
@@ -80,9 +81,6 @@ async def job(rows: int, rounds: int, key) -> dict:
     assert finished.model is not None
     per_round = (times[rounds] - times[0]) / rounds  # from the first evaluation to the last
     return {"rows": rows, "stats_seconds": stats_seconds, "seconds_per_round": per_round}
-
-
-COLUMNS = tuple(f"x{i}" for i in range(FEATURES)) + ("y",)
 
 
 def _owner_core(name: str, seed: int, rows: int) -> OwnerCore:
@@ -118,12 +116,10 @@ async def many_owners(owners: int, rounds: int, key, rows: int = 1000, processes
     """(a): ``owners`` owner agents on the real broker, full model only, ``rounds`` rounds; the
     owners are spread over ``processes`` processes (this one holds the aggregator and the buyer too)."""
     bus = await AmqpBus(url).connect()
-    columns = tuple(f"x{i}" for i in range(FEATURES)) + ("y",)
-    names = [f"owner-{i}" for i in range(1, owners + 1)]
+    names = owner_names(owners)
     children: list = []
     try:
-        for role, name in [("aggregator", "aggregator"), ("buyer", "buyer"), *(("owner", n) for n in names)]:
-            await (await bus.declare(role, name)).purge()  # nothing an earlier run left behind
+        await fresh_queues(bus, _job_queues(owners))
         agents = [Agent("aggregator", "aggregator", aggregator_core(wallet=load_wallet(None)), bus)]
         groups = [list(enumerate(names))[k::processes] for k in range(processes)]
         for group in groups[1:]:  # the owners in other processes, to use every core
@@ -136,7 +132,7 @@ async def many_owners(owners: int, rounds: int, key, rows: int = 1000, processes
         buyer = Agent("buyer", "buyer", buyer_core("buyer", key, wallet=load_wallet(None)), bus)
         for a in [*agents, buyer]:
             await a.start()
-        spec = m.JobSpec(buyer="buyer", features=list(columns[:-1]), target="y", owners=owners, validators=1,
+        spec = m.JobSpec(buyer="buyer", features=list(COLUMNS[:-1]), target="y", owners=owners, validators=1,
                          rounds=rounds, lr=0.5, eval_every=rounds, key_bits=key.public.bits,
                          public_key=key.public.to_hex(), leave_one_out=False)
         times: dict[int, float] = {}

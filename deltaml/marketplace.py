@@ -35,7 +35,7 @@ from .data import Dataset, DataError, demo_split, load, write_csv
 from .protocol import messages as m
 from .protocol.buyer import BuyerPhase
 from .protocol.chain import DEFAULT_DEADLINE, LEDGER, job_key
-from .protocol.machine import FULL_MODEL, Context
+from .protocol.machine import FULL_MODEL, Context, owner_names
 from .protocol.linear import gradient_descent, least_squares, sufficient_stats
 from .protocol.owner import OwnerCore, OwnerData
 from .protocol.paillier import PrivateKey, PublicKey, generate_keypair
@@ -62,10 +62,6 @@ class DemoConfig:
     chain: str = "embedded"
     round_timeout: float = 600.0
     quorum: int = 0
-
-
-def owner_names(count: int) -> list[str]:
-    return [f"owner-{i}" for i in range(1, count + 1)]
 
 
 def poison(part: Dataset, seed: int = 1) -> Dataset:
@@ -237,6 +233,18 @@ def _start_quietly(process) -> None:
             main.__file__ = script
 
 
+def _job_queues(owners: int) -> list[tuple[str, str]]:
+    """(role, name) of the aggregator's, the buyer's and the owners' queues."""
+    return [("aggregator", "aggregator"), ("buyer", "buyer"), *(("owner", o) for o in owner_names(owners))]
+
+
+async def fresh_queues(bus, queues: list[tuple[str, str]]) -> None:
+    """Declare and empty these (role, name) queues: a run owns its agents' queues, and nothing a
+    killed earlier run left there may leak in."""
+    for role, name in queues:
+        await (await bus.declare(role, name)).purge()
+
+
 def _stop(children) -> None:
     """SIGTERM every daemon, then wait; kill what does not stop within ten seconds."""
     for child in children:
@@ -257,10 +265,7 @@ async def _amqp_job(config: DemoConfig, data: Dataset, parts: list[Dataset],
     children: list = []
     with tempfile.TemporaryDirectory(prefix="deltaml-demo-") as tmp:
         try:
-            # a demo owns its agents' queues: nothing a killed earlier run left there may leak in
-            for role, name in [("ledger", LEDGER), ("aggregator", "aggregator"), ("buyer", "buyer"),
-                               *(("owner", o) for o in owner_names(config.owners))]:
-                await (await bus.declare(role, name)).purge()
+            await fresh_queues(bus, [("ledger", LEDGER), *_job_queues(config.owners)])
             ledger, ledger_agent = _ledger(bus, config.chain)
             await ledger_agent.start()
             aggregator_key = Path(tmp) / "aggregator.key"
@@ -277,10 +282,9 @@ async def _amqp_job(config: DemoConfig, data: Dataset, parts: list[Dataset],
             # the buyer's key is made while the daemons start (they need it only in the job request)
             public, key = await asyncio.to_thread(make_key)
             spec = make_spec(config, data, public.to_hex(), "buyer")
-            if workers is not None:
-                workers.warm(public)
             core = buyer_core("buyer", key, wallet=load_wallet(None))
             if workers is not None:
+                workers.warm(public)
                 core.ctx.map = workers.map
             buyer = Agent("buyer", "buyer", core, bus, pinned=trust)
             await buyer.start()
@@ -384,8 +388,7 @@ async def _plain_job(config: DemoConfig, data: Dataset, parts: list[Dataset], ur
     children: list = []
     names = owner_names(config.owners)
     try:
-        for role, name in [("aggregator", "aggregator"), ("buyer", "buyer"), *(("owner", o) for o in names)]:
-            await (await bus.declare(role, name)).purge()
+        await fresh_queues(bus, _job_queues(config.owners))
         spawn = _launcher()
         for role, name, rows in [("aggregator", "aggregator", None),
                                  *(("owner", n, (p.X, p.y)) for n, p in zip(names, parts))]:

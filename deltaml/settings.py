@@ -19,4 +19,4 @@ class Settings(BaseSettings):
     chain: str = "embedded"
     key_bits: int = 2048
     precompute: bool = True
-    workers: int = 0  # the aggregator's processes for gradient steps; 0: one per core
+    workers: int = 0  # the aggregator's and the buyer's processes for per-model work; 0: one per core

@@ -25,6 +25,8 @@ import threading
 
 import structlog
 
+from ..protocol.paillier import warm_obfuscators
+
 log = structlog.get_logger()
 
 
@@ -66,7 +68,7 @@ class Precomputer:
             try:
                 # A key's table first, at the agent's own priority: its first message waits for it
                 # (a trainer's first round needs it at once), so it must not be built at the lowest.
-                stream.prepare()
+                warm_obfuscators(stream.pub)
                 if not niced:
                     lowest_priority()
                     niced = True

@@ -44,7 +44,7 @@ from . import messages as m
 from .budget import can_evaluate, can_train
 from .fixedpoint import FixedPoint
 from .linear import encrypted_update, step_size_q
-from .machine import (FULL_MODEL, Context, Machine, eval_models, is_eval_round, loo_trainers, natural_key,
+from .machine import (FULL_MODEL, Context, Machine, eval_models, is_eval_round, model_ids, natural_key,
                       require, table, without)
 from .chain import LEDGER, ChainParty, job_key, key_hash, metric_args, model_index, same_address
 from .paillier import Decryption, PublicKey, expect_obfuscators, require_valid_decryption
@@ -131,7 +131,7 @@ def _advance(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
         if not _fits(job, can_evaluate):
             return _start_refresh(job, ctx, job_id)
         job.evaluated_round = job.round
-        targets = eval_models(job.round, spec.rounds, loo_trainers(spec, job.trainers))
+        targets = eval_models(spec, job.round, job.trainers)
         job.evals[job.round] = Evaluation(targets=targets)
         req = m.EvalRequest(scale_bits=job.scale_bits, models={k: job.models[k] for k in targets})
         out = [ctx.message(job_id, job.round, v, req) for v in job.validators]
@@ -186,9 +186,7 @@ def _on_join(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     job.trainers = names[: job.spec.trainers]
     job.roster = list(job.trainers)
     job.validators = names[job.spec.trainers:]
-    job.models = {FULL_MODEL: job.models[FULL_MODEL]}
-    for t in loo_trainers(job.spec, job.trainers):
-        job.models[without(t)] = job.models[FULL_MODEL]
+    job.models = {mid: job.models[FULL_MODEL] for mid in model_ids(job.spec, job.trainers)}
     # a refresh encrypts a mask per coefficient of every model: a helper may prepare them
     expect_obfuscators(job.public_key, ctx.rng, len(job.models) * len(job.models[FULL_MODEL]))
     job.phase = AggPhase.STARTING

@@ -29,7 +29,7 @@ from . import messages as m
 from .budget import fits_mask
 from .errors import DecryptionRefused
 from .fixedpoint import FixedPoint
-from .machine import FULL_MODEL, Context, Machine, eval_models, is_eval_round, loo_trainers, table, without
+from .machine import FULL_MODEL, Context, Machine, eval_models, is_eval_round, loo_trainers, model_ids, table, without
 from .metric import masked_products, proof_context
 from .paillier import PrivateKey
 from .refresh import refresh_masked
@@ -111,10 +111,6 @@ def _on_participants(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateK
     return ctx.wallet.call(ctx, env.job_id, 0, "createJob", args, value=spec.deposit_wei)
 
 
-def _all_models(job: BuyerJob) -> list[str]:
-    return [FULL_MODEL, *(without(t) for t in loo_trainers(job.spec, job.trainers))]
-
-
 def _on_refresh(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
     req: m.RefreshRequest = env.payload
     spec = job.spec
@@ -124,7 +120,7 @@ def _on_refresh(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -
     refuse_unless(fits_mask(req.value_bits, key.public.bits), "refresh range does not fit the key")
     refuse_unless(req.drop_bits == req.value_bits - spec.magnitude_bits - spec.frac_bits and req.drop_bits > 0,
                   "refresh drop does not bring the model back to its base scale")
-    _check_models(job, req.models, _all_models(job))
+    _check_models(job, req.models, model_ids(job.spec, job.trainers))
     work = [(key, cs, req.value_bits, req.drop_bits, _seed(ctx)) for cs in req.models.values()]
     out = dict(zip(req.models, ctx.map(_refresh, work)))
     job.refreshed.add(env.round)
@@ -138,7 +134,7 @@ def _on_products(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) 
     refuse_unless(is_eval_round(env.round, spec.rounds, spec.eval_every), f"round {env.round} is not evaluated")
     refuse_unless(env.round not in job.published, "evaluation already published")
     refuse_unless(env.sender not in job.served.get(env.round, set()), "validator already served this round")
-    due = eval_models(env.round, spec.rounds, loo_trainers(spec, job.trainers))
+    due = eval_models(spec, env.round, job.trainers)
     refuse_unless(set(req.models) == set(due), "product request for models that are not due")
     work = []
     for mid, pair in req.models.items():
@@ -180,7 +176,7 @@ def _on_metric(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) ->
     served = job.served.get(env.round, set())
     refuse_unless(served == set(job.validators), "not every validator has been served for this evaluation")
     refuse_unless(sorted(p.validator for p in req.parts) == sorted(served), "parts are not the served validators")
-    due = eval_models(env.round, job.spec.rounds, loo_trainers(job.spec, job.trainers))
+    due = eval_models(job.spec, env.round, job.trainers)
     refuse_unless(set(req.totals) == set(due), "totals for models that are not due")
     for mid in due:
         refuse_unless(all(mid in p.sse for p in req.parts), "a part lacks a model")

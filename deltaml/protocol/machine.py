@@ -122,14 +122,21 @@ def is_eval_round(round_: int, rounds: int, eval_every: int) -> bool:
     return round_ == 0 or round_ == rounds or round_ % eval_every == 0
 
 
+def owner_names(count: int) -> list[str]:
+    """The names a demo gives its owners: ``owner-1`` … ``owner-<count>``."""
+    return [f"owner-{i}" for i in range(1, count + 1)]
+
+
 def loo_trainers(spec, trainers: list[str]) -> list[str]:
     """Trainers with a leave-one-out model: all of them, or none if the job does not measure contributions."""
     return list(trainers) if spec.leave_one_out else []
 
 
-def eval_models(round_: int, rounds: int, trainers: list[str]) -> list[str]:
-    """Models evaluated at ``round_``: all of them at the end (for leave-one-out); ``trainers`` are
-    those with a leave-one-out model (:func:`loo_trainers`)."""
-    if round_ == rounds:
-        return [FULL_MODEL, *(without(t) for t in trainers)]
-    return [FULL_MODEL]
+def model_ids(spec, trainers: list[str]) -> list[str]:
+    """The models a job trains: the full model and, if it measures contributions, one without each trainer."""
+    return [FULL_MODEL, *(without(t) for t in loo_trainers(spec, trainers))]
+
+
+def eval_models(spec, round_: int, trainers: list[str]) -> list[str]:
+    """Models evaluated at ``round_``: all of them at the end (for leave-one-out), else the full model."""
+    return model_ids(spec, trainers) if round_ == spec.rounds else [FULL_MODEL]

@@ -223,10 +223,6 @@ class ObfuscatorStream:
         raw = hashlib.shake_256(self.seed + k.to_bytes(8, "big")).digest((bits + 7) // 8)
         return int.from_bytes(raw, "big") >> (-bits % 8)
 
-    def prepare(self) -> None:
-        """Build the key's obfuscator table now, if no thread has."""
-        _fixed_base(self.pub.n)
-
     def compute(self, k: int):
         """Item ``k``, from scratch."""
         return _fixed_base(self.pub.n).pow(self.exponent(k))

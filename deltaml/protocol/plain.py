@@ -26,11 +26,7 @@ from . import messages as m
 from .errors import ProtocolError
 from .fixedpoint import FixedPoint
 from .linear import SufficientStats
-from .machine import FULL_MODEL, Context, eval_models, is_eval_round, require, without
-
-
-def owner_names(count: int) -> list[str]:
-    return [f"owner-{i}" for i in range(1, count + 1)]
+from .machine import FULL_MODEL, Context, eval_models, is_eval_round, model_ids, owner_names, require, without
 
 
 @dataclass
@@ -73,9 +69,7 @@ class PlainAggregator:
         spec: m.JobSpec = env.payload.spec
         names = owner_names(spec.owners)
         trainers, validators = names[: spec.trainers], names[spec.trainers:]
-        models = {FULL_MODEL: np.zeros(len(spec.features) + 1)}
-        for t in trainers:
-            models[without(t)] = models[FULL_MODEL].copy()
+        models = {mid: np.zeros(len(spec.features) + 1) for mid in model_ids(spec, trainers)}
         job = PlainJob(spec, env.sender, trainers, validators, models)
         self.jobs[env.job_id] = job
         return self._advance(job, env.job_id)
@@ -86,7 +80,7 @@ class PlainAggregator:
     def _advance(self, job: PlainJob, job_id: str) -> list[m.Envelope]:
         spec, out = job.spec, []
         if is_eval_round(job.round, spec.rounds, spec.eval_every) and job.round not in job.evals:
-            targets = eval_models(job.round, spec.rounds, job.trainers)
+            targets = eval_models(spec, job.round, job.trainers)
             job.evals[job.round] = {}
             req = m.EvalRequest(scale_bits=self.codec.frac_bits,
                                 models={k: self._encode(job.models[k]) for k in targets})
