@@ -16,6 +16,7 @@ import multiprocessing.forkserver
 import os
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from .agents.workers import workers_for
 from .data import Dataset, DataError, demo_split, load, write_csv
 from .protocol import messages as m
 from .protocol.buyer import BuyerPhase
-from .protocol.chain import DEFAULT_DEADLINE, LEDGER, job_key
+from .protocol.chain import DEFAULT_DEADLINE, LEDGER, Wallet, job_key
 from .protocol.machine import FULL_MODEL, Context, owner_names
 from .protocol.linear import gradient_descent, least_squares, sufficient_stats
 from .protocol.owner import OwnerCore, OwnerData
@@ -125,9 +126,9 @@ def _trust_args(pinned: dict[str, str]) -> list[str]:
     return [arg for name, address in pinned.items() for arg in ("--trust", f"{name}={address}")]
 
 
-def _ledger(bus, chain_url: str):
+def _ledger(bus, chain_url: str, key: bytes | None = None):
     ledger = LedgerCore(context(LEDGER), Chain(chain_url))
-    return ledger, Agent("ledger", LEDGER, ledger, bus)
+    return ledger, Agent("ledger", LEDGER, ledger, bus, key=key)
 
 
 Wrap = Callable[[str, object], object]
@@ -211,14 +212,66 @@ def _launcher():
     return ctx
 
 
-def _spawn(role: str, args: list[str], url: str, timings: str):
-    """A daemon of ``role``, connected as that role's broker user."""
+def _daemon_env(role: str, url: str, timings: str) -> dict[str, str]:
+    """The environment of a daemon of ``role``: connected as that role's broker user."""
     env = {"DELTAML_AMQP_URL": t.role_url(url, role),
            "DELTAML_LOG_LEVEL": os.environ.get("DELTAML_LOG_LEVEL", "warning"), "DELTAML_TIMINGS_DIR": timings}
     env.update({k: v for k, v in os.environ.items() if k.startswith("DELTAML_") and k not in env})
-    process = _launcher().Process(target=_daemon_main, args=(args, env), name=f"deltaml-{role}", daemon=False)
-    _start_quietly(process)
-    return process
+    return env
+
+
+class DemoDaemons:
+    """The demo's aggregator and owners: ``deltaml`` daemons forked from this process.
+
+    Forked, not spawned: this process has imported everything a daemon needs,
+    so a child starts at once instead of importing web3's dependencies again
+    (about 1.5 s of a job's start, while the cores are wanted elsewhere). That
+    is safe only while this process has one thread, so :meth:`start` comes
+    first: their arguments (data files, keys, the addresses they trust) are
+    made beforehand, and their queues are emptied before anyone consumes them.
+    """
+
+    def __init__(self, config: DemoConfig, parts: list[Dataset], tmp: Path, url: str) -> None:
+        self.tmp, self.url, self.config = tmp, url, config
+        self.ledger_key = os.urandom(32)
+        aggregator_key = tmp / "aggregator.key"
+        ledger_address = Wallet(private_key=self.ledger_key).address
+        self.trust = _trusted(ledger_address, load_wallet(aggregator_key).address)
+        self.argvs = [("aggregator", ["aggregator", "--key", str(aggregator_key),
+                                      *_trust_args(_trusted(ledger_address))])]
+        for name, part in zip(owner_names(config.owners), parts):
+            path = tmp / f"{name}.csv"
+            write_csv(part, path)
+            self.argvs.append(("owner", ["owner", "--data", str(path), "--name", name, "--auto-accept",
+                                         "--key", str(tmp / f"{name}.key"), *_trust_args(self.trust)]))
+        self.children: list = []
+
+    async def _fresh(self) -> None:
+        from .agents.amqp import AmqpBus
+
+        bus = await AmqpBus(self.url).connect()
+        try:
+            await fresh_queues(bus, [("ledger", LEDGER), *_job_queues(self.config.owners)])
+        finally:
+            await bus.close()
+
+    def start(self) -> None:
+        """Empty the job's queues, then fork the daemons (call while this process has one thread)."""
+        asyncio.run(self._fresh())
+        # a caller that already runs threads gets the preloaded fork server instead (safe, slower)
+        forked = threading.active_count() == 1
+        context_ = multiprocessing.get_context("fork") if forked else _launcher()
+        for role, argv in self.argvs:
+            env = _daemon_env(role, self.url, str(self.tmp))
+            child = context_.Process(target=_daemon_main, args=(argv, env), name=f"deltaml-{role}", daemon=False)
+            child.start() if forked else _start_quietly(child)
+            self.children.append(child)
+
+    def stop(self) -> dict:
+        """Stop the daemons (once); the seconds of work each reported (benchmarks/e2e.py)."""
+        children, self.children = self.children, []
+        _stop(children)
+        return {p.stem: json.loads(p.read_text()) for p in self.tmp.glob("*.json")}
 
 
 def _start_quietly(process) -> None:
@@ -256,45 +309,31 @@ def _stop(children) -> None:
             child.join()
 
 
-async def _amqp_job(config: DemoConfig, data: Dataset, parts: list[Dataset],
+async def _amqp_job(config: DemoConfig, data: Dataset, daemons: DemoDaemons,
                     make_key: Callable[[], tuple[PublicKey, PrivateKey]], on_progress: Progress, url: str,
                     workers=None) -> tuple:
     from .agents.amqp import AmqpBus
 
     bus = await AmqpBus(url).connect()
-    children: list = []
-    with tempfile.TemporaryDirectory(prefix="deltaml-demo-") as tmp:
-        try:
-            await fresh_queues(bus, [("ledger", LEDGER), *_job_queues(config.owners)])
-            ledger, ledger_agent = _ledger(bus, config.chain)
-            await ledger_agent.start()
-            aggregator_key = Path(tmp) / "aggregator.key"
-            trust = _trusted(ledger_agent.address, load_wallet(aggregator_key).address)
-            children.append(_spawn("aggregator", ["aggregator", "--key", str(aggregator_key),
-                                                  *_trust_args(_trusted(ledger_agent.address))], url, tmp))
-            for name, part in zip(owner_names(config.owners), parts):
-                path = Path(tmp) / f"{name}.csv"
-                write_csv(part, path)
-                await bus.declare("owner", name)  # the offer waits in the queue until the owner is up
-                children.append(_spawn("owner", ["owner", "--data", str(path), "--name", name, "--auto-accept",
-                                                 "--key", str(Path(tmp) / f"{name}.key"), *_trust_args(trust)],
-                                       url, tmp))
-            # the buyer's key is made while the daemons start (they need it only in the job request)
-            public, key = await asyncio.to_thread(make_key)
-            spec = make_spec(config, data, public.to_hex(), "buyer")
-            core = buyer_core("buyer", key, wallet=load_wallet(None))
-            if workers is not None:
-                workers.warm(public)
-                core.ctx.map = workers.map
-            buyer = Agent("buyer", "buyer", core, bus, pinned=trust)
-            await buyer.start()
-            job_id = uuid.uuid4().hex
-            job = await run_buyer_job(buyer, spec, on_progress=on_progress, job_id=job_id)
-            job = await _withdrawals(ledger, buyer.core, job_id)
-        finally:
-            _stop(children)
-            await bus.close()
-            timings = {p.stem: json.loads(p.read_text()) for p in Path(tmp).glob("*.json")}
+    timings: dict = {}
+    try:
+        ledger, ledger_agent = _ledger(bus, config.chain, daemons.ledger_key)
+        await ledger_agent.start()
+        # the buyer's key is made while the daemons start (they need it only in the job request)
+        public, key = await asyncio.to_thread(make_key)
+        spec = make_spec(config, data, public.to_hex(), "buyer")
+        core = buyer_core("buyer", key, wallet=load_wallet(None))
+        if workers is not None:
+            workers.warm(public)
+            core.ctx.map = workers.map
+        buyer = Agent("buyer", "buyer", core, bus, pinned=daemons.trust)
+        await buyer.start()
+        job_id = uuid.uuid4().hex
+        job = await run_buyer_job(buyer, spec, on_progress=on_progress, job_id=job_id)
+        job = await _withdrawals(ledger, buyer.core, job_id)
+    finally:
+        timings = daemons.stop()
+        await bus.close()
     timings.update({"buyer-buyer": buyer.policy.busy, "ledger-ledger": ledger_agent.policy.busy})
     return public, (job, job_id, [], ledger, timings)
 
@@ -304,9 +343,6 @@ def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = la
              amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/") -> dict:
     """Run one job end to end; return the DESIGN §5 report."""
     started = time.perf_counter()
-    if bus != "memory":  # the daemons' server imports while the contract is deployed
-        _launcher()
-        multiprocessing.forkserver.ensure_running()
     data, parts = prepare_parts(config)
 
     def make_key() -> tuple[PublicKey, PrivateKey]:
@@ -316,14 +352,18 @@ def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = la
         public, private = make_key()
         spec = make_spec(config, data, public.to_hex(), "buyer")
         job, job_id, refused, ledger, timings = asyncio.run(memory_job(config, parts, spec, private, on_progress))
-    else:  # the buyer's pool is forked while this process has one thread
-        workers = workers_for(0)
-        try:
-            public, (job, job_id, refused, ledger, timings) = asyncio.run(
-                _amqp_job(config, data, parts, make_key, on_progress, amqp_url, workers))
-        finally:
-            if workers is not None:
-                workers.close()
+    else:
+        with tempfile.TemporaryDirectory(prefix="deltaml-demo-") as tmp:
+            daemons = DemoDaemons(config, parts, Path(tmp), amqp_url)
+            daemons.start()  # first: forking needs a process with one thread
+            workers = workers_for(0)  # the buyer's pool, forked while that still holds
+            try:
+                public, (job, job_id, refused, ledger, timings) = asyncio.run(
+                    _amqp_job(config, data, daemons, make_key, on_progress, amqp_url, workers))
+            finally:
+                daemons.stop()  # idempotent; here for a failure before the job ran
+                if workers is not None:
+                    workers.close()
     if job.phase is not BuyerPhase.FINISHED:
         raise RuntimeError(f"job did not finish: {job.reason or 'failed'}")
     report = buyer_report(job, job_id, public.bits, 0.0)
