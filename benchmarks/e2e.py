@@ -70,9 +70,11 @@ def cpu_seconds(busy: dict[str, dict[str, float]], before: os.times_result) -> d
     """CPU seconds each daemon reported (with its workers'), and this process's during the job."""
     out = {a: b["cpu seconds (process)"] for a, b in busy.items() if "cpu seconds (process)" in b}
     here = os.times()
+    # the daemons are this process's children too (forked from it): their seconds, which each
+    # reported with its workers', are in children_* once they are reaped, so they are taken out
     out["this process (buyer with its workers, ledger, embedded chain)"] = (
         here.user + here.system + here.children_user + here.children_system
-        - before.user - before.system - before.children_user - before.children_system)
+        - before.user - before.system - before.children_user - before.children_system) - sum(out.values())
     out["total"] = sum(out.values())
     return out
 
