@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
-import multiprocessing.forkserver
 import os
 import sys
 import tempfile
@@ -204,9 +203,9 @@ def _daemon_main(argv: list[str], env: dict[str, str]) -> None:
 
 
 def _launcher():
-    """Daemons fork from a server that imported :data:`DAEMON_MODULES` once, instead of each
-    starting an interpreter and importing web3's dependencies again; each is still its own
-    process running ``deltaml.cli.main`` (the same code as ``deltaml owner``, etc.)."""
+    """A server that imported :data:`DAEMON_MODULES` once, for daemons started where forking this
+    process is unsafe (it runs threads: the plain baseline, scale.py, a threaded caller of the demo);
+    each child is still its own process running ``deltaml.cli.main``."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(DAEMON_MODULES)
     return ctx
@@ -315,7 +314,6 @@ async def _amqp_job(config: DemoConfig, data: Dataset, daemons: DemoDaemons,
     from .agents.amqp import AmqpBus
 
     bus = await AmqpBus(url).connect()
-    timings: dict = {}
     try:
         ledger, ledger_agent = _ledger(bus, config.chain, daemons.ledger_key)
         await ledger_agent.start()
