@@ -188,3 +188,25 @@ def test_buyer_refuses_unexpected_products_and_metrics(keypair, buyer):
         buyer.handle(env(honest, round_=2))
     with pytest.raises(DecryptionRefused, match="last round"):
         buyer.handle(env(m.JobResult(scale_bits=32, model=[1, 2, 3], mse_history=[], final_mse={}), round_=2))
+
+
+def test_validator_takes_only_the_reply_to_its_own_product_request(keypair):
+    pub, priv = keypair
+    core = owner()
+    core.handle(env(m.JobOffer(spec=spec(pub))))
+    core.handle(env(m.RoleAssignment(role="validator", models=["all"])))
+    w = [pub.encrypt(0) for _ in range(3)]
+    (ask,) = core.handle(env(m.EvalRequest(scale_bits=32, models={"all": w}), round_=2))
+    buyer = BuyerCore(Context("buyer"), priv)
+    buyer.open_job("j", spec(pub))
+    buyer.handle(env(m.Participants(trainers=["owner-2", "owner-3"], validators=["owner-1"])))
+    (answer,) = buyer.handle(ask.model_copy(update={"recipient": "buyer"}))
+    assert answer.correlation_id == ask.message_id
+    # a stranger speaking as the buyer (its first word to this validator) without the request's id
+    stray = answer.model_copy(update={"correlation_id": "guessed"})
+    before = copy.deepcopy(core.jobs["j"])
+    with pytest.raises(ProtocolError, match="answers no product request"):
+        core.handle(stray)
+    assert core.jobs["j"].pending.keys() == before.pending.keys() == {2}
+    (reply,) = core.handle(answer)  # the buyer's own answer still counts
+    assert reply.type == "eval_reply" and core.jobs["j"].pending == {}

@@ -47,6 +47,7 @@ class OwnerJob:
     models: list[str] = field(default_factory=list)
     stats: EncodedStats | None = None
     pending: dict[int, dict[str, MetricSecrets]] = field(default_factory=dict)
+    asked: dict[int, str] = field(default_factory=dict)  # round -> id of this validator's product request
     confirmed: bool = False
     paid_wei: int = 0
     declined: str = ""  # why this owner's data does not fit the offer
@@ -143,13 +144,20 @@ def _on_eval(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> l
     job.pending[env.round] = secrets_
     job.phase = OwnerPhase.IN_PROGRESS
     request = ctx.message(env.job_id, env.round, job.spec.buyer, m.ProductRequest(models=pairs), env.message_id)
+    job.asked[env.round] = request.message_id
     return [request]
 
 
 def _on_products(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:
     require(env.sender == job.spec.buyer, "product reply from a party that is not the buyer")
-    secrets_ = job.pending.pop(env.round, None)
-    require(secrets_ is not None, "product reply for no pending evaluation")
+    require(env.round in job.pending, "product reply for no pending evaluation")
+    # The buyer's first message to a validator is this reply, so its name is not yet bound to an
+    # address: a stranger's reply, judged on its proofs, would fail the job and take the buyer's name.
+    # Only the buyer saw the request's id; anything else is refused and changes nothing.
+    require(env.correlation_id is not None and env.correlation_id == job.asked.get(env.round),
+            "product reply that answers no product request of this validator")
+    secrets_ = job.pending.pop(env.round)
+    job.asked.pop(env.round, None)
     reply: m.ProductReply = env.payload
     require(set(reply.models) == set(secrets_), "product reply for other models than requested")
     pub = job.public_key
