@@ -114,3 +114,16 @@ def test_the_key_holders_randomness_pair_is_the_public_one(keypair):
     assert rho_n == pow(int(rho), int(pub.n), int(pub.nsquare))
     c = pub.encrypt(42)
     assert priv.pow_crt(c, 12345) == pow(int(c), 12345, int(pub.nsquare))
+
+
+def test_without_a_table_the_key_holder_encrypts_through_crt_to_the_same_ciphertexts():
+    from deltaml.protocol import paillier
+    from deltaml.protocol.drbg import Drbg
+
+    pub, priv = generate_keypair(2048)  # a fresh key: this process has no table for it yet
+    rng = Drbg(b"s" * 32)
+    by_crt = [priv.encrypt(m, rng) for m in (0, 5, -7)]
+    assert int(pub.n) not in {int(n) for n in paillier._TABLES}  # the key holder built none
+    rng = Drbg(b"s" * 32)
+    assert [pub.encrypt(m, rng) for m in (0, 5, -7)] == by_crt  # the public way, through the table
+    assert [priv.decrypt(c) for c in by_crt] == [0, 5, -7]

@@ -159,6 +159,13 @@ def _djn_h(n):
     return (-(y * y)) % n
 
 
+@functools.lru_cache(maxsize=8)
+def _djn_hs(n):
+    """The DJN fixed base ``h_s = h**n mod n**2`` of a key (public)."""
+    n = gmpy2.mpz(n)
+    return gmpy2.powmod(_djn_h(n), n, n * n)
+
+
 _TABLES: dict = {}  # n -> FixedBase, the most recent keys' (a table is 16 MB for a 2048-bit key)
 _TABLES_LOCK = threading.Lock()
 _BUILDING: dict = {}  # n -> lock held while one thread builds that table
@@ -179,14 +186,19 @@ def _fixed_base(n) -> FixedBase:
         with _TABLES_LOCK:
             table = _TABLES.get(n)
         if table is None:
-            h, nsquare = _djn_h(n), n * n
-            table = FixedBase(gmpy2.powmod(h, n, nsquare), nsquare, _djn_exponent_bits(n))
+            table = FixedBase(_djn_hs(n), n * n, _djn_exponent_bits(n))
             with _TABLES_LOCK:
                 _TABLES[n] = table
                 while len(_TABLES) > KEPT_TABLES:
                     _TABLES.pop(next(iter(_TABLES)))
                 _BUILDING.pop(n, None)
     return table
+
+
+def _table_ready(n) -> bool:
+    """Whether this process holds the obfuscator table of the key with modulus ``n``."""
+    with _TABLES_LOCK:
+        return gmpy2.mpz(n) in _TABLES
 
 
 def warm_obfuscators(pub: "PublicKey") -> None:
@@ -227,15 +239,16 @@ class ObfuscatorStream:
         """Item ``k``, from scratch."""
         return _fixed_base(self.pub.n).pow(self.exponent(k))
 
-    def take(self):
-        """The next item: precomputed if a helper got there first, computed now otherwise."""
+    def take(self, power=None):
+        """The next item: precomputed if a helper got there first, computed now otherwise
+        (with ``power(x) = h_s**x mod n**2`` if given: the key holder's way without a table)."""
         with self.lock:
             k = self.taken
             self.taken += 1
             self.claimed = max(self.claimed, self.taken)
             value = self.ready.pop(k, None)
         if value is None:
-            return self.compute(k)
+            return self.compute(k) if power is None else power(self.exponent(k))
         self.served_ahead += 1
         return value
 
@@ -428,8 +441,23 @@ class PrivateKey:
         return xq + q * ((xp - xq) * q_inv_p % p)
 
     def obfuscator(self, rng: RandomSource = SYSTEM_RANDOM):
-        """The public fixed-base obfuscator: cheaper still than the CRT below."""
-        return self.public.obfuscator(rng)
+        """The public fixed-base obfuscator where this process has the key's table; otherwise the
+        same value ``h_s**x`` through ``p**2`` and ``q**2`` (4.9 against 0.7 ms, but the table costs
+        about 0.3 s: a buyer whose bulk work runs in its workers encrypts its first model without it)."""
+        if _table_ready(self.public.n):
+            return self.public.obfuscator(rng)
+        streams = getattr(rng, "obfuscators", None)
+        if streams is not None:
+            return streams(self.public).take(self._djn_power)
+        return self._djn_power(rng.getrandbits(_djn_exponent_bits(self.public.n)))
+
+    def _djn_power(self, x: int):
+        """``h_s**x mod n**2`` (the DJN obfuscator of exponent ``x``) through CRT."""
+        pub = self.public
+        h_s = _djn_hs(pub.n)
+        xp = gmpy2.powmod(h_s % self._psq, x, self._psq)
+        xq = gmpy2.powmod(h_s % self._qsq, x, self._qsq)
+        return self._crt(xp, xq, self._psq, self._qsq, self._qsq_inv)
 
     def pow_crt(self, base, e: int):
         """``base**e mod n**2`` for ``base`` a unit, through ``p**2`` and ``q**2`` (the key holder's shortcut)."""
