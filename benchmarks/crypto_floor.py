@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
-import multiprocessing
 import os
-import sys
 import random
 import time
 
@@ -104,27 +101,6 @@ def main() -> None:
     if result["json"]:
         with open(result["json"], "w") as fh:
             json.dump(result, fh, indent=2)
-
-
-def measure_loaded(args) -> dict:
-    """:func:`measure` while a twin measurement runs on every other core (forked; call it while this
-    process has one thread). A job keeps every core busy, and on this machine an operation costs
-    more then than with the other core idle; this floor is timed under that load."""
-    fork = multiprocessing.get_context("fork")
-    twins = [fork.Process(target=_quiet_measure, args=(args,)) for _ in range((os.cpu_count() or 1) - 1)]
-    for twin in twins:
-        twin.start()
-    try:
-        return measure(args)
-    finally:
-        for twin in twins:
-            twin.join()
-
-
-def _quiet_measure(args) -> None:
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        measure(args)
-    sys.stdout.flush()
 
 
 def measure(args) -> dict:
