@@ -1,11 +1,14 @@
 """State machines: defined transitions work, undefined ones are errors, refusals change nothing."""
 
 import copy
+import hashlib
 
 import numpy as np
 import pytest
+from eth_account import Account
 
 from deltaml.protocol import messages as m
+from deltaml.protocol.auth import sign
 from deltaml.protocol.aggregator import AggPhase, AggregatorCore
 from deltaml.protocol.buyer import BuyerCore, BuyerPhase
 from deltaml.protocol.errors import DecryptionRefused, InvalidTransition, ProtocolError
@@ -21,13 +24,30 @@ def spec(pub, **kw):
     return m.JobSpec(**{**base, **kw})
 
 
-def env(payload, sender="aggregator", recipient="x", round_=0, job="j"):
-    return m.Envelope(message_id="id", job_id=job, round=round_, sender=sender, recipient=recipient, payload=payload)
+def key_of(name: str) -> bytes:
+    return hashlib.sha256(f"test-machines-{name}".encode()).digest()
 
 
-def owner(columns=("a", "b", "y"), seed=0):
+def address_of(name: str) -> str:
+    return Account.from_key(key_of(name)).address
+
+
+def env(payload, sender="aggregator", recipient="x", round_=0, job="j", signed_by=None):
+    """An envelope signed by ``sender``'s test key (or ``signed_by``'s)."""
+    unsigned = m.Envelope(message_id="id", job_id=job, round=round_, sender=sender, recipient=recipient,
+                          payload=payload)
+    return sign(unsigned, key_of(signed_by or sender))
+
+
+def participants(trainers, validators):
+    return m.Participants(trainers=trainers, validators=validators,
+                          addresses={n: address_of(n) for n in trainers + validators})
+
+
+def owner(columns=("a", "b", "y"), seed=0, rng=None):
     X = np.random.default_rng(seed).uniform(-1, 1, size=(10, len(columns)))
-    return OwnerCore(Context("owner-1"), OwnerData(tuple(columns), X))
+    ctx = Context("owner-1") if rng is None else Context("owner-1", rng=rng)
+    return OwnerCore(ctx, OwnerData(tuple(columns), X))
 
 
 def test_table_refuses_duplicate_transitions():
@@ -98,6 +118,19 @@ def started_aggregator(keypair):
     return core
 
 
+def test_aggregator_tells_the_buyer_the_address_each_owner_joined_with(keypair):
+    pub, _ = keypair
+    core = AggregatorCore(Context("aggregator"))
+    core.handle(env(m.JobRequest(spec=spec(pub), initial_model=[pub.encrypt(0)] * 3), sender="buyer"))
+    with pytest.raises(ProtocolError, match="unsigned"):
+        core.handle(env(m.JoinRequest(rows=10), sender="owner-1").model_copy(update={"signature": None}))
+    assert core.jobs["j"].joined == {}
+    out = [o for name in ("owner-1", "owner-2", "owner-3")
+           for o in core.handle(env(m.JoinRequest(rows=10), sender=name))]
+    (told,) = [o.payload for o in out if o.type == "participants"]
+    assert told.addresses == {n: address_of(n) for n in ("owner-1", "owner-2", "owner-3")}
+
+
 def test_aggregator_rejects_undefined_and_duplicate_messages(keypair):
     pub, _ = keypair
     core = AggregatorCore(Context("aggregator"))
@@ -133,7 +166,9 @@ def buyer(keypair):
     core.open_job("j", spec(pub))
     with pytest.raises(InvalidTransition):
         core.handle(env(m.RefreshRequest(value_bits=124, drop_bits=32, models={}), round_=1))
-    core.handle(env(m.Participants(trainers=["owner-1", "owner-2"], validators=["owner-3"])))
+    with pytest.raises(DecryptionRefused, match="without an address each"):
+        core.handle(env(m.Participants(trainers=["owner-1", "owner-2"], validators=["owner-3"])))
+    core.handle(env(participants(["owner-1", "owner-2"], ["owner-3"])))
     assert core.jobs["j"].phase is BuyerPhase.TRAINING
     return core
 
@@ -171,6 +206,12 @@ def test_buyer_refuses_unexpected_products_and_metrics(keypair, buyer):
         buyer.handle(env(ask, sender="owner-3", round_=1))
     with pytest.raises(DecryptionRefused, match="not due"):
         buyer.handle(env(m.ProductRequest(models={"without:owner-1": pair}), sender="owner-3", round_=2))
+    # a participant speaking first as the validator: the buyer knows the address the validator joined with
+    with pytest.raises(DecryptionRefused, match="not signed by the address it joined with"):
+        buyer.handle(env(ask, sender="owner-3", round_=2, signed_by="owner-1"))
+    with pytest.raises(DecryptionRefused, match="unsigned"):
+        buyer.handle(env(ask, sender="owner-3", round_=2).model_copy(update={"signature": None}))
+    assert buyer.jobs["j"].served == {}
     assert buyer.handle(env(ask, sender="owner-3", round_=2))[0].type == "product_reply"
     with pytest.raises(DecryptionRefused, match="already served"):
         buyer.handle(env(ask, sender="owner-3", round_=2))
@@ -199,8 +240,8 @@ def test_validator_takes_only_the_reply_to_its_own_product_request(keypair):
     (ask,) = core.handle(env(m.EvalRequest(scale_bits=32, models={"all": w}), round_=2))
     buyer = BuyerCore(Context("buyer"), priv)
     buyer.open_job("j", spec(pub))
-    buyer.handle(env(m.Participants(trainers=["owner-2", "owner-3"], validators=["owner-1"])))
-    (answer,) = buyer.handle(ask.model_copy(update={"recipient": "buyer"}))
+    buyer.handle(env(participants(["owner-2", "owner-3"], ["owner-1"])))
+    (answer,) = buyer.handle(sign(ask.model_copy(update={"recipient": "buyer"}), key_of("owner-1")))
     assert answer.correlation_id == ask.message_id
     # a stranger speaking as the buyer (its first word to this validator) without the request's id
     stray = answer.model_copy(update={"correlation_id": "guessed"})
@@ -210,3 +251,15 @@ def test_validator_takes_only_the_reply_to_its_own_product_request(keypair):
     assert core.jobs["j"].pending.keys() == before.pending.keys() == {2}
     (reply,) = core.handle(answer)  # the buyer's own answer still counts
     assert reply.type == "eval_reply" and core.jobs["j"].pending == {}
+
+
+def test_a_checkpoint_from_before_a_new_field_restores_with_its_default(keypair):
+    import pickle
+    import random
+    core = owner(rng=random.Random(1))
+    core.handle(env(m.JobOffer(spec=spec(keypair[0]))))
+    state = pickle.loads(core.snapshot())
+    del state["jobs"]["j"].__dict__["asked"]  # as pickled before OwnerJob.asked existed
+    restarted = owner(rng=random.Random(2))
+    restarted.restore(pickle.dumps(state))
+    assert restarted.jobs["j"].asked == {} and restarted.jobs["j"].phase is OwnerPhase.READY

@@ -46,6 +46,7 @@ from .fixedpoint import FixedPoint
 from .linear import encrypted_update, step_size_q
 from .machine import (FULL_MODEL, Context, Machine, eval_models, is_eval_round, model_ids, natural_key,
                       require, table, without)
+from .auth import signer
 from .chain import LEDGER, ChainParty, job_key, key_hash, metric_args, model_index, same_address
 from .paillier import Decryption, PublicKey, expect_obfuscators, require_valid_decryption
 from .refresh import RefreshMasks, mask_for_refresh, unmask_refreshed
@@ -177,9 +178,10 @@ def _from(job: AggJob, env: m.Envelope, parties: list[str], what: str) -> None:
 def _on_join(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     require(env.sender not in job.joined, f"{env.sender} already joined")
     require(not job.spec.escrow or env.payload.address is not None, "a paid job needs the owner's address")
+    # the join is the first word an owner signs for this job: its signer is the owner, for the
+    # aggregator and (through the participants message) for the buyer, who checks its validators by it
+    job.addresses[env.sender] = signer(env)
     job.joined[env.sender] = env.payload.rows
-    if env.payload.address is not None:
-        job.addresses[env.sender] = env.payload.address
     if len(job.joined) < job.spec.owners:
         return []
     names = sorted(job.joined, key=natural_key)
@@ -193,9 +195,8 @@ def _on_join(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     out = [ctx.message(env.job_id, 0, t, m.RoleAssignment(role="trainer", models=job.models_of(t)))
            for t in job.trainers]
     out += [ctx.message(env.job_id, 0, v, m.RoleAssignment(role="validator", models=[])) for v in job.validators]
-    addresses = {}
+    addresses = {n: job.addresses[n] for n in job.trainers + job.validators}
     if job.spec.escrow:
-        addresses = {n: job.addresses[n] for n in job.trainers + job.validators}
         addresses[ctx.name] = ctx.wallet.address
     out.append(ctx.message(env.job_id, 0, job.buyer,
                            m.Participants(trainers=job.trainers, validators=job.validators, addresses=addresses)))

@@ -11,7 +11,9 @@ address may speak as the envelope's sender in that job:
   signed by its pinned address in every job;
 - any other name is bound to the address that first signed for it in that
   job — for an owner its join request, for the buyer its job request, for a
-  party greeting the ledger its hello — and must keep that address;
+  party greeting the ledger its hello — and must keep that address (a
+  validator's first word to the buyer is checked by the buyer's core against
+  the address the aggregator reports it joined with);
 - a payload that declares an address (a join request, a chain hello) must
   declare the signer's own.
 

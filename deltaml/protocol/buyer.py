@@ -34,7 +34,8 @@ from .metric import masked_products, proof_context
 from .paillier import PrivateKey
 from .refresh import refresh_masked
 from .drbg import Drbg
-from .chain import LEDGER, ChainParty, expected_settlement, job_key, key_hash, model_index, mse_micro
+from .auth import AuthError, signer
+from .chain import LEDGER, ChainParty, same_address, expected_settlement, job_key, key_hash, model_index, mse_micro
 from .settlement import Settlement, leave_one_out
 
 
@@ -86,6 +87,13 @@ def refuse_unless(condition: bool, reason: str) -> None:
         raise DecryptionRefused(reason)
 
 
+def _signer(env: m.Envelope) -> str:
+    try:
+        return signer(env)
+    except AuthError as exc:
+        raise DecryptionRefused(str(exc)) from None
+
+
 def _check_models(job: BuyerJob, models: dict, allowed: list[str]) -> None:
     refuse_unless(set(models) <= set(allowed) and models, "request for models that are not due")
     refuse_unless(all(len(v) == job.dim for v in models.values()), "vectors of the wrong length")
@@ -96,14 +104,14 @@ def _on_participants(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateK
     p: m.Participants = env.payload
     refuse_unless(len(p.trainers) == job.spec.trainers and len(p.validators) == job.spec.validators,
                   "participant counts differ from the job")
+    named = {*p.trainers, *p.validators} | ({job.aggregator} if job.spec.escrow else set())
+    refuse_unless(set(p.addresses) == named, "participants without an address each")
     job.trainers, job.validators = list(p.trainers), list(p.validators)
     job.roster = list(p.trainers)
+    job.addresses = dict(p.addresses)
     job.phase = BuyerPhase.TRAINING
     if not job.spec.escrow:
         return []
-    job.addresses = dict(p.addresses)
-    refuse_unless(set(job.addresses) == {job.aggregator, *job.trainers, *job.validators},
-                  "participants without an address each")
     job.addresses[job.spec.buyer] = ctx.wallet.address
     spec = job.spec
     args = [job_key(env.job_id), job.addresses[job.aggregator], spec.owners, spec.rounds, spec.fixed_reward_wei,
@@ -131,6 +139,10 @@ def _on_products(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) 
     req: m.ProductRequest = env.payload
     spec = job.spec
     refuse_unless(env.sender in job.validators, f"product request from {env.sender}, not a validator")
+    # the buyer has not heard from a validator before its first request, so the name alone binds
+    # nobody yet: the request must be signed by the address the validator joined with
+    refuse_unless(same_address(_signer(env), job.addresses.get(env.sender)),
+                  f"product request for {env.sender} not signed by the address it joined with")
     refuse_unless(is_eval_round(env.round, spec.rounds, spec.eval_every), f"round {env.round} is not evaluated")
     refuse_unless(env.round not in job.published, "evaluation already published")
     refuse_unless(env.sender not in job.served.get(env.round, set()), "validator already served this round")

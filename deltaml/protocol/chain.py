@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Mapping, Sequence
@@ -262,7 +262,7 @@ class ChainParty:
     def restore(self, blob: bytes) -> None:
         """Go on from a :meth:`snapshot` (taken by this party, read from its own state directory)."""
         state = pickle.loads(blob)
-        self.jobs = state["jobs"]
+        self.jobs = {job_id: _with_new_fields(job) for job_id, job in state["jobs"].items()}
         self.ctx.rng.setstate(state["rng"])
         if self.wallet is not None and state["wallet"] is not None:
             self.wallet.restore(state["wallet"])
@@ -300,6 +300,17 @@ def event_for(env: m.Envelope, name: str) -> dict | None:
     if env.type == "chain_event" and env.payload.event == name:
         return env.payload.args
     return None
+
+
+def _with_new_fields(job):
+    """A job pickled by an older version: fields added since take their defaults."""
+    if is_dataclass(job):
+        for f in fields(job):
+            if f.name not in job.__dict__ and f.default_factory is not MISSING:
+                setattr(job, f.name, f.default_factory())
+            elif f.name not in job.__dict__ and f.default is not MISSING:
+                setattr(job, f.name, f.default)
+    return job
 
 
 def same_address(a: str | None, b: str | None) -> bool:
