@@ -137,6 +137,8 @@ def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = N
             streams = getattr(core.ctx.rng, "streams", {}).values()
             usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
             counts = {"cpu seconds (process)": sum(u.ru_utime + u.ru_stime for u in usage),  # with its workers
+                      "cpu seconds (handlers)": agent.policy.cpu,
+                      "cpu seconds (obfuscator helper)": agent.precomputer.cpu if agent.precomputer else 0.0,
                       "obfuscators taken": sum(st.taken for st in streams),
                       "obfuscators computed ahead": agent.precomputer.computed if agent.precomputer else 0,
                       "obfuscators found precomputed": sum(st.served_ahead for st in streams)}

@@ -104,3 +104,46 @@ def test_a_keys_table_is_built_once_whoever_asks_first(keypair, monkeypatch):
         t.join()
     assert len(built) == 1 and len(tables) == 3 and tables[0] is tables[1] is tables[2]
     assert tables[0].pow(12345) == paillier._fixed_base(pub.n).pow(12345)
+
+
+def test_a_known_end_stops_the_claims(keypair):
+    pub, _ = keypair
+    rng = Drbg(b"e" * 32)
+    expect_obfuscators(pub, rng, per_step=4)  # a job starts: three steps' worth may wait
+    stream = rng.obfuscators(pub)
+    assert stream.ahead == 128
+    expect_obfuscators(pub, rng, per_step=4, remaining=6)  # its last steps: six more at most
+    claims = [stream.claim() for _ in range(8)]
+    assert claims[:6] == list(range(6)) and claims[6:] == [None, None]
+    expect_obfuscators(pub, rng, per_step=4, remaining=0)
+    stream.take()
+    assert stream.claim() is None
+
+
+def test_a_trainer_stops_asking_for_obfuscators_after_its_last_round(keypair):
+    import numpy as np
+
+    from deltaml.protocol import messages as m
+    from deltaml.protocol.machine import Context
+    from deltaml.protocol.owner import OwnerCore, OwnerData
+
+    pub, priv = keypair
+    rng = Drbg(b"t" * 32)
+    X = np.random.default_rng(0).uniform(-1, 1, size=(10, 3))
+    core = OwnerCore(Context("owner-1", rng=rng), OwnerData(("a", "b", "y"), X))
+    spec = m.JobSpec(buyer="buyer", features=["a", "b"], target="y", ranges=[(-10, 10), (-10, 10)], owners=3,
+                     validators=1, rounds=5, lr=0.5, eval_every=2, key_bits=2048, public_key=pub.to_hex())
+
+    def env(payload, round_=0):
+        return m.Envelope(message_id=f"id{round_}", job_id="j", round=round_, sender="aggregator",
+                          recipient="owner-1", payload=payload)
+
+    core.handle(env(m.JobOffer(spec=spec)))
+    core.handle(env(m.RoleAssignment(role="trainer", models=["all", "without:owner-2"])))
+    stream = rng.obfuscators(pub)
+    w = [priv.encrypt(0) for _ in range(3)]
+    aheads = []
+    for r in range(1, 6):
+        core.handle(env(m.GradientRequest(scale_bits=32, models={"all": w, "without:owner-2": w}), round_=r))
+        aheads.append(stream.ahead)
+    assert aheads == [18, 18, 12, 6, 0]  # 2 models x 3 values a round: three rounds' worth, then what is left

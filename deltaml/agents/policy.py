@@ -47,6 +47,7 @@ class AckPolicy:
         self.answers: OrderedDict[str, list[m.Envelope]] = OrderedDict()
         self.lock = asyncio.Lock()
         self.busy: dict[str, float] = {}  # seconds spent stepping the core, per message type
+        self.cpu = 0.0  # CPU seconds of the thread stepping the core, all types
         self.mark = time.monotonic()  # end of the core's last step or tick
         self.idle = threading.Event()  # clear while the core steps (a helper thread may work when set)
         self.idle.set()
@@ -74,6 +75,13 @@ class AckPolicy:
                 self.record("out", out)
                 await self.publish(out)
             log.info("acted on silence", sent=[o.type for o in outgoing])
+
+    def _timed_step(self, env: m.Envelope) -> list[m.Envelope]:
+        started = time.thread_time()
+        try:
+            return self.step(env)
+        finally:
+            self.cpu += time.thread_time() - started
 
     def _save(self, message_id: str | None, outgoing: list[m.Envelope]) -> None:
         """Checkpoint the step before anything of it leaves (see :mod:`deltaml.agents.checkpoint`)."""
@@ -122,7 +130,7 @@ class AckPolicy:
             started = time.perf_counter()
             self.idle.clear()
             try:
-                outgoing = await asyncio.to_thread(self.step, env)
+                outgoing = await asyncio.to_thread(self._timed_step, env)
             except ProtocolError as exc:
                 self.record("refused", env)
                 bound.warning("message refused", reason=str(exc))

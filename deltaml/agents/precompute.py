@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 
 import structlog
 
@@ -38,6 +39,7 @@ class Precomputer:
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="obfuscators", daemon=True)
         self.computed = 0
+        self.cpu = 0.0  # CPU seconds of this thread (read once it has stopped)
 
     def start(self) -> None:
         # the agent's own work takes the interpreter back within a millisecond, not the default five
@@ -56,6 +58,12 @@ class Precomputer:
         return None
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.cpu = time.thread_time()
+
+    def _serve(self) -> None:
         niced = False
         while not self.done.is_set():
             if not self.idle.wait(self.poll):

@@ -127,6 +127,8 @@ def _on_gradient(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) 
     pub = job.public_key
     grads = {mid: encrypted_gradient(pub, job.stats, w, req.scale_bits, ctx.rng) for mid, w in req.models.items()}
     job.phase = OwnerPhase.IN_PROGRESS
+    per_round = len(req.models) * job.stats.stats.dim
+    expect_obfuscators(pub, ctx.rng, per_round, remaining=(job.spec.rounds - env.round) * per_round)
     return [ctx.reply(env, m.GradientReply(rows=job.stats.stats.rows, gradients=grads))]
 
 

@@ -268,13 +268,15 @@ class ObfuscatorStream:
                 self.ready[k] = value
 
 
-def expect_obfuscators(pub: "PublicKey", rng: RandomSource, per_step: int) -> None:
+def expect_obfuscators(pub: "PublicKey", rng: RandomSource, per_step: int, remaining: int | None = None) -> None:
     """Tell a random source with obfuscator streams that ``pub`` will need about
-    ``per_step`` obfuscators per message, so a helper can start computing them."""
+    ``per_step`` obfuscators per message, so a helper can start computing them;
+    with ``remaining``, that no more than that many will be needed after all (a job's
+    last rounds: a helper then stops instead of making items nobody takes)."""
     streams = getattr(rng, "obfuscators", None)
     if streams is not None:
         stream = streams(pub)
-        stream.ahead = max(stream.ahead, 3 * per_step)
+        stream.ahead = max(stream.ahead, 3 * per_step) if remaining is None else min(3 * per_step, remaining)
 
 
 def check_key_bits(bits: int) -> None:
