@@ -71,6 +71,21 @@ def phases(busy: dict[str, dict[str, float]]) -> dict[str, float]:
     }
 
 
+def work_in_the_job(busy: dict[str, dict[str, float]], floor_by_party: dict[str, float]) -> dict[str, dict]:
+    """Each trainer's and the validator's Paillier work as the job did it (CPU seconds of the
+    handler thread and of the idle-time helper) against the floor's figure for that party: the
+    ratio is what two busy cores and the job's processes cost the same work."""
+    out = {}
+    for agent, b in sorted(busy.items()):
+        role = "trainer" if b.get("gradient_request") else "validator" if b.get("eval_request") else None
+        if role is None or "cpu seconds (handlers)" not in b:
+            continue
+        job = b["cpu seconds (handlers)"] + b["cpu seconds (obfuscator helper)"]
+        out[agent] = {"party": role, "job_cpu_seconds": job, "floor_seconds": floor_by_party[role],
+                      "ratio": job / floor_by_party[role], "process_cpu_seconds": b["cpu seconds (process)"]}
+    return out
+
+
 def cpu_seconds(busy: dict[str, dict[str, float]], before: os.times_result) -> dict[str, float]:
     """CPU seconds each daemon reported (with its workers'), and this process's during the job."""
     out = {a: b["cpu seconds (process)"] for a, b in busy.items() if "cpu seconds (process)" in b}
@@ -120,6 +135,8 @@ def main() -> None:
     floor = {**floors[0], **{k: statistics.mean(f[k] for f in floors)
                             for k in ("floor_seconds", "total_seconds", "critical_path_seconds")},
              "fastest": {"floor_seconds": statistics.mean(f["fastest"]["floor_seconds"] for f in floors)},
+             "by_party_seconds": {p: statistics.mean(f["by_party_seconds"][p] for f in floors)
+                                  for p in floors[0]["by_party_seconds"]},
              "sittings": [{k: f[k] for k in ("floor_seconds", "total_seconds", "critical_path_seconds", "fastest")}
                           for f in floors]}
     data, parts = prepare_parts(config)
@@ -162,6 +179,11 @@ def main() -> None:
         ("plain numpy, same training and leave-one-out models (in process)", numpy_seconds),
         (f"original's algorithm, {args.original_rounds} rounds scaled to {args.rounds}", ref_scaled),
     ]
+    work = work_in_the_job(report["busy_seconds"], floor["by_party_seconds"])
+    print(f"\n{'Paillier work of one owner: CPU seconds in the job (handler + helper) against the floor':<78}")
+    for agent, w in work.items():
+        print(f"  {agent + ' (' + w['party'] + ')':<40}{w['job_cpu_seconds']:>8.2f} s in the job, "
+              f"{w['floor_seconds']:>6.2f} s in the floor: {w['ratio']:.2f}x  (process: {w['process_cpu_seconds']:.2f} s)")
     print(f"\n{'':<78}{'seconds':>10}")
     for name, value in rows:
         print(f"{name:<78}{value:>10.2f}" if value >= 0.1 else f"{name:<78}{value:>10.4f}")
@@ -179,7 +201,7 @@ def main() -> None:
         "ratio_to_floor": ratio_floor, "ratio_to_fastest_floor": ratio_fastest, "speedup_over_original": speedup,
         "final_mse": report["final_mse"],
         "centralized_gd_mse": report["centralized_gd_mse"], "gas": report["chain"]["gas"],
-        "busy_seconds": report["busy_seconds"],
+        "busy_seconds": report["busy_seconds"], "owners_work_in_the_job": work,
     }
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"results written to {args.json}")
