@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from deltaml.data import demo_split, load_diabetes
-from deltaml.protocol.budget import can_evaluate, can_train
+from deltaml.protocol.budget import plan
 from deltaml.protocol.fixedpoint import FixedPoint
 from deltaml.protocol.linear import encode_stats, encrypted_gradient, encrypted_update, step_size_q, sufficient_stats
 from deltaml.protocol.metric import encrypted_sse, mask_product_inputs, masked_products, verify_products
@@ -74,21 +74,7 @@ def schedule(rounds: int, eval_every: int, key_bits: int, codec: FixedPoint) -> 
     masks and the validator's exponents are that much longer), so the floor
     times each at the scale the job reaches.
     """
-    f, b = codec.frac_bits, codec.magnitude_bits
-    scale, refreshes, evals = f, [], []
-    for r in range(rounds + 1):
-        if r == 0 or r == rounds or r % eval_every == 0:
-            if not can_evaluate(scale, f, b, key_bits):
-                refreshes.append(scale)
-                scale = f
-            evals.append(scale)
-        if r == rounds:
-            break
-        if not can_train(scale, f, b, key_bits):
-            refreshes.append(scale)
-            scale = f
-        scale += 2 * f
-    return refreshes, evals
+    return plan(codec.frac_bits, 0, rounds, eval_every, codec.frac_bits, codec.magnitude_bits, key_bits)
 
 
 def main() -> None:

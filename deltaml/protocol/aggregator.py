@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from . import messages as m
-from .budget import can_evaluate, can_train
+from .budget import can_evaluate, can_train, plan
 from .fixedpoint import FixedPoint
 from .linear import encrypted_update, step_size_q
 from .machine import (FULL_MODEL, Context, Machine, eval_models, is_eval_round, model_ids, natural_key,
@@ -167,7 +167,18 @@ def _start_refresh(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
     for mid, w in job.models.items():
         masked[mid], job.masks[mid] = mask_for_refresh(pub, w, value_bits, drop, ctx.rng)
     req = m.RefreshRequest(value_bits=value_bits, drop_bits=drop, models=masked)
+    _expect_refreshes(job, ctx, job.spec.frac_bits)
     return [ctx.message(job_id, job.round, job.buyer, req)]
+
+
+def _expect_refreshes(job: AggJob, ctx: Context, scale_bits: int) -> None:
+    """Tell a helper how many refresh masks the rest of the job needs, from ``scale_bits`` at this
+    round: none after the last refresh, so it does not make a refresh's worth that nobody takes."""
+    s = job.spec
+    refreshes, _ = plan(scale_bits, job.round, s.rounds, s.eval_every, s.frac_bits, s.magnitude_bits,
+                        job.public_key.bits)
+    per_refresh = len(job.models) * len(job.models[FULL_MODEL])
+    expect_obfuscators(job.public_key, ctx.rng, per_refresh, remaining=per_refresh * len(refreshes))
 
 
 def _from(job: AggJob, env: m.Envelope, parties: list[str], what: str) -> None:
@@ -190,7 +201,7 @@ def _on_join(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     job.validators = names[job.spec.trainers:]
     job.models = {mid: job.models[FULL_MODEL] for mid in model_ids(job.spec, job.trainers)}
     # a refresh encrypts a mask per coefficient of every model: a helper may prepare them
-    expect_obfuscators(job.public_key, ctx.rng, len(job.models) * len(job.models[FULL_MODEL]))
+    _expect_refreshes(job, ctx, job.spec.frac_bits)
     job.phase = AggPhase.STARTING
     out = [ctx.message(env.job_id, 0, t, m.RoleAssignment(role="trainer", models=job.models_of(t)))
            for t in job.trainers]

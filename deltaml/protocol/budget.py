@@ -35,3 +35,27 @@ def can_evaluate(scale_bits: int, frac_bits: int, magnitude_bits: int, key_bits:
     """Whether the metric's masked product fits at ``scale_bits``."""
     product = 2 * (magnitude_bits + scale_bits + MASK_OVERHEAD) + frac_bits + GRAM_MARGIN_BITS
     return product <= capacity_bits(key_bits)
+
+
+def plan(scale_bits: int, from_round: int, rounds: int, eval_every: int, frac_bits: int, magnitude_bits: int,
+         key_bits: int) -> tuple[list[int], list[int]]:
+    """The rest of a job as the budget rule will run it from ``scale_bits`` at ``from_round``:
+    the scales at which it refreshes and those at which it evaluates (the aggregator's rule:
+    before an evaluation that does not fit, and before a step that does not fit)."""
+    from .machine import is_eval_round
+
+    f, b = frac_bits, magnitude_bits
+    scale, refreshes, evals = scale_bits, [], []
+    for r in range(from_round, rounds + 1):
+        if is_eval_round(r, rounds, eval_every):
+            if not can_evaluate(scale, f, b, key_bits):
+                refreshes.append(scale)
+                scale = f
+            evals.append(scale)
+        if r == rounds:
+            break
+        if not can_train(scale, f, b, key_bits):
+            refreshes.append(scale)
+            scale = f
+        scale += 2 * f
+    return refreshes, evals

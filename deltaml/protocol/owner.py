@@ -145,6 +145,9 @@ def _on_eval(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> l
         secrets_[mid] = sec
     job.pending[env.round] = secrets_
     job.phase = OwnerPhase.IN_PROGRESS
+    if env.round == job.spec.rounds:  # the last evaluation: only each pending model's SSE is left to encrypt
+        left = sum(len(p) for p in job.pending.values())
+        expect_obfuscators(pub, ctx.rng, left, remaining=left)
     request = ctx.message(env.job_id, env.round, job.spec.buyer, m.ProductRequest(models=pairs), env.message_id)
     job.asked[env.round] = request.message_id
     return [request]
