@@ -1,10 +1,19 @@
 """Obfuscators computed ahead in idle time are the ones the protocol would have computed itself."""
 
+import hashlib
 import threading
 import time
 
+import numpy as np
+
 from deltaml.agents.precompute import Precomputer
+from deltaml.protocol import messages as m
+from deltaml.protocol.aggregator import AggregatorCore
+from deltaml.protocol.auth import sign
+from deltaml.protocol.budget import plan
 from deltaml.protocol.drbg import Drbg
+from deltaml.protocol.machine import Context
+from deltaml.protocol.owner import OwnerCore, OwnerData
 from deltaml.protocol.paillier import expect_obfuscators
 
 
@@ -120,95 +129,69 @@ def test_a_known_end_stops_the_claims(keypair):
     assert stream.claim() is None
 
 
-def test_a_trainer_stops_asking_for_obfuscators_after_its_last_round(keypair):
-    import numpy as np
+def job_spec(pub, rounds, eval_every):
+    return m.JobSpec(buyer="buyer", features=["a", "b"], target="y", ranges=[(-10, 10), (-10, 10)], owners=3,
+                     validators=1, rounds=rounds, lr=0.5, eval_every=eval_every, key_bits=2048,
+                     public_key=pub.to_hex())
 
-    from deltaml.protocol import messages as m
-    from deltaml.protocol.machine import Context
-    from deltaml.protocol.owner import OwnerCore, OwnerData
 
-    pub, priv = keypair
-    rng = Drbg(b"t" * 32)
+def owner_in_a_job(pub, name, role, models, rounds, seed):
+    """An owner core with a seeded random source, offered a job and given its role."""
+    rng = Drbg(seed * 32)
     X = np.random.default_rng(0).uniform(-1, 1, size=(10, 3))
-    core = OwnerCore(Context("owner-1", rng=rng), OwnerData(("a", "b", "y"), X))
-    spec = m.JobSpec(buyer="buyer", features=["a", "b"], target="y", ranges=[(-10, 10), (-10, 10)], owners=3,
-                     validators=1, rounds=5, lr=0.5, eval_every=2, key_bits=2048, public_key=pub.to_hex())
+    core = OwnerCore(Context(name, rng=rng), OwnerData(("a", "b", "y"), X))
+    core.handle(from_aggregator(m.JobOffer(spec=job_spec(pub, rounds, eval_every=2)), name))
+    core.handle(from_aggregator(m.RoleAssignment(role=role, models=models), name))
+    return core, rng.obfuscators(pub)
 
-    def env(payload, round_=0):
-        return m.Envelope(message_id=f"id{round_}", job_id="j", round=round_, sender="aggregator",
-                          recipient="owner-1", payload=payload)
 
-    core.handle(env(m.JobOffer(spec=spec)))
-    core.handle(env(m.RoleAssignment(role="trainer", models=["all", "without:owner-2"])))
-    stream = rng.obfuscators(pub)
+def from_aggregator(payload, recipient, round_=0):
+    return m.Envelope(message_id=f"id{round_}", job_id="j", round=round_, sender="aggregator",
+                      recipient=recipient, payload=payload)
+
+
+def test_a_trainer_stops_asking_for_obfuscators_after_its_last_round(keypair):
+    pub, priv = keypair
+    core, stream = owner_in_a_job(pub, "owner-1", "trainer", ["all", "without:owner-2"], rounds=5, seed=b"t")
     w = [priv.encrypt(0) for _ in range(3)]
     aheads = []
     for r in range(1, 6):
-        core.handle(env(m.GradientRequest(scale_bits=32, models={"all": w, "without:owner-2": w}), round_=r))
+        core.handle(from_aggregator(m.GradientRequest(scale_bits=32, models={"all": w, "without:owner-2": w}),
+                                    "owner-1", round_=r))
         aheads.append(stream.ahead)
     assert aheads == [18, 18, 12, 6, 0]  # 2 models x 3 values a round: three rounds' worth, then what is left
 
 
+def test_a_validator_prepares_only_the_sse_encryptions_after_the_last_evaluation(keypair):
+    pub, priv = keypair
+    core, stream = owner_in_a_job(pub, "owner-3", "validator", [], rounds=4, seed=b"v")
+    w = [priv.encrypt(0) for _ in range(3)]
+    core.handle(from_aggregator(m.EvalRequest(scale_bits=32, models={"all": w}), "owner-3", round_=2))
+    assert stream.ahead == 128  # more evaluations to come
+    core.handle(from_aggregator(m.EvalRequest(scale_bits=32, models={"all": w, "without:owner-1": w}), "owner-3",
+                                round_=4))
+    assert stream.ahead == 3  # round 2's model and the two of round 4 wait for one SSE encryption each
+
+
 def test_the_aggregator_prepares_refresh_masks_only_for_refreshes_to_come(keypair):
-    import hashlib
-
-    from eth_account import Account
-
-    from deltaml.protocol import messages as m
-    from deltaml.protocol.aggregator import AggregatorCore
-    from deltaml.protocol.auth import sign
-    from deltaml.protocol.budget import plan
-    from deltaml.protocol.machine import Context
-
     pub, _ = keypair
 
     def aheads(rounds):
         rng = Drbg(b"a" * 32)
         core = AggregatorCore(Context("aggregator", rng=rng))
-        spec = m.JobSpec(buyer="buyer", features=["a", "b"], target="y", ranges=[(-10, 10), (-10, 10)], owners=3,
-                         validators=1, rounds=rounds, lr=0.5, eval_every=10, key_bits=2048, public_key=pub.to_hex())
 
-        def env(payload, sender):
+        def signed(payload, sender):
             key = hashlib.sha256(sender.encode()).digest()
             return sign(m.Envelope(message_id=sender, job_id="j", sender=sender, recipient="aggregator",
                                    payload=payload), key)
 
-        core.handle(env(m.JobRequest(spec=spec, initial_model=[pub.encrypt(0)] * 3), "buyer"))
+        spec = job_spec(pub, rounds, eval_every=10)
+        core.handle(signed(m.JobRequest(spec=spec, initial_model=[pub.encrypt(0)] * 3), "buyer"))
         for name in ("owner-1", "owner-2", "owner-3"):
-            core.handle(env(m.JoinRequest(rows=10), name))
-        assert Account.from_key(hashlib.sha256(b"owner-1").digest()).address == core.jobs["j"].addresses["owner-1"]
-        refreshes = len(plan(32, 0, rounds, 10, 32, 60, 2048)[0])
-        return refreshes, rng.obfuscators(pub).ahead
+            core.handle(signed(m.JoinRequest(rows=10), name))
+        return len(plan(32, 0, rounds, 10, 32, 60, 2048)[0]), rng.obfuscators(pub).ahead
 
     per_refresh = 3 * 3  # the full model and two leave-one-out models, three values each
     assert aheads(4) == (0, 0)  # a short job never refreshes: nothing to prepare
     assert aheads(30) == (1, per_refresh)
     assert aheads(100) == (5, 3 * per_refresh)  # three refreshes' worth at most wait
-
-
-def test_a_validator_prepares_only_the_sse_encryptions_after_the_last_evaluation(keypair):
-    import numpy as np
-
-    from deltaml.protocol import messages as m
-    from deltaml.protocol.machine import Context
-    from deltaml.protocol.owner import OwnerCore, OwnerData
-
-    pub, priv = keypair
-    rng = Drbg(b"v" * 32)
-    X = np.random.default_rng(0).uniform(-1, 1, size=(10, 3))
-    core = OwnerCore(Context("owner-3", rng=rng), OwnerData(("a", "b", "y"), X))
-    spec = m.JobSpec(buyer="buyer", features=["a", "b"], target="y", ranges=[(-10, 10), (-10, 10)], owners=3,
-                     validators=1, rounds=4, lr=0.5, eval_every=2, key_bits=2048, public_key=pub.to_hex())
-
-    def env(payload, round_=0):
-        return m.Envelope(message_id=f"id{round_}", job_id="j", round=round_, sender="aggregator",
-                          recipient="owner-3", payload=payload)
-
-    core.handle(env(m.JobOffer(spec=spec)))
-    core.handle(env(m.RoleAssignment(role="validator", models=[])))
-    stream = rng.obfuscators(pub)
-    w = [priv.encrypt(0) for _ in range(3)]
-    core.handle(env(m.EvalRequest(scale_bits=32, models={"all": w}), round_=2))
-    assert stream.ahead == 128  # more evaluations to come
-    core.handle(env(m.EvalRequest(scale_bits=32, models={"all": w, "without:owner-1": w}), round_=4))
-    assert stream.ahead == 3  # round 2's model and the two of round 4 wait for one SSE encryption each
