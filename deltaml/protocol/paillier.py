@@ -377,18 +377,12 @@ class PublicKey:
         return gmpy2.invert(gmpy2.mpz(c), self.nsquare)
 
     def dot(self, cs, ks) -> "gmpy2.mpz":
-        """``sum_j k_j [x_j]`` with one inversion for all negative coefficients."""
-        pos = gmpy2.mpz(1)
-        neg = gmpy2.mpz(1)
-        for c, k in zip(cs, ks, strict=True):
-            k = int(k)
-            if k > 0:
-                pos = pos * gmpy2.powmod(c, k, self.nsquare) % self.nsquare
-            elif k < 0:
-                neg = neg * gmpy2.powmod(c, -k, self.nsquare) % self.nsquare
-        if neg == 1:
-            return pos
-        return pos * gmpy2.invert(neg, self.nsquare) % self.nsquare
+        """``sum_j k_j [x_j]`` as one multi-exponentiation (:class:`MatrixPowers`): the squarings
+        are shared by all terms, which pays when the coefficients are long (a validator's masks)."""
+        cs, ks = list(cs), [int(k) for k in ks]
+        if len(cs) != len(ks):
+            raise ValueError(f"{len(cs)} ciphertexts but {len(ks)} coefficients")
+        return MatrixPowers([ks]).apply(self, cs)[0]
 
     def sum(self, cs):
         """``sum_j [x_j]``."""
