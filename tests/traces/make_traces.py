@@ -49,6 +49,11 @@ async def main() -> None:
         await agent.start()
     spec = make_spec(config, data, key.public.to_hex(), "buyer", escrow=False)
     job = await run_buyer_job(buyer, spec, job_id="trace-job")
+    # the buyer is done; the owners still take the aggregator's last word (job_finished)
+    for _ in range(200):
+        if all(a.core.jobs["trace-job"].phase.name == "FINISHED" for a in agents if a.role == "owner"):
+            break
+        await asyncio.sleep(0.05)
     await bus.close()
     for agent in [*agents, buyer]:
         agent.trace.close()
