@@ -41,12 +41,12 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from . import messages as m
+from .auth import signer
 from .budget import can_evaluate, can_train, plan
 from .fixedpoint import FixedPoint
 from .linear import encrypted_update, step_size_q
 from .machine import (FULL_MODEL, Context, Machine, eval_models, is_eval_round, model_ids, natural_key,
                       require, table, without)
-from .auth import signer
 from .chain import LEDGER, ChainParty, job_key, key_hash, metric_args, model_index, same_address
 from .paillier import Decryption, PublicKey, expect_obfuscators, require_valid_decryption
 from .refresh import RefreshMasks, mask_for_refresh, unmask_refreshed
