@@ -80,7 +80,7 @@ def training(ledger, keypair):
     return job, buyer, agg, owners
 
 
-def metric_call(job, keypair, sse=12345 << 64, tamper=None):
+def metric_call(job, keypair, sse=12345 << 64, tamper=None, round_=0):
     pub, priv = keypair
     c = pub.encrypt(sse)
     dec = priv.decrypt_verifiably(c)
@@ -91,7 +91,7 @@ def metric_call(job, keypair, sse=12345 << 64, tamper=None):
         rand = rand * 2 % pub.n
     elif tamper == "ciphertext":
         cipher = pub.encrypt(sse)  # same plaintext, another ciphertext: the hash no longer matches
-    args = metric_args(job, 0, 0, c, plain, 64, 10, rand)
+    args = metric_args(job, round_, 0, c, plain, 64, 10, rand)
     return args, m.MetricProof(ciphertext=cipher, public_key=key)
 
 
@@ -195,3 +195,23 @@ def test_a_whole_job_settles_on_a_real_anvil_node(anvil, keypair):
     assert withdrawn == report["payments_wei"]
     assert sum(report["payments_wei"].values()) + report["refund_wei"] == report["deposit_wei"]
     assert report["settlement_as_predicted"]
+
+
+def test_a_jobs_key_hash_is_read_from_the_chain_once(ledger, training, keypair, monkeypatch):
+    job, buyer, agg, owners = training
+    calls = []
+    real = ledger.chain.contract.functions.jobInfo
+
+    def counting(key):
+        calls.append(key)
+        return real(key)
+
+    monkeypatch.setattr(ledger.chain.contract.functions, "jobInfo", counting)
+    assert ledger.chain.key_hash(job_key(job)) == key_hash(keypair[0])
+    for round_ in (0, 1):
+        args, proof = metric_call(job, keypair, round_=round_)
+        assert agg.call(job, "recordMetric", args, proof=proof).ok
+    assert calls == [job_key(job)]
+    unknown = job_key(f"no-such-job-{time.monotonic_ns()}")
+    assert ledger.chain.key_hash(unknown) == bytes(32) and ledger.chain.key_hash(unknown) == bytes(32)
+    assert calls.count(unknown) == 2  # a job not created yet is asked again, not remembered as zero

@@ -73,6 +73,7 @@ class Chain:
         self.contract = self.w3.eth.contract(address=to_checksum_address(contract), abi=art["abi"])
         self.chain_id = self.w3.eth.chain_id
         self._events = {Web3.keccak(text=chain.signature(e)): e["name"] for e in art["abi"] if e["type"] == "event"}
+        self._key_hashes: dict[bytes, bytes] = {}
         self._errors = {Web3.keccak(text=chain.signature(e))[:4].hex(): e["name"]
                         for e in art["abi"] if e["type"] == "error"}
 
@@ -101,7 +102,14 @@ class Chain:
         return 2 * self.w3.eth.gas_price
 
     def key_hash(self, job: bytes) -> bytes:
-        return bytes(self.contract.functions.jobInfo(job).call()[5])
+        """The key hash a job was created with (read once: createJob sets it and nothing changes it;
+        a job not created yet reads as zero and is asked again)."""
+        known = self._key_hashes.get(job)
+        if known is None:
+            known = bytes(self.contract.functions.jobInfo(job).call()[5])
+            if any(known):
+                self._key_hashes[job] = known
+        return known
 
     def credit(self, address: str) -> int:
         return self.contract.functions.credit(to_checksum_address(address)).call()
