@@ -50,6 +50,14 @@ def owner(columns=("a", "b", "y"), seed=0, rng=None):
     return OwnerCore(ctx, OwnerData(tuple(columns), X))
 
 
+def owner_as(pub, role):
+    """An owner that joined a job and was given ``role`` in it (with the full model, for a trainer)."""
+    core = owner()
+    core.handle(env(m.JobOffer(spec=spec(pub))))
+    core.handle(env(m.RoleAssignment(role=role, models=["all"])))
+    return core
+
+
 def test_table_refuses_duplicate_transitions():
     with pytest.raises(ValueError):
         table((OwnerPhase.WAITING, "job_offer", None, ()), (OwnerPhase.WAITING, "job_offer", None, ()))
@@ -95,9 +103,7 @@ def test_owner_undefined_transitions_are_errors(keypair):
 
 def test_trainer_refuses_a_model_it_is_not_in_and_a_stranger(keypair):
     pub, _ = keypair
-    core = owner()
-    core.handle(env(m.JobOffer(spec=spec(pub))))
-    core.handle(env(m.RoleAssignment(role="trainer", models=["all"])))
+    core = owner_as(pub, "trainer")
     w = [pub.encrypt(0) for _ in range(3)]
     with pytest.raises(ProtocolError, match="not in"):
         core.handle(env(m.GradientRequest(scale_bits=32, models={"without:owner-1": w}), round_=1))
@@ -233,9 +239,7 @@ def test_buyer_refuses_unexpected_products_and_metrics(keypair, buyer):
 
 def test_validator_takes_only_the_reply_to_its_own_product_request(keypair):
     pub, priv = keypair
-    core = owner()
-    core.handle(env(m.JobOffer(spec=spec(pub))))
-    core.handle(env(m.RoleAssignment(role="validator", models=["all"])))
+    core = owner_as(pub, "validator")
     w = [pub.encrypt(0) for _ in range(3)]
     (ask,) = core.handle(env(m.EvalRequest(scale_bits=32, models={"all": w}), round_=2))
     buyer = BuyerCore(Context("buyer"), priv)

@@ -167,15 +167,16 @@ def _start_refresh(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
     for mid, w in job.models.items():
         masked[mid], job.masks[mid] = mask_for_refresh(pub, w, value_bits, drop, ctx.rng)
     req = m.RefreshRequest(value_bits=value_bits, drop_bits=drop, models=masked)
-    _expect_refreshes(job, ctx, job.spec.frac_bits)
+    _expect_refreshes(job, ctx)
     return [ctx.message(job_id, job.round, job.buyer, req)]
 
 
-def _expect_refreshes(job: AggJob, ctx: Context, scale_bits: int) -> None:
-    """Tell a helper how many refresh masks the rest of the job needs, from ``scale_bits`` at this
-    round: none after the last refresh, so it does not make a refresh's worth that nobody takes."""
+def _expect_refreshes(job: AggJob, ctx: Context) -> None:
+    """Tell a helper how many refresh masks the rest of the job needs, from the base scale at this
+    round (the job's start, or a refresh): none after the last refresh, so it does not make a
+    refresh's worth that nobody takes."""
     s = job.spec
-    refreshes, _ = plan(scale_bits, job.round, s.rounds, s.eval_every, s.frac_bits, s.magnitude_bits,
+    refreshes, _ = plan(s.frac_bits, job.round, s.rounds, s.eval_every, s.frac_bits, s.magnitude_bits,
                         job.public_key.bits)
     per_refresh = len(job.models) * len(job.models[FULL_MODEL])
     expect_obfuscators(job.public_key, ctx.rng, per_refresh, remaining=per_refresh * len(refreshes))
@@ -201,7 +202,7 @@ def _on_join(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     job.validators = names[job.spec.trainers:]
     job.models = {mid: job.models[FULL_MODEL] for mid in model_ids(job.spec, job.trainers)}
     # a refresh encrypts a mask per coefficient of every model: a helper may prepare them
-    _expect_refreshes(job, ctx, job.spec.frac_bits)
+    _expect_refreshes(job, ctx)
     job.phase = AggPhase.STARTING
     out = [ctx.message(env.job_id, 0, t, m.RoleAssignment(role="trainer", models=job.models_of(t)))
            for t in job.trainers]

@@ -10,6 +10,7 @@ fit: with a 2048-bit key that is every 20 rounds or so, not every round.
 from __future__ import annotations
 
 from .fixedpoint import SLACK_BITS
+from .machine import is_eval_round
 
 MASK_OVERHEAD = 2 + SLACK_BITS
 #: Room left for ``log2`` of a validator's Gram matrix row sums (2**64 rows).
@@ -42,8 +43,6 @@ def plan(scale_bits: int, from_round: int, rounds: int, eval_every: int, frac_bi
     """The rest of a job as the budget rule will run it from ``scale_bits`` at ``from_round``:
     the scales at which it refreshes and those at which it evaluates (the aggregator's rule:
     before an evaluation that does not fit, and before a step that does not fit)."""
-    from .machine import is_eval_round
-
     f, b = frac_bits, magnitude_bits
     scale, refreshes, evals = scale_bits, [], []
     for r in range(from_round, rounds + 1):

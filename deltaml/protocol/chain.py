@@ -306,9 +306,11 @@ def _with_new_fields(job):
     """A job pickled by an older version: fields added since take their defaults."""
     if is_dataclass(job):
         for f in fields(job):
-            if f.name not in job.__dict__ and f.default_factory is not MISSING:
+            if f.name in job.__dict__:
+                continue
+            if f.default_factory is not MISSING:
                 setattr(job, f.name, f.default_factory())
-            elif f.name not in job.__dict__ and f.default is not MISSING:
+            elif f.default is not MISSING:
                 setattr(job, f.name, f.default)
     return job
 

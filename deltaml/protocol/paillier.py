@@ -138,7 +138,7 @@ class MatrixPowers:
 
 
 def multi_power(pub: "PublicKey", bases, exponents) -> "gmpy2.mpz":
-    """``prod_j bases[j]**exponents[j] mod n**2`` for non-negative exponents, in one pass (Straus)."""
+    """``prod_j bases[j]**exponents[j] mod n**2`` for signed exponents, in one pass (Straus)."""
     return MatrixPowers([exponents]).apply(pub, list(bases))[0]
 
 
@@ -377,12 +377,9 @@ class PublicKey:
         return gmpy2.invert(gmpy2.mpz(c), self.nsquare)
 
     def dot(self, cs, ks) -> "gmpy2.mpz":
-        """``sum_j k_j [x_j]`` as one multi-exponentiation (:class:`MatrixPowers`): the squarings
+        """``sum_j k_j [x_j]`` as one multi-exponentiation (:func:`multi_power`): the squarings
         are shared by all terms, which pays when the coefficients are long (a validator's masks)."""
-        cs, ks = list(cs), [int(k) for k in ks]
-        if len(cs) != len(ks):
-            raise ValueError(f"{len(cs)} ciphertexts but {len(ks)} coefficients")
-        return MatrixPowers([ks]).apply(self, cs)[0]
+        return multi_power(self, list(cs), list(ks))
 
     def sum(self, cs):
         """``sum_j [x_j]``."""
