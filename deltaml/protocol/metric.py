@@ -133,35 +133,66 @@ def masked_products(
     return out, proofs
 
 
+@dataclass(frozen=True)
+class ProductClaim:
+    """One model's masked products as the buyer returned them, with what they must answer:
+    the validator's ``[u]``, ``[v]`` and the context the proofs are bound to."""
+
+    u: Sequence[int]
+    v: Sequence[int]
+    products: Sequence[int]
+    proofs: Sequence[MulProof]
+    context: bytes = b""
+
+
 def verify_products(pub: PublicKey, u: Sequence[int], v: Sequence[int], products: Sequence[int],
                     proofs: Sequence[MulProof], context: bytes = b"", rng: RandomSource = SYSTEM_RANDOM) -> bool:
-    """Whether every ``C_j`` is ``[v_j]**Dec([u_j])`` re-randomised (the validator's check).
+    """Whether every ``C_j`` is ``[v_j]**Dec([u_j])`` re-randomised (the validator's check)."""
+    return verify_all_products(pub, [ProductClaim(u, v, products, proofs, context)], rng)
 
-    The coordinates are checked together, each equation raised to a fresh
-    random ``BATCH_BITS``-bit weight, so the two ``n``-th powers are taken
-    once for the whole vector. (Elements of small order, which the weights
-    could miss, all encrypt zero: they cannot change a product.)
+
+def verify_all_products(pub: PublicKey, claims: Sequence[ProductClaim], rng: RandomSource = SYSTEM_RANDOM) -> bool:
+    """Whether every claim's products check (:func:`verify_products` for several models at once).
+
+    Every coordinate of every claim is checked together, each equation raised
+    to a fresh random ``BATCH_BITS``-bit weight, so the two ``n``-th powers
+    are taken once for all of them and the multi-exponentiations share their
+    squarings: a forged coordinate anywhere passes with probability about
+    ``2**-BATCH_BITS``. Each claim keeps its own Fiat–Shamir challenge, bound
+    to its own context. (Elements of small order, which the weights could
+    miss, all encrypt zero: they cannot change a product.)
     """
-    if not len(u) == len(v) == len(products) == len(proofs) or not u:
+    if not claims:
         return False
     n, n2 = pub.n, pub.nsquare
-    for pr, c in zip(proofs, products):
-        if not (0 <= pr.z < n and 0 < pr.w1 < n and 0 < pr.w2 < n and 0 < c < n2 and 0 < pr.a < n2
-                and 0 < pr.b < n2):
+    ks, kes, kzs, us, vs, cs, proofs = [], [], [], [], [], [], []
+    for claim in claims:
+        u, v, products, prs = claim.u, claim.v, claim.products, claim.proofs
+        if not len(u) == len(v) == len(products) == len(prs) or not u:
             return False
-    e = _challenge(pub, context, [(uc, vc, c, pr.a, pr.b) for uc, vc, c, pr in zip(u, v, products, proofs)])
-    ks = [rng.getrandbits(BATCH_BITS) | 1 for _ in proofs]
-    ke = [k * e for k in ks]
+        for pr, c in zip(prs, products):
+            if not (0 <= pr.z < n and 0 < pr.w1 < n and 0 < pr.w2 < n and 0 < c < n2 and 0 < pr.a < n2
+                    and 0 < pr.b < n2):
+                return False
+        e = _challenge(pub, claim.context, [(uc, vc, c, pr.a, pr.b) for uc, vc, c, pr in zip(u, v, products, prs)])
+        for pr in prs:
+            k = rng.getrandbits(BATCH_BITS) | 1
+            ks.append(k)
+            kes.append(k * e)
+            kzs.append(k * pr.z)
+        us += u
+        vs += v
+        cs += products
+        proofs += prs
     try:  # each side one multi-exponentiation; a base that is no unit mod n**2 is no valid proof
         w1 = multi_power(pub, [pr.w1 for pr in proofs], ks)
         w2 = multi_power(pub, [pr.w2 for pr in proofs], ks)
-        lhs2 = multi_power(pub, [*v, w2], [*(k * pr.z for k, pr in zip(ks, proofs)), n])
-        rhs1 = multi_power(pub, [*(pr.a for pr in proofs), *u], [*ks, *ke])
-        rhs2 = multi_power(pub, [*(pr.b for pr in proofs), *products], [*ks, *ke])
+        lhs2 = multi_power(pub, [*vs, w2], [*kzs, n])
+        rhs1 = multi_power(pub, [*(pr.a for pr in proofs), *us], [*ks, *kes])
+        rhs2 = multi_power(pub, [*(pr.b for pr in proofs), *cs], [*ks, *kes])
     except ZeroDivisionError:
         return False
-    z_total = sum(k * pr.z for k, pr in zip(ks, proofs))
-    lhs1 = (1 + (z_total % n) * n) % n2 * gmpy2.powmod(w1, n, n2) % n2
+    lhs1 = (1 + (sum(kzs) % n) * n) % n2 * gmpy2.powmod(w1, n, n2) % n2
     return lhs1 == rhs1 and lhs2 == rhs2
 
 

@@ -23,8 +23,8 @@ from .chain import LEDGER, ChainParty, job_key, same_address
 from .fixedpoint import FixedPoint
 from .linear import EncodedStats, encode_stats, encrypted_gradient, sufficient_stats
 from .machine import Context, Machine, require, table
-from .metric import (MetricSecrets, MulProof, encrypted_sse, mask_product_inputs, proof_context, sse_scale_bits,
-                     verify_products)
+from .metric import (MetricSecrets, MulProof, ProductClaim, encrypted_sse, mask_product_inputs, proof_context,
+                     sse_scale_bits, verify_all_products)
 from .paillier import PublicKey, expect_obfuscators
 
 
@@ -166,13 +166,16 @@ def _on_products(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) 
     reply: m.ProductReply = env.payload
     require(set(reply.models) == set(secrets_), "product reply for other models than requested")
     pub = job.public_key
-    for mid, sec in secrets_.items():
-        proofs = [MulProof(a=p.a, b=p.b, z=p.z, w1=p.w1, w2=p.w2) for p in reply.proofs.get(mid, [])]
-        context = proof_context(env.job_id, env.round, mid, ctx.name)
-        if not verify_products(pub, sec.u, sec.v, reply.models[mid], proofs, context, ctx.rng):
-            job.phase = OwnerPhase.FINISHED
-            reason = f"the buyer's masked products for {mid} at round {env.round} fail their proof"
-            return [ctx.message(env.job_id, env.round, job.aggregator, m.Failure(reason=reason))]
+    claims = {mid: ProductClaim(sec.u, sec.v, reply.models[mid],
+                                [MulProof(a=p.a, b=p.b, z=p.z, w1=p.w1, w2=p.w2) for p in reply.proofs.get(mid, [])],
+                                proof_context(env.job_id, env.round, mid, ctx.name))
+              for mid, sec in secrets_.items()}
+    if not verify_all_products(pub, list(claims.values()), ctx.rng):
+        # name the first model whose products fail on their own
+        bad = next((mid for mid, c in claims.items() if not verify_all_products(pub, [c], ctx.rng)), next(iter(claims)))
+        job.phase = OwnerPhase.FINISHED
+        reason = f"the buyer's masked products for {bad} at round {env.round} fail their proof"
+        return [ctx.message(env.job_id, env.round, job.aggregator, m.Failure(reason=reason))]
     sse = {}
     for mid, sec in secrets_.items():
         require(len(reply.models[mid]) == len(sec.w), "product reply of the wrong length")
