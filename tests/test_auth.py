@@ -9,7 +9,7 @@ from deltaml.agents import topology as t
 from deltaml.agents.bus import Delivery, Verdict
 from deltaml.agents.policy import AckPolicy
 from deltaml.protocol import messages as m
-from deltaml.protocol.auth import AuthError, Keyring, sign, signer
+from deltaml.protocol.auth import AuthError, Keyring, sign, sign_encoded, signer
 from deltaml.protocol.chain import Wallet
 from deltaml.protocol.errors import ProtocolError
 
@@ -32,6 +32,19 @@ def test_a_signature_names_its_signer():
 def test_changing_any_field_changes_the_signer(field, value):
     signed = sign(join(), ALICE)
     assert signer(signed.model_copy(update={field: value})) != ALICE_ADDRESS
+
+
+@pytest.mark.parametrize("envelope", [
+    join(),
+    join(sender='owner-"signature":null,"payload":{}'),  # the text the signature is spliced at, in a name
+    sign(join(job="job-3"), MALLORY),  # signed before: the new signature replaces the old one
+    m.Envelope(message_id="g", job_id="j", round=4, sender="aggregator", recipient="owner-1",
+               payload=m.GradientRequest(scale_bits=96, models={"all": [2**4000 + 7, 3], "without:owner-2": [5]})),
+])
+def test_signing_into_wire_form_is_signing_then_encoding(envelope):
+    wire = sign_encoded(envelope, ALICE)
+    assert wire == m.encode(sign(envelope, ALICE))
+    assert signer(m.decode(wire)) == ALICE_ADDRESS
 
 
 def test_the_signature_survives_the_wire():

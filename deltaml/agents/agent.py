@@ -21,7 +21,7 @@ import structlog
 from eth_account import Account
 
 from ..protocol import messages as m
-from ..protocol.auth import Keyring, sign
+from ..protocol.auth import Keyring, sign_encoded
 from .bus import Bus
 from .checkpoint import Checkpoint
 from .policy import AckPolicy
@@ -87,7 +87,7 @@ class Agent:
 
     async def publish(self, env: m.Envelope) -> None:
         """Sign one envelope and send it to its recipient."""
-        await self.bus.publish(env.recipient, m.encode(sign(env, self.key)), env.message_id)
+        await self.bus.publish(env.recipient, sign_encoded(env, self.key), env.message_id)
 
     async def start(self) -> None:
         """Begin consuming this agent's queue; a core that keeps deadlines is ticked every ``tick_seconds``."""
