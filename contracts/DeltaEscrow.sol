@@ -199,6 +199,19 @@ contract DeltaEscrow {
     function recordMetric(bytes32 id, MetricInput calldata x) external inState(id, State.Training) {
         Job storage j = jobs[id];
         if (msg.sender != j.aggregator) revert NotAggregator();
+        _recordMetric(id, j, x);
+    }
+
+    /// @notice Record several published metrics at once (the last evaluation's, one per model), all
+    /// or none; the ledger checked every decryption proof before relaying.
+    function recordMetrics(bytes32 id, MetricInput[] calldata xs) external inState(id, State.Training) {
+        Job storage j = jobs[id];
+        if (msg.sender != j.aggregator) revert NotAggregator();
+        if (xs.length == 0) revert Invalid("no metrics");
+        for (uint256 i = 0; i < xs.length; i++) _recordMetric(id, j, xs[i]);
+    }
+
+    function _recordMetric(bytes32 id, Job storage j, MetricInput calldata x) private {
         if (x.round > j.rounds || x.model > j.trainers.length || x.rows == 0) revert Invalid("metric index");
         if (x.model != 0 && x.round != j.rounds) revert Invalid("leave-one-out metrics are final");
         if (x.model != 0 && dropped[id][j.trainers[x.model - 1]]) revert Invalid("dropped trainer");

@@ -167,6 +167,26 @@ def test_only_the_aggregator_posts_participants_and_metrics(w3, escrow, p):
     reverts(escrow.functions.recordMetric(job, metric(0, 0, 2)), **{"from": p.aggregator})  # no overwrite
 
 
+def test_the_last_evaluations_metrics_are_recorded_together_all_or_none(w3, escrow, p):
+    job = training_job(w3, escrow, p)
+    record(escrow, p, job, 0, 0, micro(4000_000000))
+    final = [metric(10, m, micro(v)) for m, v in enumerate([3000_000000, 3100_000000, 2900_000000, 3050_000000])]
+    for who in (p.buyer, p.stranger, p.trainers[0], p.validators[0]):
+        reverts(escrow.functions.recordMetrics(job, final), **{"from": who})
+    reverts(escrow.functions.recordMetrics(job, []), **{"from": p.aggregator})
+    # one bad entry (a model index past the trainers, then a repeated model) and nothing is recorded
+    for bad in (metric(10, 9, 1), final[1]):
+        reverts(escrow.functions.recordMetrics(job, [*final, bad]), **{"from": p.aggregator})
+        assert not escrow.functions.metricOf(job, 10, 0).call()[-1]
+    escrow.functions.recordMetrics(job, final).transact({"from": p.aggregator})
+    assert [escrow.functions.metricOf(job, 10, m).call()[2] for m in range(4)] == [3000_000000, 3100_000000,
+                                                                                 2900_000000, 3050_000000]
+    reverts(escrow.functions.recordMetrics(job, final[:1]), **{"from": p.aggregator})  # no overwrite
+    before = credits(escrow, p.owners)
+    escrow.functions.settle(job).transact({"from": p.stranger})  # the final metrics are all in
+    assert sum(credits(escrow, p.owners).values()) > sum(before.values())
+
+
 def test_only_named_participants_confirm_and_only_once(w3, escrow, p):
     job = create(w3, escrow, p)
     staff(escrow, p, job)

@@ -80,7 +80,7 @@ def training(ledger, keypair):
     return job, buyer, agg, owners
 
 
-def metric_call(job, keypair, sse=12345 << 64, tamper=None, round_=0):
+def metric_call(job, keypair, sse=12345 << 64, tamper=None, round_=0, model=0):
     pub, priv = keypair
     c = pub.encrypt(sse)
     dec = priv.decrypt_verifiably(c)
@@ -91,7 +91,7 @@ def metric_call(job, keypair, sse=12345 << 64, tamper=None, round_=0):
         rand = rand * 2 % pub.n
     elif tamper == "ciphertext":
         cipher = pub.encrypt(sse)  # same plaintext, another ciphertext: the hash no longer matches
-    args = metric_args(job, round_, 0, c, plain, 64, 10, rand)
+    args = metric_args(job, round_, model, c, plain, 64, 10, rand)
     return args, m.MetricProof(ciphertext=cipher, public_key=key)
 
 
@@ -112,6 +112,24 @@ def test_a_wrong_metric_proof_is_refused_and_nothing_is_recorded(ledger, trainin
     assert agg.call(job, "recordMetric", args, proof=proof, everyone=(buyer,)).ok
     recorded = [e for e in buyer.events if e.payload.event == "MetricRecorded"]
     assert recorded and recorded[-1].payload.args["mseMicro"] == 12345 * 10**6 // 10
+
+
+@pytest.mark.parametrize("fault", ["one tampered", "one proof missing", "a single proof"])
+def test_a_batch_of_metrics_needs_a_valid_proof_for_each_or_nothing_is_recorded(ledger, training, keypair, fault):
+    job, buyer, agg, owners = training
+    calls = [metric_call(job, keypair, sse=(12345 + k) << 64, round_=1, model=k,
+                         tamper="randomness" if fault == "one tampered" and k == 2 else None) for k in range(3)]
+    args = [job_key(job), [a[1] for a, _ in calls]]
+    proofs = [p for _, p in calls]
+    proof = {"one tampered": proofs, "one proof missing": proofs[:2], "a single proof": proofs[0]}[fault]
+    receipt = agg.call(job, "recordMetrics", args, proof=proof)
+    assert not receipt.mined and receipt.reason.startswith("refused by the ledger")
+    assert not any(ledger.chain.contract.functions.metricOf(job_key(job), 1, k).call()[3] for k in range(3))
+    calls = [metric_call(job, keypair, sse=(12345 + k) << 64, round_=1, model=k) for k in range(3)]
+    args = [job_key(job), [a[1] for a, _ in calls]]
+    assert agg.call(job, "recordMetrics", args, proof=[p for _, p in calls], everyone=(buyer,)).ok
+    recorded = [e.payload.args for e in buyer.events if e.payload.event == "MetricRecorded"]
+    assert [(r["model"], r["mseMicro"]) for r in recorded] == [(k, (12345 + k) * 10**6 // 10) for k in range(3)]
 
 
 def test_a_transaction_signed_by_someone_else_is_refused(ledger, training):

@@ -35,7 +35,7 @@ from .topology import PROGRESS
 
 log = structlog.get_logger()
 FAUCET_TOPUP = 100 * 10**18
-JOB_FUNCTIONS = {"createJob", "cancel", "setParticipants", "confirm", "recordMetric", "settle"}
+JOB_FUNCTIONS = {"createJob", "cancel", "setParticipants", "confirm", "recordMetric", "recordMetrics", "settle"}
 
 
 class ChainUnavailable(RuntimeError):
@@ -234,8 +234,8 @@ class LedgerCore:
                 require(key not in self.jobs or self.jobs[key] == env.job_id, "job key already taken")
                 self.jobs[key] = env.job_id
                 self.parties[env.job_id].add(tx.sender.lower())
-        if function == "recordMetric":
-            chain.check_metric_proof(args, req.proof, self.chain.key_hash(args[0]))
+        if function in ("recordMetric", "recordMetrics"):
+            chain.check_metric_proofs(function, args, req.proof, self.chain.key_hash(args[0]))
 
     def _receipt(self, env, req, receipt, reason: str, sender: str) -> m.Envelope:
         payload = m.TxReceipt(

@@ -47,7 +47,7 @@ from .fixedpoint import FixedPoint
 from .linear import encrypted_update, step_size_q
 from .machine import (FULL_MODEL, Context, Machine, eval_models, is_eval_round, model_ids, natural_key,
                       require, table, without)
-from .chain import LEDGER, ChainParty, job_key, key_hash, metric_args, model_index, same_address
+from .chain import LEDGER, METRICS_PER_TX, ChainParty, job_key, key_hash, metric_args, model_index, same_address
 from .paillier import Decryption, PublicKey, expect_obfuscators, require_valid_decryption
 from .refresh import RefreshMasks, mask_for_refresh, unmask_refreshed
 
@@ -328,14 +328,22 @@ def _on_metric(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
 
 def _record_metrics(job: AggJob, env: m.Envelope, ctx: Context, totals: dict[str, int],
                     ev: Evaluation) -> list[m.Envelope]:
-    """Put every verified metric on chain (the ledger checks each proof again)."""
-    out = []
+    """Put every verified metric on chain (the ledger checks each proof again): one transaction
+    for a single metric, one per ``METRICS_PER_TX`` for the last evaluation's."""
     scale = ev.replies[job.validators[0]].payload.sse_scale_bits
+    calls = []
     for mid, metric in sorted(env.payload.metrics.items(), key=lambda kv: model_index(kv[0], job.trainers)):
         args = metric_args(env.job_id, env.round, model_index(mid, job.roster), totals[mid], metric.sse, scale,
                            metric.rows, metric.randomness)
-        proof = m.MetricProof(ciphertext=totals[mid], public_key=job.spec.public_key)
-        out += ctx.wallet.call(ctx, env.job_id, env.round, "recordMetric", args, proof=proof)
+        calls.append((args, m.MetricProof(ciphertext=totals[mid], public_key=job.spec.public_key)))
+    if len(calls) == 1:
+        (args, proof), = calls
+        return ctx.wallet.call(ctx, env.job_id, env.round, "recordMetric", args, proof=proof)
+    out = []
+    for start in range(0, len(calls), METRICS_PER_TX):
+        batch = calls[start:start + METRICS_PER_TX]
+        args = [batch[0][0][0], [a[1] for a, _ in batch]]
+        out += ctx.wallet.call(ctx, env.job_id, env.round, "recordMetrics", args, proof=[p for _, p in batch])
     return out
 
 

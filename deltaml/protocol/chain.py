@@ -38,8 +38,16 @@ LEDGER = "ledger"
 CONTRACT = "DeltaEscrow"
 #: Gas limits the parties sign for; unused gas is not charged.
 GAS_LIMITS = {"createJob": 400_000, "cancel": 120_000, "setParticipants": 700_000, "confirm": 150_000,
-              "recordMetric": 400_000, "settle": 2_000_000, "withdraw": 120_000, "drop": 150_000,
-              "abandon": 100_000}
+              "recordMetric": 400_000, "recordMetrics": 400_000, "settle": 2_000_000, "withdraw": 120_000,
+              "drop": 150_000, "abandon": 100_000}
+#: Metrics in one recordMetrics transaction at most (its gas limit is per metric: 16 stay well
+#: inside a 30M-gas block).
+METRICS_PER_TX = 16
+
+
+def gas_limit(function: str, args: Sequence[Any]) -> int:
+    """The gas a party signs for: a batch of metrics gets the single metric's limit per entry."""
+    return GAS_LIMITS[function] * (len(args[1]) if function == "recordMetrics" else 1)
 #: Seconds a job may run before anyone can settle or refund it without the buyer.
 DEFAULT_DEADLINE = 24 * 3600
 
@@ -137,9 +145,22 @@ def parse_tx(raw: bytes) -> RawTx:
                  value=as_int(value), data=bytes(data), gas=as_int(gas))
 
 
+def check_metric_proofs(function: str, args: tuple, proof: m.MetricProof | list[m.MetricProof] | None,
+                        job_key_hash: bytes) -> None:
+    """A recordMetric call is relayed only with a valid Paillier decryption proof, and a
+    recordMetrics call only with one for each of its metrics, in order."""
+    if function == "recordMetric":
+        check_metric_proof(args, proof, job_key_hash)
+        return
+    if not isinstance(proof, list) or len(proof) != len(args[1]):
+        raise ProtocolError("a batch of metrics needs one decryption proof per metric")
+    for metric, one in zip(args[1], proof):
+        check_metric_proof((args[0], metric), one, job_key_hash)
+
+
 def check_metric_proof(args: tuple, proof: m.MetricProof | None, job_key_hash: bytes) -> None:
     """A recordMetric call is relayed only with a valid Paillier decryption proof."""
-    if proof is None:
+    if not isinstance(proof, m.MetricProof):
         raise ProtocolError("a metric needs its decryption proof")
     _, (round_, model, ciphertext_hash, sse, scale_bits, rows, randomness) = args
     pub = PublicKey.from_hex(proof.public_key)
@@ -217,7 +238,7 @@ class Wallet:
         return [] if self.greeted else [self.hello(ctx)]
 
     def call(self, ctx, job_id: str, round_: int, function: str, args: list, value: int = 0,
-             proof: m.MetricProof | None = None) -> list[m.Envelope]:
+             proof: m.MetricProof | list[m.MetricProof] | None = None) -> list[m.Envelope]:
         """A signed call for the ledger to relay, or a greeting first if the chain is not known yet."""
         if self.chain_id is None:
             self.queue.append((job_id, round_, function, args, value, proof))
@@ -226,7 +247,7 @@ class Wallet:
 
     def _sign(self, ctx, job_id, round_, function, args, value, proof) -> m.Envelope:
         tx = {"to": self.contract, "data": encode_call(function, args), "value": value,
-              "gas": GAS_LIMITS[function], "gasPrice": self.gas_price, "nonce": self.nonce, "chainId": self.chain_id}
+              "gas": gas_limit(function, args), "gasPrice": self.gas_price, "nonce": self.nonce, "chainId": self.chain_id}
         raw = Account.sign_transaction(tx, self.private_key).raw_transaction
         self.nonce += 1
         env = ctx.message(job_id, round_, LEDGER, m.TxRequest(function=function, raw="0x" + bytes(raw).hex(),

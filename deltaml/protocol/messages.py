@@ -334,7 +334,8 @@ class TxRequest(_Payload):
     type: Literal["tx_request"] = "tx_request"
     function: str
     raw: str = Field(pattern=r"^0x[0-9a-f]+$")
-    proof: MetricProof | None = None
+    #: recordMetric: its metric's decryption proof; recordMetrics: one per metric, in order
+    proof: MetricProof | list[MetricProof] | None = None
 
 
 class TxReceipt(_Payload):
