@@ -342,7 +342,7 @@ def _record_metrics(job: AggJob, env: m.Envelope, ctx: Context, totals: dict[str
     out = []
     for start in range(0, len(calls), METRICS_PER_TX):
         batch = calls[start:start + METRICS_PER_TX]
-        args = [batch[0][0][0], [a[1] for a, _ in batch]]
+        args = [job_key(env.job_id), [metric for (_, metric), _ in batch]]
         out += ctx.wallet.call(ctx, env.job_id, env.round, "recordMetrics", args, proof=[p for _, p in batch])
     return out
 

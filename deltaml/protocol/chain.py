@@ -43,11 +43,6 @@ GAS_LIMITS = {"createJob": 400_000, "cancel": 120_000, "setParticipants": 700_00
 #: Metrics in one recordMetrics transaction at most (its gas limit is per metric: 16 stay well
 #: inside a 30M-gas block).
 METRICS_PER_TX = 16
-
-
-def gas_limit(function: str, args: Sequence[Any]) -> int:
-    """The gas a party signs for: a batch of metrics gets the single metric's limit per entry."""
-    return GAS_LIMITS[function] * (len(args[1]) if function == "recordMetrics" else 1)
 #: Seconds a job may run before anyone can settle or refund it without the buyer.
 DEFAULT_DEADLINE = 24 * 3600
 
@@ -143,6 +138,11 @@ def parse_tx(raw: bytes) -> RawTx:
     as_int = lambda b: int.from_bytes(b, "big")  # noqa: E731
     return RawTx(sender=sender, nonce=as_int(nonce), to=to_checksum_address(to) if to else "",
                  value=as_int(value), data=bytes(data), gas=as_int(gas))
+
+
+def gas_limit(function: str, args: Sequence[Any]) -> int:
+    """The gas a party signs for: a batch of metrics gets the single metric's limit per entry."""
+    return GAS_LIMITS[function] * (len(args[1]) if function == "recordMetrics" else 1)
 
 
 def check_metric_proofs(function: str, args: tuple, proof: m.MetricProof | list[m.MetricProof] | None,
@@ -247,7 +247,8 @@ class Wallet:
 
     def _sign(self, ctx, job_id, round_, function, args, value, proof) -> m.Envelope:
         tx = {"to": self.contract, "data": encode_call(function, args), "value": value,
-              "gas": gas_limit(function, args), "gasPrice": self.gas_price, "nonce": self.nonce, "chainId": self.chain_id}
+              "gas": gas_limit(function, args), "gasPrice": self.gas_price, "nonce": self.nonce,
+              "chainId": self.chain_id}
         raw = Account.sign_transaction(tx, self.private_key).raw_transaction
         self.nonce += 1
         env = ctx.message(job_id, round_, LEDGER, m.TxRequest(function=function, raw="0x" + bytes(raw).hex(),

@@ -172,7 +172,8 @@ def _on_products(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) 
               for mid, sec in secrets_.items()}
     if not verify_all_products(pub, list(claims.values()), ctx.rng):
         # name the first model whose products fail on their own
-        bad = next((mid for mid, c in claims.items() if not verify_all_products(pub, [c], ctx.rng)), next(iter(claims)))
+        bad = next((mid for mid, c in claims.items() if not verify_all_products(pub, [c], ctx.rng)),
+                   next(iter(claims)))
         job.phase = OwnerPhase.FINISHED
         reason = f"the buyer's masked products for {bad} at round {env.round} fail their proof"
         return [ctx.message(env.job_id, env.round, job.aggregator, m.Failure(reason=reason))]
