@@ -100,14 +100,35 @@ def entrywise(pub, cs, ks):
         st.lists(st.integers(-(2**60), 2**60), min_size=d, max_size=d),
     )),
     st.integers(1, 7),
+    st.sampled_from(MatrixPowers.SIGNS),
 )
-def test_matrix_powers_equal_entrywise_products(keypair, case, group):
+def test_matrix_powers_equal_entrywise_products(keypair, case, group, signs):
     pub, priv = keypair
     rows, xs = case
     cs = [pub.encrypt(x) for x in xs]
-    got = MatrixPowers(rows, group=group).apply(pub, cs)
+    got = MatrixPowers(rows, group=group, signs=signs).apply(pub, cs)
     assert got == [entrywise(pub, cs, row) for row in rows]
     assert [priv.decrypt(c) for c in got] == [sum(k * x for k, x in zip(row, xs)) for row in rows]
+
+
+def test_matrix_powers_pick_the_cheaper_way_to_handle_signs(keypair):
+    """A Gram matrix (a few negative entries in every row) is cheaper through column offsets and
+    one inversion; the aggregator's single row ``[2**64, -eta]`` through the inverted base."""
+    from deltaml.data import demo_split, load_diabetes
+    from deltaml.protocol.fixedpoint import FixedPoint
+    from deltaml.protocol.linear import encode_stats, sufficient_stats
+
+    part = demo_split(load_diabetes(), 5)[0]
+    gram = encode_stats(sufficient_stats(part.X, part.y), FixedPoint()).gram_q
+    for rows, offset in ((gram, True), ([[1 << 64, -(2**24 + 12345)]], False)):
+        auto, inverses, offsets = (MatrixPowers(rows, signs=s) for s in MatrixPowers.SIGNS)
+        assert auto.offset is offset
+        assert auto.cost == min(inverses.cost, offsets.cost) < max(inverses.cost, offsets.cost)
+    pub, _ = keypair
+    cs = [pub.encrypt(x) for x in range(1, len(gram) + 1)]
+    assert MatrixPowers(gram, signs="offsets").apply(pub, cs) == MatrixPowers(gram, signs="inverses").apply(pub, cs)
+    with pytest.raises(ValueError, match="signs must be one of"):
+        MatrixPowers(gram, signs="both")
 
 
 def test_matrix_powers_refuse_a_vector_of_the_wrong_length(keypair):
