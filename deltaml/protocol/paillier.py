@@ -227,13 +227,20 @@ def _fixed_base(n) -> FixedBase:
         with _TABLES_LOCK:
             table = _TABLES.get(n)
         if table is None:
-            table = FixedBase(_djn_hs(n), n * n, _djn_exponent_bits(n))
+            table = obfuscator_table(n)
             with _TABLES_LOCK:
                 _TABLES[n] = table
                 while len(_TABLES) > KEPT_TABLES:
                     _TABLES.pop(next(iter(_TABLES)))
                 _BUILDING.pop(n, None)
     return table
+
+
+def obfuscator_table(n) -> FixedBase:
+    """A new table of powers of the DJN base ``h_s`` of the key with modulus ``n`` (the work a
+    process does once per key before its encryptions take the fixed-base path)."""
+    n = gmpy2.mpz(n)
+    return FixedBase(_djn_hs(n), n * n, _djn_exponent_bits(n))
 
 
 def _table_ready(n) -> bool:
