@@ -53,13 +53,21 @@ CORES = os.cpu_count() or 1
 IDLE = f"wall time the {CORES} cores were not working (wall - CPU seconds / {CORES})"
 
 
+#: The floor's other readings, each a dict with its own ``floor_seconds``.
+VARIANTS = ("fastest", "without_tables")
+
+
+def mean_floor(floors, variant: str | None = None) -> float:
+    """The mean floor of several timings, or of one of their ``VARIANTS``."""
+    return statistics.mean((f[variant] if variant else f)["floor_seconds"] for f in floors)
+
+
 def bracketed(wall: float, before: dict, after: dict) -> dict:
     """One run against the floors timed just before and just after it (their mean)."""
-    floor = statistics.mean(f["floor_seconds"] for f in (before, after))
-    fastest = statistics.mean(f["fastest"]["floor_seconds"] for f in (before, after))
-    untabled = statistics.mean(f["without_tables"]["floor_seconds"] for f in (before, after))
-    return {"wall_seconds": wall, "floor_seconds": floor, "ratio": wall / floor, "ratio_to_fastest": wall / fastest,
-            "ratio_without_tables": wall / untabled}
+    floor = mean_floor((before, after))
+    return {"wall_seconds": wall, "floor_seconds": floor, "ratio": wall / floor,
+            "ratio_to_fastest": wall / mean_floor((before, after), "fastest"),
+            "ratio_without_tables": wall / mean_floor((before, after), "without_tables")}
 
 
 def phases(busy: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -147,13 +155,11 @@ def main() -> None:
     path[IDLE] = wall - cpu["total"] / CORES
     floor = {**floors[0], **{k: statistics.mean(f[k] for f in floors)
                             for k in ("floor_seconds", "total_seconds", "critical_path_seconds")},
-             "fastest": {"floor_seconds": statistics.mean(f["fastest"]["floor_seconds"] for f in floors)},
-             "without_tables": {"floor_seconds": statistics.mean(f["without_tables"]["floor_seconds"]
-                                                                 for f in floors)},
+             **{v: {"floor_seconds": mean_floor(floors, v)} for v in VARIANTS},
              "by_party_seconds": {p: statistics.mean(f["by_party_seconds"][p] for f in floors)
                                   for p in floors[0]["by_party_seconds"]},
-             "sittings": [{k: f[k] for k in ("floor_seconds", "total_seconds", "critical_path_seconds", "fastest",
-                                             "without_tables")} for f in floors]}
+             "sittings": [{k: f[k] for k in ("floor_seconds", "total_seconds", "critical_path_seconds", *VARIANTS)}
+                          for f in floors]}
     data, parts = prepare_parts(config)
     started = time.perf_counter()
     baselines(parts, config)
