@@ -69,11 +69,13 @@ async def test_bad_messages_are_dead_lettered_while_an_honest_job_finishes(keypa
     good = m.Envelope(message_id="x", job_id=job_id, sender=names[0], recipient=agg_name,
                       payload=m.JoinRequest(rows=5))
     raw = json.loads(m.encode(sign(good, mallory)))
+    short = {**spec.model_dump(mode="json"), "key_bits": 1024, "public_key": format((1 << 1023) + 1, "x")}
     garbage = {
         "g-notjson": b"{{{ not json",
         "g-version": json.dumps({**raw, "schema_version": 99}).encode(),
         "g-type": json.dumps({**raw, "payload": {"type": "give_me_the_key"}}).encode(),
         "g-invalid": json.dumps({**raw, "payload": {"type": "join_request", "rows": -3}}).encode(),
+        "g-short-key": json.dumps({**raw, "payload": {"type": "job_offer", "spec": short}}).encode(),
         "g-unsigned": m.encode(good.model_copy(update={"job_id": "no-such-job", "message_id": "n"})),
         "g-bad-signature": json.dumps({**raw, "message_id": "b", "signature": "00" * 65}).encode(),
         "g-unknown-job": m.encode(sign(good.model_copy(update={"job_id": "no-such-job", "message_id": "u"}),
@@ -110,6 +112,7 @@ async def test_bad_messages_are_dead_lettered_while_an_honest_job_finishes(keypa
     assert "unsupported schema version 99" in reasons["g-version"]
     assert "give_me_the_key" in reasons["g-type"]
     assert "rows" in reasons["g-invalid"]
+    assert "at least 2048 bits, got 1024" in reasons["g-short-key"]
     assert "unknown job" in reasons["g-unknown-job"]
     assert "unsigned envelope" in reasons["g-unsigned"]
     assert "invalid signature" in reasons["g-bad-signature"]

@@ -73,13 +73,13 @@ def test_a_mistake_deep_in_a_large_file_is_still_named(tmp_path):
         load_csv(path)
 
 
-def test_an_owner_whose_columns_differ_from_the_job_says_why_it_does_not_join():
+def test_an_owner_whose_columns_differ_from_the_job_says_why_it_does_not_join(keypair):
     from deltaml.protocol import messages as m
     from deltaml.protocol.owner import OwnerData
 
     data = OwnerData(("age", "bmi", "target"), np.ones((3, 3)))
     spec = m.JobSpec(buyer="b", features=["age", "bp"], target="target", owners=2, validators=1, rounds=1,
-                     lr=1.0, eval_every=1, key_bits=2048, public_key="ab")
+                     lr=1.0, eval_every=1, key_bits=2048, public_key=keypair[0].to_hex())
     assert data.select(spec) is None
     assert data.mismatch(spec) == "the data lacks columns ['bp']"
     spec = spec.model_copy(update={"features": ["age", "bmi"], "ranges": [(0.0, 0.5), (0.0, 2.0)]})

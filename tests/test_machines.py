@@ -11,7 +11,7 @@ from deltaml.protocol import messages as m
 from deltaml.protocol.auth import sign
 from deltaml.protocol.aggregator import AggPhase, AggregatorCore
 from deltaml.protocol.buyer import BuyerCore, BuyerPhase
-from deltaml.protocol.errors import DecryptionRefused, InvalidTransition, ProtocolError
+from deltaml.protocol.errors import DecryptionRefused, InvalidTransition, NotACiphertext, ProtocolError
 from deltaml.protocol.machine import Context, table
 from deltaml.protocol.owner import OwnerCore, OwnerData, OwnerPhase
 
@@ -235,6 +235,69 @@ def test_buyer_refuses_unexpected_products_and_metrics(keypair, buyer):
         buyer.handle(env(honest, round_=2))
     with pytest.raises(DecryptionRefused, match="last round"):
         buyer.handle(env(m.JobResult(scale_bits=32, model=[1, 2, 3], mse_history=[], final_mse={}), round_=2))
+
+
+NOT_CIPHERTEXTS = {
+    "zero": lambda pub: 0,
+    "negative": lambda pub: -5,
+    "the modulus": lambda pub: int(pub.n),
+    "a multiple of the modulus": lambda pub: 12345 * int(pub.n),
+    "n squared": lambda pub: int(pub.nsquare),
+    "above n squared": lambda pub: int(pub.nsquare) + 7,
+}
+
+
+@pytest.mark.parametrize("bad", NOT_CIPHERTEXTS)
+def test_no_party_computes_with_a_number_that_cannot_be_a_ciphertext(keypair, buyer, bad):
+    """Each is refused where it arrives, naming the entry, and the state is the one before it;
+    the honest message that follows is taken as if nothing had happened."""
+    pub, _ = keypair
+    x = NOT_CIPHERTEXTS[bad](pub)
+    good = [pub.encrypt(0) for _ in range(3)]
+
+    def poisoned(vector):
+        return [vector[0], x, *vector[2:]]
+
+    def refused(core, message, entry=1):
+        before = core.jobs["j"]
+        with pytest.raises(NotACiphertext, match=f"entry {entry}, is not a ciphertext under the job's key"):
+            core.handle(message)
+        assert core.jobs["j"] is before
+
+    trainer = owner_as(pub, "trainer")
+    refused(trainer, env(m.GradientRequest(scale_bits=32, models={"all": poisoned(good)}), round_=1))
+    assert trainer.handle(env(m.GradientRequest(scale_bits=32, models={"all": good}), round_=1))[0].type == \
+        "gradient_reply"
+
+    validator = owner_as(pub, "validator")
+    refused(validator, env(m.EvalRequest(scale_bits=32, models={"all": poisoned(good)}), round_=2))
+    assert validator.handle(env(m.EvalRequest(scale_bits=32, models={"all": good}), round_=2))[0].type == \
+        "product_request"
+
+    aggregator = started_aggregator(keypair)
+    mine = aggregator.jobs["j"].models_of("owner-1")
+    refused(aggregator, env(m.GradientReply(rows=10, gradients={mid: poisoned(good) for mid in mine}),
+                            sender="owner-1", round_=1))
+    aggregator.handle(env(m.GradientReply(rows=10, gradients={mid: good for mid in mine}), sender="owner-1",
+                          round_=1))
+    assert set(aggregator.jobs["j"].replies) == {"owner-1"}
+    refused(aggregator, env(m.EvalReply(rows=10, sse_scale_bits=96, sse={"all": x}), sender="owner-3"), entry=0)
+
+    masks = masked(pub, 156)
+    refused(buyer, env(m.RefreshRequest(value_bits=156, drop_bits=64, models={"all": poisoned(masks)}), round_=1))
+    buyer.handle(env(m.RefreshRequest(value_bits=156, drop_bits=64, models={"all": masks}), round_=1))
+    u, v = masked(pub, 92), masked(pub, 140)
+    for pair in (m.MaskedPair(u=poisoned(u), v=v, u_bits=92), m.MaskedPair(u=u, v=poisoned(v), u_bits=92)):
+        refused(buyer, env(m.ProductRequest(models={"all": pair}), sender="owner-3", round_=2))
+    buyer.handle(env(m.ProductRequest(models={"all": m.MaskedPair(u=u, v=v, u_bits=92)}), sender="owner-3",
+                     round_=2))
+    part = pub.encrypt(5 * 2**96)
+    metric = m.MetricRequest(sse_scale_bits=96, totals={"all": part},
+                             parts=[m.ValidatorPart(validator="owner-3", rows=10, sse={"all": part})])
+    refused(buyer, env(metric.model_copy(update={"totals": {"all": x}}), round_=2), entry=0)
+    bad_part = m.ValidatorPart(validator="owner-3", rows=10, sse={"all": x})
+    refused(buyer, env(metric.model_copy(update={"parts": [bad_part]}), round_=2))
+    assert buyer.handle(env(metric, round_=2))[0].payload.metrics["all"].mse == 0.5
 
 
 def test_validator_takes_only_the_reply_to_its_own_product_request(keypair):

@@ -240,6 +240,8 @@ def _on_gradient(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]
     require(set(env.payload.gradients) == set(job.models_of(env.sender)), "gradient for the wrong models")
     d = len(job.models[FULL_MODEL])
     require(all(len(g) == d for g in env.payload.gradients.values()), "gradient of the wrong length")
+    for mid, g in env.payload.gradients.items():
+        job.public_key.require_ciphertexts(g, f"gradient of {mid}")
     job.replies[env.sender] = env
     if len(job.replies) < len(job.trainers):
         return []
@@ -271,6 +273,8 @@ def _on_refreshed(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope
     require(env.sender == job.buyer and env.round == job.round, "refresh reply from the wrong party or round")
     require(set(env.payload.models) == set(job.models), "refresh reply for the wrong models")
     pub = job.public_key
+    for mid, cs in env.payload.models.items():
+        pub.require_ciphertexts(cs, f"refreshed {mid}")
     for mid, masks in job.masks.items():
         job.models[mid] = unmask_refreshed(pub, env.payload.models[mid], masks)
     job.masks = {}
@@ -289,6 +293,8 @@ def _on_eval(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     require(env.sender in job.validators, f"evaluation from {env.sender}, who is not expected to send it")
     require(env.sender not in ev.replies, f"duplicate evaluation from {env.sender}")
     require(set(env.payload.sse) == set(ev.targets), "evaluation of the wrong models")
+    for mid, c in env.payload.sse.items():
+        job.public_key.require_ciphertexts([c], f"evaluation of {mid}")
     ev.replies[env.sender] = env
     ev.waited = 0.0
     if len(ev.replies) < len(job.validators):

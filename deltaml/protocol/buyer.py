@@ -31,7 +31,7 @@ from .errors import DecryptionRefused
 from .fixedpoint import FixedPoint
 from .machine import FULL_MODEL, Context, Machine, eval_models, is_eval_round, loo_trainers, model_ids, table, without
 from .metric import masked_products, proof_context
-from .paillier import PrivateKey
+from .paillier import PrivateKey, PublicKey
 from .refresh import refresh_masked
 from .drbg import Drbg
 from .auth import AuthError, signer
@@ -94,9 +94,11 @@ def _signer(env: m.Envelope) -> str:
         raise DecryptionRefused(str(exc)) from None
 
 
-def _check_models(job: BuyerJob, models: dict, allowed: list[str]) -> None:
+def _check_models(job: BuyerJob, models: dict, allowed: list[str], pub: PublicKey) -> None:
     refuse_unless(set(models) <= set(allowed) and models, "request for models that are not due")
     refuse_unless(all(len(v) == job.dim for v in models.values()), "vectors of the wrong length")
+    for mid, cs in models.items():
+        pub.require_ciphertexts(cs, f"model {mid}")
 
 
 def _on_participants(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
@@ -128,7 +130,7 @@ def _on_refresh(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -
     refuse_unless(fits_mask(req.value_bits, key.public.bits), "refresh range does not fit the key")
     refuse_unless(req.drop_bits == req.value_bits - spec.magnitude_bits - spec.frac_bits and req.drop_bits > 0,
                   "refresh drop does not bring the model back to its base scale")
-    _check_models(job, req.models, model_ids(job.spec, job.trainers))
+    _check_models(job, req.models, model_ids(job.spec, job.trainers), key.public)
     work = [(key, cs, req.value_bits, req.drop_bits, _seed(ctx)) for cs in req.models.values()]
     out = dict(zip(req.models, ctx.map(_refresh, work)))
     job.refreshed.add(env.round)
@@ -152,6 +154,8 @@ def _on_products(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) 
     for mid, pair in req.models.items():
         refuse_unless(len(pair.u) == job.dim == len(pair.v), "vectors of the wrong length")
         refuse_unless(fits_mask(pair.u_bits, key.public.bits), "masked range does not fit the key")
+        key.public.require_ciphertexts(pair.u, f"masked model {mid}")
+        key.public.require_ciphertexts(pair.v, f"masked product {mid}")
         context = proof_context(env.job_id, env.round, mid, env.sender)
         work.append((key, pair.u, pair.v, pair.u_bits, _seed(ctx), context))
     out, proofs = {}, {}
@@ -192,6 +196,7 @@ def _on_metric(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) ->
     refuse_unless(set(req.totals) == set(due), "totals for models that are not due")
     for mid in due:
         refuse_unless(all(mid in p.sse for p in req.parts), "a part lacks a model")
+        pub.require_ciphertexts([req.totals[mid], *(p.sse[mid] for p in req.parts)], f"total and parts of {mid}")
         refuse_unless(pub.sum(p.sse[mid] for p in req.parts) == req.totals[mid] % pub.nsquare,
                       "total is not the sum of the validators' ciphertexts")
     rows = sum(p.rows for p in req.parts)

@@ -13,6 +13,10 @@ class DecodeError(ProtocolError):
     """A message that cannot be decoded: bad JSON, unknown type or schema version."""
 
 
+class NotACiphertext(ProtocolError):
+    """A number where a ciphertext under the job's key belongs, which cannot be one."""
+
+
 class DecryptionRefused(ProtocolError):
     """The buyer refuses a decryption it was not expecting (no decryption oracle)."""
 

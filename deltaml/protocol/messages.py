@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
 
-from .errors import DecodeError
+from .errors import DecodeError, KeyTooShort
+from .paillier import check_key_bits
 from .settlement import deposit_for
 
 SCHEMA_VERSION = 1
@@ -80,6 +81,22 @@ class JobSpec(_Payload):
     #: Train a leave-one-out model per trainer to measure contributions (needed for payment and for
     #: dropping a silent trainer); off, a job with many trainers trains the full model only.
     leave_one_out: bool = True
+
+    @model_validator(mode="after")
+    def _key_as_announced(self) -> "JobSpec":
+        """The key is a modulus in hex of the announced length, and long enough: a job under a
+        short key is refused where it arrives, before any party computes with it."""
+        try:
+            bits = int(self.public_key, 16).bit_length()
+        except ValueError:
+            raise ValueError("public_key must be the key's modulus in hex") from None
+        if bits != self.key_bits:
+            raise ValueError(f"public_key has {bits} bits, key_bits says {self.key_bits}")
+        try:
+            check_key_bits(bits)
+        except KeyTooShort as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     @property
     def deposit_wei(self) -> int:

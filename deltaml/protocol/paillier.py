@@ -23,7 +23,7 @@ from typing import Protocol
 import gmpy2
 from phe import paillier as _phe
 
-from .errors import KeyTooShort, ProofInvalid
+from .errors import KeyTooShort, NotACiphertext, ProofInvalid
 
 DEFAULT_KEY_BITS = 2048
 MIN_KEY_BITS = 2048
@@ -370,6 +370,17 @@ class PublicKey:
         if abs(m) >= self.max_plain:
             raise OverflowError(f"plaintext of {int(m).bit_length()} bits does not fit the key")
         return m % self.n
+
+    def require_ciphertexts(self, cs, what: str) -> None:
+        """Refuse a received number that cannot be a ciphertext under this key: outside
+        ``(0, n**2)`` or a multiple of ``n`` (one would poison every sum it enters, and a
+        negative coefficient's inversion would fail on it). Any other non-unit shares exactly
+        one prime with ``n``, so whoever could send one could factor ``n``: the remainder
+        stands in for a gcd at a ninth of its cost."""
+        n, n2 = self.n, self.nsquare
+        for i, c in enumerate(cs):
+            if not 0 < c < n2 or not c % n:
+                raise NotACiphertext(f"{what}, entry {i}, is not a ciphertext under the job's key")
 
     def encode_plain(self, m: int):
         """``(1+n)**m mod n**2``: a deterministic ciphertext of ``m`` (randomness 1)."""
