@@ -436,7 +436,9 @@ async def _plain_job(config: DemoConfig, data: Dataset, parts: list[Dataset], ur
         buyer = _PlainBuyer()
         agent = Agent("buyer", "buyer", buyer, bus)
         await agent.start()
-        spec = make_spec(config, data, "00", "buyer", escrow=False)
+        # a spec names a key of its announced length like any other; no plain party uses it
+        no_key = format((1 << (config.key_bits - 1)) | 1, "x")
+        spec = make_spec(config, data, no_key, "buyer", escrow=False)
         request = m.JobRequest(spec=spec, initial_model=[0] * (len(spec.features) + 1))
         started = time.perf_counter()
         await agent.send_all([Context("buyer").message(uuid.uuid4().hex, 0, "aggregator", request)])
