@@ -153,3 +153,24 @@ async def test_another_senders_reuse_of_a_handled_message_id_is_judged_on_its_ow
     assert (await policy(Delivery(m.encode(sign(stranger, MALLORY)), {}))).reason != "duplicate"
     assert (await policy(Delivery(m.encode(sign(honest, ALICE)), {}))).reason == "duplicate"
     assert handled == ["owner-1", "owner-9"]
+
+
+async def test_the_same_name_and_message_id_in_another_job_is_judged_on_its_own():
+    # found by the fuzzer: a name is bound to a signer per job, so "owner-1" of another job may be
+    # another party; its message under a handled message's id was acknowledged as a duplicate
+    handled = []
+
+    def step(env):
+        handled.append((env.job_id, env.sender))
+        return []
+
+    async def publish(env):
+        pass
+
+    policy = AckPolicy(step, publish)
+    honest = join()
+    assert (await policy(Delivery(m.encode(sign(honest, ALICE)), {}))).verdict is Verdict.ACK
+    elsewhere = honest.model_copy(update={"job_id": "job-2"})
+    assert (await policy(Delivery(m.encode(sign(elsewhere, MALLORY)), {}))).reason != "duplicate"
+    assert (await policy(Delivery(m.encode(sign(honest, ALICE)), {}))).reason == "duplicate"
+    assert handled == [("job-1", "owner-1"), ("job-2", "owner-1")]

@@ -41,7 +41,7 @@ class Checkpoint:
 
     def save(self, core: bytes, keys: dict, handled: str | None, answers: list[m.Envelope]) -> None:
         """The state after one step, and that step's answers (under the handled message's
-        ``sender/message_id``, :func:`deltaml.agents.policy.handled_key`), atomically."""
+        ``job/sender/message_id``, :func:`deltaml.agents.policy.handled_key`), atomically."""
         with_answers = handled is not None
         self.db.execute("BEGIN")
         try:

@@ -3,8 +3,8 @@
 Success acks. A message that fails to decode, is not signed by the address
 its sender is known by (:mod:`deltaml.protocol.auth`), or breaks the protocol
 is dead-lettered with the reason. A message already handled (same message id
-from the same sender) is acknowledged and changes nothing; another sender's
-reuse of an id is judged on its own, so a stranger cannot have an honest
+from the same sender in the same job) is acknowledged and changes nothing; another
+sender's reuse of an id, or the same name's in another job, is judged on its own, so a stranger cannot have an honest
 message's id acknowledged in its place. If the broker redelivered it — a consumer
 died between handling and acking — its recorded answers are published again,
 since they may not all have left; a mere duplicate (a publisher's retry) is
@@ -156,8 +156,10 @@ class AckPolicy:
 
 
 def handled_key(env: m.Envelope) -> str:
-    """What a handled message is remembered by: its id within its (authenticated) sender's."""
-    return f"{env.sender}/{env.message_id}"
+    """What a handled message is remembered by: its id within its sender's in its job, since a
+    name is bound to a signer per job (:class:`deltaml.protocol.auth.Keyring`): the same name in
+    another job may be another party, whose message must not pass for a duplicate of this one."""
+    return f"{env.job_id}/{env.sender}/{env.message_id}"
 
 
 def _retrieve(task: asyncio.Task) -> None:
