@@ -274,6 +274,11 @@ def test_no_party_computes_with_a_number_that_cannot_be_a_ciphertext(keypair, bu
     assert validator.handle(env(m.EvalRequest(scale_bits=32, models={"all": good}), round_=2))[0].type == \
         "product_request"
 
+    fresh = AggregatorCore(Context("aggregator"))
+    with pytest.raises(NotACiphertext, match="initial model, entry 1,"):
+        fresh.handle(env(m.JobRequest(spec=spec(pub), initial_model=poisoned(good)), sender="buyer"))
+    assert fresh.jobs == {}
+
     aggregator = started_aggregator(keypair)
     mine = aggregator.jobs["j"].models_of("owner-1")
     refused(aggregator, env(m.GradientReply(rows=10, gradients={mid: poisoned(good) for mid in mine}),
