@@ -135,29 +135,14 @@ async def test_a_redelivered_message_is_answered_again_and_a_mere_duplicate_is_n
     assert sent == [answer.message_id, answer.message_id]  # first handling, then the broker's redelivery
 
 
-async def test_another_senders_reuse_of_a_handled_message_id_is_judged_on_its_own():
+@pytest.mark.parametrize("other", [
     # found by the fuzzer: a stranger's message under an honest message's id was acknowledged as a duplicate
-    handled = []
-
-    def step(env):
-        handled.append(env.sender)
-        return []
-
-    async def publish(env):
-        pass
-
-    policy = AckPolicy(step, publish)
-    honest = join()
-    assert (await policy(Delivery(m.encode(sign(honest, ALICE)), {}))).verdict is Verdict.ACK
-    stranger = honest.model_copy(update={"sender": "owner-9"})
-    assert (await policy(Delivery(m.encode(sign(stranger, MALLORY)), {}))).reason != "duplicate"
-    assert (await policy(Delivery(m.encode(sign(honest, ALICE)), {}))).reason == "duplicate"
-    assert handled == ["owner-1", "owner-9"]
-
-
-async def test_the_same_name_and_message_id_in_another_job_is_judged_on_its_own():
-    # found by the fuzzer: a name is bound to a signer per job, so "owner-1" of another job may be
-    # another party; its message under a handled message's id was acknowledged as a duplicate
+    {"sender": "owner-9"},
+    # found by the fuzzer too: a name is bound to a signer per job, so "owner-1" of another job may be
+    # another party, and its message under a handled message's id was acknowledged as a duplicate
+    {"job_id": "job-2"},
+])
+async def test_a_handled_message_id_reused_by_another_sender_or_in_another_job_is_judged_on_its_own(other):
     handled = []
 
     def step(env):
@@ -170,7 +155,7 @@ async def test_the_same_name_and_message_id_in_another_job_is_judged_on_its_own(
     policy = AckPolicy(step, publish)
     honest = join()
     assert (await policy(Delivery(m.encode(sign(honest, ALICE)), {}))).verdict is Verdict.ACK
-    elsewhere = honest.model_copy(update={"job_id": "job-2"})
-    assert (await policy(Delivery(m.encode(sign(elsewhere, MALLORY)), {}))).reason != "duplicate"
+    stranger = honest.model_copy(update=other)
+    assert (await policy(Delivery(m.encode(sign(stranger, MALLORY)), {}))).reason != "duplicate"
     assert (await policy(Delivery(m.encode(sign(honest, ALICE)), {}))).reason == "duplicate"
-    assert handled == [("job-1", "owner-1"), ("job-2", "owner-1")]
+    assert handled == [("job-1", "owner-1"), (stranger.job_id, stranger.sender)]
