@@ -179,6 +179,13 @@ def buyer(keypair):
     return core
 
 
+def signed_part(sse, validator="owner-3", round_=2, signed_by=None):
+    """A validator's part as the aggregator forwards it: taken from its signed evaluation reply."""
+    reply = env(m.EvalReply(rows=10, sse_scale_bits=96, sse=sse), sender=validator, recipient="aggregator",
+                round_=round_, signed_by=signed_by)
+    return m.ValidatorPart.of(reply)
+
+
 def masked(pub, value_bits):
     from deltaml.protocol.refresh import draw_mask
     return [pub.encrypt(draw_mask(value_bits, __import__("random").Random(1))) for _ in range(3)]
@@ -222,10 +229,22 @@ def test_buyer_refuses_unexpected_products_and_metrics(keypair, buyer):
     with pytest.raises(DecryptionRefused, match="already served"):
         buyer.handle(env(ask, sender="owner-3", round_=2))
     part = pub.encrypt(5 * 2**96)
-    forged = m.MetricRequest(sse_scale_bits=96, totals={"all": pub.encrypt(7)},
-                             parts=[m.ValidatorPart(validator="owner-3", rows=10, sse={"all": part})])
+    forged = m.MetricRequest(sse_scale_bits=96, totals={"all": pub.encrypt(7)}, parts=[signed_part({"all": part})])
     with pytest.raises(DecryptionRefused, match="not the sum"):
         buyer.handle(env(forged, round_=2))
+    # the aggregator cannot have any ciphertext of its choosing decrypted as a validator's part:
+    # each part must be what the validator signed, for this job, evaluation and scale
+    anything = pub.encrypt(123)
+    for claimed, reason in [
+        (m.ValidatorPart(validator="owner-3", rows=10, sse={"all": anything}), "unsigned"),
+        (signed_part({"all": anything}, signed_by="aggregator"), "not signed by the address it joined with"),
+        (signed_part({"all": part}).model_copy(update={"sse": {"all": anything}}), "not signed by the address"),
+        (signed_part({"all": anything}, round_=1), "not signed by the address"),
+    ]:
+        with pytest.raises(DecryptionRefused, match=reason):
+            buyer.handle(env(m.MetricRequest(sse_scale_bits=96, totals={"all": anything}, parts=[claimed]), round_=2))
+    with pytest.raises(DecryptionRefused, match="not signed by the address"):
+        buyer.handle(env(forged.model_copy(update={"sse_scale_bits": 64}), round_=2))
     with pytest.raises(DecryptionRefused, match="not every validator"):
         buyer.handle(env(forged, round_=4))
     honest = forged.model_copy(update={"totals": {"all": part}})
@@ -297,11 +316,9 @@ def test_no_party_computes_with_a_number_that_cannot_be_a_ciphertext(keypair, bu
     buyer.handle(env(m.ProductRequest(models={"all": m.MaskedPair(u=u, v=v, u_bits=92)}), sender="owner-3",
                      round_=2))
     part = pub.encrypt(5 * 2**96)
-    metric = m.MetricRequest(sse_scale_bits=96, totals={"all": part},
-                             parts=[m.ValidatorPart(validator="owner-3", rows=10, sse={"all": part})])
+    metric = m.MetricRequest(sse_scale_bits=96, totals={"all": part}, parts=[signed_part({"all": part})])
     refused(buyer, env(metric.model_copy(update={"totals": {"all": x}}), round_=2), entry=0)
-    bad_part = m.ValidatorPart(validator="owner-3", rows=10, sse={"all": x})
-    refused(buyer, env(metric.model_copy(update={"parts": [bad_part]}), round_=2))
+    refused(buyer, env(metric.model_copy(update={"parts": [signed_part({"all": x})]}), round_=2))
     assert buyer.handle(env(metric, round_=2))[0].payload.metrics["all"].mse == 0.5
 
 

@@ -300,8 +300,7 @@ def _on_eval(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     if len(ev.replies) < len(job.validators):
         return []
     pub = job.public_key
-    parts = [m.ValidatorPart(validator=v, rows=ev.replies[v].payload.rows, sse=ev.replies[v].payload.sse)
-             for v in job.validators]
+    parts = [m.ValidatorPart.of(ev.replies[v]) for v in job.validators]
     totals = {mid: pub.sum(p.sse[mid] for p in parts) for mid in ev.targets}
     scale = ev.replies[job.validators[0]].payload.sse_scale_bits
     if job.phase == AggPhase.EVALUATING and env.round == job.spec.rounds:

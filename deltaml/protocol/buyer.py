@@ -192,6 +192,10 @@ def _on_metric(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) ->
     served = job.served.get(env.round, set())
     refuse_unless(served == set(job.validators), "not every validator has been served for this evaluation")
     refuse_unless(sorted(p.validator for p in req.parts) == sorted(served), "parts are not the served validators")
+    for p in req.parts:  # each as its validator signed it, for this job, evaluation and scale
+        refuse_unless(same_address(_signer(p.reply(env.job_id, env.round, req.sse_scale_bits)),
+                                   job.addresses.get(p.validator)),
+                      f"the part of {p.validator} is not signed by the address it joined with")
     due = eval_models(job.spec, env.round, job.trainers)
     refuse_unless(set(req.totals) == set(due), "totals for models that are not due")
     for mid in due:

@@ -240,11 +240,32 @@ class EvalReply(_Payload):
 
 
 class ValidatorPart(_Payload):
-    """One validator's ``[SSE_v]``, forwarded so the buyer can check the total."""
+    """One validator's ``[SSE_v]`` with what its signed reply carried around it, forwarded so
+    the buyer can check that a total is the sum of what the validators signed (DESIGN §2):
+    otherwise the aggregator could put any ciphertext in a part and have the buyer publish
+    its plaintext."""
 
     validator: str
     rows: int
     sse: dict[str, Cipher]
+    message_id: str = ""
+    correlation_id: str | None = None
+    recipient: str = ""
+    signature: str | None = None
+
+    @classmethod
+    def of(cls, reply: "Envelope") -> "ValidatorPart":
+        """The part of a validator's (signed) evaluation reply."""
+        p: EvalReply = reply.payload
+        return cls(validator=reply.sender, rows=p.rows, sse=p.sse, message_id=reply.message_id,
+                   correlation_id=reply.correlation_id, recipient=reply.recipient, signature=reply.signature)
+
+    def reply(self, job_id: str, round_: int, sse_scale_bits: int) -> "Envelope":
+        """The evaluation reply this part says it was taken from, for checking its signature."""
+        return Envelope(message_id=self.message_id or "-", correlation_id=self.correlation_id, job_id=job_id,
+                        round=round_, sender=self.validator, recipient=self.recipient or "-",
+                        signature=self.signature,
+                        payload=EvalReply(rows=self.rows, sse_scale_bits=sse_scale_bits, sse=self.sse))
 
 
 class MetricRequest(_Payload):
