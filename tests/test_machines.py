@@ -203,10 +203,34 @@ def test_buyer_answers_one_refresh_per_round_and_only_the_aggregator(keypair, bu
         buyer.handle(env(req, round_=1))
     with pytest.raises(DecryptionRefused, match="base scale"):
         buyer.handle(env(m.RefreshRequest(value_bits=156, drop_bits=10, models=req.models), round_=2))
-    with pytest.raises(DecryptionRefused, match="out of range"):
-        big = m.RefreshRequest(value_bits=156, drop_bits=64, models={"all": [pub.encrypt(2**400)] * 3})
-        buyer.handle(env(big, round_=2))
     assert buyer.jobs["j"].refreshed == before.refreshed == {1}
+
+
+@pytest.mark.parametrize("request_", ["refresh", "product"])
+def test_a_value_outside_its_mask_ends_the_job_so_refusals_cannot_be_a_range_oracle(keypair, buyer, request_):
+    """Were such a request refused and the job left as it was, the requester could send
+    ``[x + t]`` for t after t and learn from each answer whether ``x`` is below a bound:
+    every plaintext, one bit per request. The first one ends the buyer's decryptions instead."""
+    pub, _ = keypair
+    outside = [pub.encrypt(2**400), *masked(pub, 92)[1:]]
+    if request_ == "refresh":
+        ask = env(m.RefreshRequest(value_bits=156, drop_bits=64, models={"all": outside}), round_=1)
+    else:
+        pair = m.MaskedPair(u=outside, v=masked(pub, 140), u_bits=92)
+        ask = env(m.ProductRequest(models={"all": pair}), sender="owner-3", round_=2)
+    (told,) = buyer.handle(ask)
+    job = buyer.jobs["j"]
+    assert told.type == "failure" and told.recipient == "aggregator"
+    assert job.phase is BuyerPhase.FAILED and "out of range" in job.reason and "nothing more" in job.reason
+    assert "bits" not in job.reason  # nothing about the decrypted value
+    honest = m.RefreshRequest(value_bits=156, drop_bits=64, models={"all": masked(pub, 156)})
+    with pytest.raises(InvalidTransition):
+        buyer.handle(env(honest, round_=3))
+    with pytest.raises(InvalidTransition):
+        buyer.handle(env(m.ProductRequest(models={"all": m.MaskedPair(u=masked(pub, 92), v=masked(pub, 140),
+                                                                      u_bits=92)}), sender="owner-3", round_=4))
+    buyer.handle(env(m.JobFinished(ok=False, reason="aggregator: owner-3 failed"), round_=2))
+    assert buyer.jobs["j"].reason == job.reason  # the buyer's own reason stands
 
 
 def test_buyer_refuses_unexpected_products_and_metrics(keypair, buyer):

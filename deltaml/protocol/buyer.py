@@ -27,7 +27,7 @@ import numpy as np
 
 from . import messages as m
 from .budget import fits_mask
-from .errors import DecryptionRefused
+from .errors import DecryptionRefused, OutsideMask
 from .fixedpoint import FixedPoint
 from .machine import FULL_MODEL, Context, Machine, eval_models, is_eval_round, loo_trainers, model_ids, table, without
 from .metric import masked_products, proof_context
@@ -132,7 +132,10 @@ def _on_refresh(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -
                   "refresh drop does not bring the model back to its base scale")
     _check_models(job, req.models, model_ids(job.spec, job.trainers), key.public)
     work = [(key, cs, req.value_bits, req.drop_bits, _seed(ctx)) for cs in req.models.values()]
-    out = dict(zip(req.models, ctx.map(_refresh, work)))
+    try:
+        out = dict(zip(req.models, ctx.map(_refresh, work)))
+    except OutsideMask as exc:
+        return _stop_decrypting(job, env, ctx, f"the refresh of round {env.round}: {exc}")
     job.refreshed.add(env.round)
     return [ctx.reply(env, m.RefreshReply(models=out))]
 
@@ -158,12 +161,24 @@ def _on_products(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) 
         key.public.require_ciphertexts(pair.v, f"masked product {mid}")
         context = proof_context(env.job_id, env.round, mid, env.sender)
         work.append((key, pair.u, pair.v, pair.u_bits, _seed(ctx), context))
+    try:
+        answers = ctx.map(_products, work)
+    except OutsideMask as exc:
+        return _stop_decrypting(job, env, ctx, f"{env.sender}'s product request for round {env.round}: {exc}")
     out, proofs = {}, {}
-    for mid, (products, proved) in zip(req.models, ctx.map(_products, work)):
+    for mid, (products, proved) in zip(req.models, answers):
         out[mid] = products
         proofs[mid] = [m.ProductProof(a=p.a, b=p.b, z=p.z, w1=p.w1, w2=p.w2) for p in proved]
     job.served.setdefault(env.round, set()).add(env.sender)
     return [ctx.reply(env, m.ProductReply(models=out, proofs=proofs))]
+
+
+def _stop_decrypting(job: BuyerJob, env: m.Envelope, ctx: Context, what: str) -> list[m.Envelope]:
+    """End the job at the first value outside its mask: a refusal the requester could
+    retry would answer, one bit at a time, whether any plaintext is below a bound."""
+    job.phase = BuyerPhase.FAILED
+    job.reason = f"{what}; the buyer decrypts nothing more for this job"
+    return [ctx.message(env.job_id, env.round, job.aggregator, m.Failure(reason=job.reason))]
 
 
 def _seed(ctx: Context) -> bytes:
@@ -278,20 +293,21 @@ def _on_receipt(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -
 
 def _on_end(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
     refuse_unless(env.sender == job.aggregator, "job end from a party that is not the aggregator")
-    job.phase = BuyerPhase.FAILED
-    job.reason = env.payload.reason
+    if job.phase is not BuyerPhase.FAILED:  # a job the buyer ended keeps its own reason
+        job.phase = BuyerPhase.FAILED
+        job.reason = env.payload.reason
     return []
 
 
 B = BuyerPhase
 BUYER_TABLE = table(
     (B.REQUESTED, "participants", _on_participants, (B.TRAINING,)),
-    (B.TRAINING, "refresh_request", _on_refresh, (B.TRAINING,)),
-    (B.TRAINING, "product_request", _on_products, (B.TRAINING,)),
+    (B.TRAINING, "refresh_request", _on_refresh, (B.TRAINING, B.FAILED)),
+    (B.TRAINING, "product_request", _on_products, (B.TRAINING, B.FAILED)),
     (B.TRAINING, "metric_request", _on_metric, (B.TRAINING,)),
     (B.TRAINING, "job_result", _on_result, (B.FINISHED, B.SETTLING)),
     (B.TRAINING, "trainer_dropped", _on_dropped, (B.TRAINING,)),
-    ((B.REQUESTED, B.TRAINING, B.SETTLING), "job_finished", _on_end, (B.FAILED,)),
+    ((B.REQUESTED, B.TRAINING, B.SETTLING, B.FAILED), "job_finished", _on_end, (B.FAILED,)),
     (tuple(B), "chain_event", _on_chain_event, tuple(B)),
     (tuple(B), "tx_receipt", _on_receipt, tuple(B)),
 )

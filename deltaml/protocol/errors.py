@@ -21,6 +21,12 @@ class DecryptionRefused(ProtocolError):
     """The buyer refuses a decryption it was not expecting (no decryption oracle)."""
 
 
+class OutsideMask(DecryptionRefused):
+    """A decrypted value outside the range every honestly masked value lies in. Refusing it
+    tells the requester one bit about the plaintext, so the buyer ends the job on the first:
+    a requester free to try again could binary-search any plaintext (a range oracle)."""
+
+
 class FixedPointOverflow(ValueError):
     """A value that does not fit the fixed-point range; never wrapped silently."""
 

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import gmpy2
 
-from .errors import DecryptionRefused
+from .errors import DecryptionRefused, OutsideMask
 from .linear import EncodedStats
 from .paillier import SYSTEM_RANDOM, PrivateKey, PublicKey, RandomSource, multi_power
 from .refresh import draw_mask, mask_bound
@@ -112,7 +112,7 @@ def masked_products(
     for uc, vc in zip(u, v):
         uj = priv.decrypt_raw(uc)
         if uj >= bound:
-            raise DecryptionRefused("masked value out of range: not a masked model coordinate")
+            raise OutsideMask("masked value out of range: not a masked model coordinate")
         vc = gmpy2.mpz(vc)
         rho, rho_n = priv.randomness_pair(rng)
         c = priv.pow_crt(vc, uj) * rho_n % n2

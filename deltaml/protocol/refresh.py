@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import DecryptionRefused
+from .errors import OutsideMask
 from .fixedpoint import SLACK_BITS
 from .paillier import SYSTEM_RANDOM, PrivateKey, PublicKey, RandomSource
 
@@ -61,10 +61,9 @@ def refresh_masked(
     for c in masked:
         z = priv.decrypt_raw(c)
         if z >= bound:
-            raise DecryptionRefused(
-                f"refresh value out of range ({int(z).bit_length()} bits > {bound.bit_length() - 1}): "
-                "the model exceeded its magnitude bound or the ciphertext is not a masked value"
-            )
+            # nothing about z in the reason: it is the decryption of whatever was sent
+            raise OutsideMask("refresh value out of range: the model exceeded its magnitude bound "
+                              "or the ciphertext is not a masked value")
         out.append(priv.encrypt(int(z >> drop_bits), rng))
     return out
 
