@@ -154,6 +154,12 @@ def test_aggregator_rejects_undefined_and_duplicate_messages(keypair):
         core.handle(env(m.EvalReply(rows=10, sse_scale_bits=96, sse={"all": 1}), sender="owner-1"))
     with pytest.raises(ProtocolError, match="no evaluation of round 5"):
         core.handle(env(m.EvalReply(rows=10, sse_scale_bits=96, sse={"all": 1}), sender="owner-3", round_=5))
+    # the row count sets the step and divides the squared error: it is the one the role was accepted with
+    mine = {mid: [pub.encrypt(0)] * 3 for mid in job.models_of("owner-1")}
+    with pytest.raises(ProtocolError, match="11 rows, but owner-1 accepted its role with 10"):
+        core.handle(env(m.GradientReply(rows=11, gradients=mine), sender="owner-1", round_=1))
+    with pytest.raises(ProtocolError, match="1000 rows, but owner-3 accepted its role with 10"):
+        core.handle(env(m.EvalReply(rows=1000, sse_scale_bits=96, sse={"all": pub.encrypt(1)}), sender="owner-3"))
     assert core.jobs["j"] is job  # a refused message leaves the state untouched
 
 

@@ -234,10 +234,18 @@ def _maybe_start(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
     return _advance(job, ctx, job_id) if job.phase == AggPhase.STARTING and ready else []
 
 
+def _same_rows(job: AggJob, env: m.Envelope) -> None:
+    """An owner's statistics are computed once: its row count (which sets the step size and
+    divides the squared error) is the one it accepted its role with, every round."""
+    accepted = job.joined.get(env.sender)
+    require(env.payload.rows == accepted, f"{env.payload.rows} rows, but {env.sender} accepted its role with {accepted}")
+
+
 def _on_gradient(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     _from(job, env, job.trainers, "gradient")
     require(env.round == job.round + 1, f"gradient for round {env.round}, expected {job.round + 1}")
     require(set(env.payload.gradients) == set(job.models_of(env.sender)), "gradient for the wrong models")
+    _same_rows(job, env)
     d = len(job.models[FULL_MODEL])
     require(all(len(g) == d for g in env.payload.gradients.values()), "gradient of the wrong length")
     for mid, g in env.payload.gradients.items():
@@ -293,6 +301,7 @@ def _on_eval(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     require(env.sender in job.validators, f"evaluation from {env.sender}, who is not expected to send it")
     require(env.sender not in ev.replies, f"duplicate evaluation from {env.sender}")
     require(set(env.payload.sse) == set(ev.targets), "evaluation of the wrong models")
+    _same_rows(job, env)
     for mid, c in env.payload.sse.items():
         job.public_key.require_ciphertexts([c], f"evaluation of {mid}")
     ev.replies[env.sender] = env

@@ -169,7 +169,7 @@ class GradientReply(_Payload):
     """Trainer → aggregator: ``[G_i w - b_i]`` per model and its row count."""
 
     type: Literal["gradient_reply"] = "gradient_reply"
-    rows: int
+    rows: int = Field(ge=1)
     gradients: Models
 
 
@@ -234,7 +234,7 @@ class EvalReply(_Payload):
     """Validator → aggregator: ``[SSE_v]`` per model."""
 
     type: Literal["eval_reply"] = "eval_reply"
-    rows: int
+    rows: int = Field(ge=1)
     sse_scale_bits: int
     sse: dict[str, Cipher]
 
@@ -246,7 +246,7 @@ class ValidatorPart(_Payload):
     its plaintext."""
 
     validator: str
-    rows: int
+    rows: int = Field(ge=1)
     sse: dict[str, Cipher]
     message_id: str = ""
     correlation_id: str | None = None
