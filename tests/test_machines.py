@@ -160,6 +160,9 @@ def test_aggregator_rejects_undefined_and_duplicate_messages(keypair):
         core.handle(env(m.GradientReply(rows=11, gradients=mine), sender="owner-1", round_=1))
     with pytest.raises(ProtocolError, match="1000 rows, but owner-3 accepted its role with 10"):
         core.handle(env(m.EvalReply(rows=1000, sse_scale_bits=96, sse={"all": pub.encrypt(1)}), sender="owner-3"))
+    # so is the scale that divides the decrypted SSE: round 0's model is at 32 bits, its [SSE] at 2 * 32 + 32
+    with pytest.raises(ProtocolError, match="scale 64, the evaluation's is 96"):
+        core.handle(env(m.EvalReply(rows=10, sse_scale_bits=64, sse={"all": pub.encrypt(1)}), sender="owner-3"))
     assert core.jobs["j"] is job  # a refused message leaves the state untouched
 
 

@@ -45,6 +45,7 @@ from .auth import signer
 from .budget import can_evaluate, can_train, plan
 from .fixedpoint import FixedPoint
 from .linear import encrypted_update, step_size_q
+from .metric import sse_scale_bits
 from .machine import (FULL_MODEL, Context, Machine, eval_models, is_eval_round, model_ids, natural_key,
                       require, table, without)
 from .chain import LEDGER, METRICS_PER_TX, ChainParty, job_key, key_hash, metric_args, model_index, same_address
@@ -71,6 +72,8 @@ class Evaluation:
     targets: list[str]
     replies: dict[str, m.Envelope] = field(default_factory=dict)
     waited: float = 0.0  # seconds since it last heard from a validator or the buyer
+    #: the scale of ``[SSE]`` a validator's reply must have (None in a checkpoint from before it was kept)
+    sse_scale_bits: int | None = None
 
 
 @dataclass
@@ -133,7 +136,8 @@ def _advance(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
             return _start_refresh(job, ctx, job_id)
         job.evaluated_round = job.round
         targets = eval_models(spec, job.round, job.trainers)
-        job.evals[job.round] = Evaluation(targets=targets)
+        job.evals[job.round] = Evaluation(targets=targets,
+                                          sse_scale_bits=sse_scale_bits(job.scale_bits, spec.frac_bits))
         req = m.EvalRequest(scale_bits=job.scale_bits, models={k: job.models[k] for k in targets})
         out = [ctx.message(job_id, job.round, v, req) for v in job.validators]
         # the evaluation scores this round's ciphertexts: training need not wait for it, except at the end
@@ -302,6 +306,9 @@ def _on_eval(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     require(env.sender not in ev.replies, f"duplicate evaluation from {env.sender}")
     require(set(env.payload.sse) == set(ev.targets), "evaluation of the wrong models")
     _same_rows(job, env)
+    # the scale divides the decrypted SSE: a validator may not choose it
+    require(ev.sse_scale_bits in (None, env.payload.sse_scale_bits),
+            f"[SSE] at scale {env.payload.sse_scale_bits}, the evaluation's is {ev.sse_scale_bits}")
     for mid, c in env.payload.sse.items():
         job.public_key.require_ciphertexts([c], f"evaluation of {mid}")
     ev.replies[env.sender] = env
