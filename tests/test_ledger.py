@@ -150,6 +150,9 @@ def test_a_revert_is_reported_with_the_contracts_reason(ledger, training):
     job, buyer, agg, owners = training
     receipt = owners[0].call(job, "settle", [job_key(job)])  # not complete, deadline not passed
     assert not receipt.ok and "TooEarly" in receipt.reason
+    # with the error's arguments: confirming again, once training has begun, names the state it is in
+    again = owners[0].call(job, "confirm", [job_key(job)])
+    assert not again.ok and again.reason == "WrongState(3)", again.reason  # State.Training
     assert owners[0].call(job, "confirm", [job_key(job)]).reason  # confirming twice is refused too
 
 

@@ -74,8 +74,7 @@ class Chain:
         self.chain_id = self.w3.eth.chain_id
         self._events = {Web3.keccak(text=chain.signature(e)): e["name"] for e in art["abi"] if e["type"] == "event"}
         self._key_hashes: dict[bytes, bytes] = {}
-        self._errors = {Web3.keccak(text=chain.signature(e))[:4].hex(): e["name"]
-                        for e in art["abi"] if e["type"] == "error"}
+        self._errors = {Web3.keccak(text=chain.signature(e))[:4].hex(): e for e in art["abi"] if e["type"] == "error"}
 
     @property
     def address(self) -> str:
@@ -131,7 +130,7 @@ class Chain:
         return receipt, "reverted"
 
     def reason(self, exc: Exception) -> str:
-        """A readable revert reason: the contract's custom error name where one can be found."""
+        """A readable revert reason: the contract's custom error with its arguments where one can be found."""
         text = " ".join(str(a) for a in exc.args) or type(exc).__name__
         candidates = [text, str(getattr(exc, "data", "") or "")]
         candidates += [a.hex() for a in exc.args if isinstance(a, (bytes, bytearray))]
@@ -141,9 +140,12 @@ class Chain:
             except (ValueError, SyntaxError):
                 pass
         for candidate in candidates:
-            for selector, name in self._errors.items():
-                if selector in candidate.replace("0x", ""):
-                    return name
+            hexdata = candidate.replace("0x", "")
+            for selector, entry in self._errors.items():
+                at = hexdata.find(selector)
+                if at >= 0:
+                    args = re.match(r"[0-9a-fA-F]*", hexdata[at + len(selector):]).group()
+                    return chain.error_text(entry, bytes.fromhex(args[: len(args) // 2 * 2]))
         return text[:200]
 
     def events(self, receipt) -> list[tuple[str, dict]]:

@@ -90,6 +90,18 @@ def signature(entry: Mapping[str, Any]) -> str:
     return f"{entry['name']}({','.join(_abi_type(i) for i in entry['inputs'])})"
 
 
+def error_text(entry: Mapping[str, Any], data: bytes) -> str:
+    """A custom error as ``Name(arg, ...)`` from the ABI-encoded arguments after its selector
+    (``Invalid(metric value)`` rather than ``Invalid``); just the name if they do not decode."""
+    if not entry["inputs"]:
+        return entry["name"]
+    try:
+        args = eth_abi.decode([_abi_type(i) for i in entry["inputs"]], data)
+    except Exception:  # whatever the node returned: the name still says which check failed
+        return entry["name"]
+    return f"{entry['name']}({', '.join(str(a) for a in args)})"
+
+
 @lru_cache(maxsize=None)
 def _functions() -> dict[str, tuple[bytes, list[str]]]:
     return {e["name"]: (keccak(text=signature(e))[:4], [_abi_type(i) for i in e["inputs"]])
