@@ -363,13 +363,23 @@ def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = la
                 if workers is not None:
                     workers.close()
     if job.phase is not BuyerPhase.FINISHED:
-        raise RuntimeError(f"job did not finish: {job.reason or 'failed'}")
+        raise RuntimeError(f"job did not finish: {job.reason or 'failed'}{_divergence(job)}")
     report = buyer_report(job, job_id, public.bits, 0.0)
     report.update({"bus": bus, "dataset": config.dataset, **baselines(parts, config), "messages_refused": refused})
     report["chain"] = chain_report(ledger, job)
     report["busy_seconds"] = timings  # per agent, per message type: where the time went
     report["wall_seconds"] = time.perf_counter() - started
     return report
+
+
+def _divergence(job) -> str:
+    """A hint for a failed job whose published validation MSE grew far past the zero model's:
+    gradient descent diverged, and the metric or the model outgrew what the job can hold."""
+    history = [job.published[r][FULL_MODEL] for r in sorted(job.published) if FULL_MODEL in job.published[r]]
+    if len(history) < 2 or not history[-1] > 1000 * history[0]:
+        return ""
+    return (f" (the validation MSE grew from {history[0]:.6g} to {history[-1]:.3g}: gradient descent "
+            "diverged; try a smaller --lr)")
 
 
 def chain_report(ledger: LedgerCore, job) -> dict:

@@ -1,6 +1,7 @@
 """Whole marketplace on the in-process router: encrypted training equals centralised training."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -105,6 +106,26 @@ def test_cli_demo_writes_the_report(tmp_path, capsys):
     assert_matches_centralised(report)
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("round")]
     assert [int(l.split()[1]) for l in lines] == [0, 1, 2]
+
+
+def test_a_diverging_job_fails_with_the_reason_and_a_hint(keypair):
+    """The final metrics of a model that diverged are too large for the contract; the buyer has
+    closed the job by then, and the refused transaction used to leave it waiting for the escrow's
+    deadline. It must end, refunded, with the chain's reason and a hint."""
+    ended = []
+
+    def job():
+        try:
+            run_memory(DemoConfig(rounds=20, eval_every=10, lr=40.0), keypair=keypair)
+        except RuntimeError as exc:
+            ended.append(str(exc))
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    thread.join(timeout=600)  # a guard against the hang this is about, not a measure of speed
+    assert ended, "the job did not end"
+    assert "recordMetrics failed on chain: Invalid(metric value)" in ended[0]
+    assert "gradient descent diverged; try a smaller --lr" in ended[0]
 
 
 def test_a_job_without_leave_one_out_trains_the_full_model_only(keypair):

@@ -453,9 +453,13 @@ def _on_chain_event(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelo
 
 
 def _on_receipt(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
-    """A transaction of the aggregator's that failed fails the job while it runs."""
+    """A transaction of the aggregator's that failed fails the job while it runs, and also after
+    the buyer closed it while its escrow is not settled: the buyer closes a job on the decrypted
+    metrics, before the chain has taken them, and a metric the contract refuses (a model that
+    diverged) would otherwise leave the escrow waiting for its deadline."""
     receipt: m.TxReceipt = env.payload
-    if receipt.ok or job.phase in (AggPhase.FINISHED, AggPhase.FAILED):
+    settled_or_off_chain = job.settled or not job.on_chain
+    if receipt.ok or job.phase is AggPhase.FAILED or (job.phase is AggPhase.FINISHED and settled_or_off_chain):
         return []
     return _fail(job, ctx, env.job_id, f"{receipt.function} failed on chain: {receipt.reason}")
 
