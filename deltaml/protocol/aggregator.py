@@ -252,8 +252,7 @@ def _on_gradient(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]
     _same_rows(job, env)
     d = len(job.models[FULL_MODEL])
     require(all(len(g) == d for g in env.payload.gradients.values()), "gradient of the wrong length")
-    for mid, g in env.payload.gradients.items():
-        job.public_key.require_ciphertexts(g, f"gradient of {mid}")
+    job.public_key.require_models(env.payload.gradients, "gradient of")
     job.replies[env.sender] = env
     if len(job.replies) < len(job.trainers):
         return []
@@ -285,8 +284,7 @@ def _on_refreshed(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope
     require(env.sender == job.buyer and env.round == job.round, "refresh reply from the wrong party or round")
     require(set(env.payload.models) == set(job.models), "refresh reply for the wrong models")
     pub = job.public_key
-    for mid, cs in env.payload.models.items():
-        pub.require_ciphertexts(cs, f"refreshed {mid}")
+    pub.require_models(env.payload.models, "refreshed")
     for mid, masks in job.masks.items():
         job.models[mid] = unmask_refreshed(pub, env.payload.models[mid], masks)
     job.masks = {}

@@ -97,8 +97,7 @@ def _signer(env: m.Envelope) -> str:
 def _check_models(job: BuyerJob, models: dict, allowed: list[str], pub: PublicKey) -> None:
     refuse_unless(set(models) <= set(allowed) and models, "request for models that are not due")
     refuse_unless(all(len(v) == job.dim for v in models.values()), "vectors of the wrong length")
-    for mid, cs in models.items():
-        pub.require_ciphertexts(cs, f"model {mid}")
+    pub.require_models(models, "model")
 
 
 def _on_participants(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:

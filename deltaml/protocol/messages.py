@@ -15,7 +15,7 @@ from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
 
-from .errors import DecodeError, KeyTooShort
+from .errors import DecodeError
 from .paillier import check_key_bits
 from .settlement import deposit_for
 
@@ -92,10 +92,7 @@ class JobSpec(_Payload):
             raise ValueError("public_key must be the key's modulus in hex") from None
         if bits != self.key_bits:
             raise ValueError(f"public_key has {bits} bits, key_bits says {self.key_bits}")
-        try:
-            check_key_bits(bits)
-        except KeyTooShort as exc:
-            raise ValueError(str(exc)) from None
+        check_key_bits(bits)  # KeyTooShort is a ValueError: pydantic reports it as this model's error
         return self
 
     @property

@@ -117,8 +117,7 @@ def _on_role(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> l
 def _check_vectors(job: OwnerJob, models: dict[str, list[int]]) -> None:
     d = job.stats.stats.dim
     require(all(len(v) == d for v in models.values()), f"model vectors must have {d} entries")
-    for mid, cs in models.items():
-        job.public_key.require_ciphertexts(cs, f"model {mid}")
+    job.public_key.require_models(models, "model")
 
 
 def _on_gradient(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:

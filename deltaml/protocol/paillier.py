@@ -382,6 +382,12 @@ class PublicKey:
             if not 0 < c < n2 or not c % n:
                 raise NotACiphertext(f"{what}, entry {i}, is not a ciphertext under the job's key")
 
+    def require_models(self, models, what: str) -> None:
+        """:meth:`require_ciphertexts` for each vector of a ``{model id: vector}`` message field,
+        named ``"<what> <model id>"``."""
+        for mid, cs in models.items():
+            self.require_ciphertexts(cs, f"{what} {mid}")
+
     def encode_plain(self, m: int):
         """``(1+n)**m mod n**2``: a deterministic ciphertext of ``m`` (randomness 1)."""
         return (1 + self._plain(m) * self.n) % self.nsquare
