@@ -11,15 +11,15 @@ from deltaml.agents.policy import AckPolicy
 from deltaml.protocol import messages as m
 from deltaml.protocol.auth import AuthError, Keyring, sign, sign_encoded, signer
 from deltaml.protocol.chain import Wallet
-from deltaml.protocol.errors import ProtocolError
+from deltaml.protocol.errors import InvalidTransition, ProtocolError
 
 ALICE, MALLORY = os.urandom(32), os.urandom(32)
 ALICE_ADDRESS = Wallet(private_key=ALICE).address
 
 
-def join(sender="owner-1", job="job-1", **payload):
+def join(sender="owner-1", job="job-1", rows=5, **payload):
     return m.Envelope(message_id=os.urandom(8).hex(), job_id=job, sender=sender, recipient="aggregator",
-                      payload=m.JoinRequest(rows=5, **payload))
+                      payload=m.JoinRequest(rows=rows, **payload))
 
 
 def test_a_signature_names_its_signer():
@@ -111,6 +111,26 @@ async def test_the_policy_dead_letters_forgeries_and_binds_only_accepted_message
     outcome = await policy(Delivery(json.dumps(unsigned).encode(), {}))
     assert outcome.reason == "unauthenticated: unsigned envelope"
     assert accepted == [honest.message_id]
+
+
+async def test_a_message_for_an_ended_job_is_dead_lettered_without_a_warning():
+    from structlog.testing import capture_logs
+
+    from deltaml.protocol.errors import JobOver
+
+    def step(env):
+        raise JobOver("ended") if env.payload.rows == 1 else InvalidTransition("out of turn")
+
+    async def publish(env):
+        pass
+
+    policy = AckPolicy(step, publish)
+    with capture_logs() as logs:
+        late = await policy(Delivery(m.encode(sign(join(rows=1), ALICE)), {}))
+        wrong = await policy(Delivery(m.encode(sign(join(), ALICE)), {}))
+    assert late.verdict is wrong.verdict is Verdict.DEAD_LETTER
+    assert late.reason == "JobOver: ended" and wrong.reason == "InvalidTransition: out of turn"
+    assert [e["reason"] for e in logs if e["log_level"] == "warning"] == ["out of turn"]
 
 
 def test_role_urls_use_the_roles_broker_users():

@@ -11,7 +11,7 @@ from deltaml.protocol import messages as m
 from deltaml.protocol.auth import sign
 from deltaml.protocol.aggregator import AggPhase, AggregatorCore
 from deltaml.protocol.buyer import BuyerCore, BuyerPhase
-from deltaml.protocol.errors import DecryptionRefused, InvalidTransition, NotACiphertext, ProtocolError
+from deltaml.protocol.errors import DecryptionRefused, InvalidTransition, JobOver, NotACiphertext, ProtocolError
 from deltaml.protocol.machine import Context, table
 from deltaml.protocol.owner import OwnerCore, OwnerData, OwnerPhase
 
@@ -75,6 +75,10 @@ def test_owner_walks_its_phases(keypair):
     assert core.jobs["j"].phase is OwnerPhase.IN_PROGRESS and out[0].type == "gradient_reply"
     core.handle(env(m.JobFinished(ok=True)))
     assert core.jobs["j"].phase is OwnerPhase.FINISHED
+    # what was in flight when the job ended is refused as such, not as a protocol breach
+    with pytest.raises(JobOver, match="'gradient_request' arrived after the job ended"):
+        core.handle(env(m.GradientRequest(scale_bits=32, models={"all": zero}), round_=2))
+    assert core.jobs["j"].phase is OwnerPhase.FINISHED
 
 
 @pytest.mark.parametrize("columns", [("a", "y"), ("a", "b", "z")])
@@ -94,8 +98,9 @@ def test_owner_undefined_transitions_are_errors(keypair):
     pub, _ = keypair
     core = owner()
     core.handle(env(m.JobOffer(spec=spec(pub))))
-    with pytest.raises(InvalidTransition):
+    with pytest.raises(InvalidTransition) as refused:
         core.handle(env(m.GradientRequest(scale_bits=32, models={}), round_=1))
+    assert not isinstance(refused.value, JobOver)  # a job that runs: a message out of turn is a breach
     assert core.jobs["j"].phase is OwnerPhase.READY
     with pytest.raises(ProtocolError, match="unknown job"):
         core.handle(env(m.RoleAssignment(role="trainer", models=[]), job="other"))

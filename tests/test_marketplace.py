@@ -128,6 +128,27 @@ def test_a_diverging_job_fails_with_the_reason_and_a_hint(keypair):
     assert "gradient descent diverged; try a smaller --lr" in ended[0]
 
 
+def test_the_result_waits_for_the_chain_and_a_refused_metric_ends_the_job_once(keypair):
+    """The final model goes to the buyer only after the chain took the metrics and settled the
+    escrow: a metric the contract refuses fails the job before the buyer holds a result it did not
+    pay for, the owners are told once that it failed (not first that it ended well), and the
+    deposit comes back but for the fixed rewards of the work the owners did (no variable share)."""
+    import asyncio
+
+    from deltaml.marketplace import make_spec, memory_job, prepare_parts
+
+    config = DemoConfig(rounds=20, eval_every=10, lr=40.0)
+    data, parts = prepare_parts(config)
+    spec = make_spec(config, data, keypair[0].to_hex(), "buyer")
+    job, _, refused, ledger, _ = asyncio.run(memory_job(config, parts, spec, keypair[1]))
+    assert job.phase.name == "FAILED" and job.reason.startswith("recordMetrics failed on chain")
+    assert job.model is None  # no final model was sent
+    assert refused == []  # no owner was told twice how the job ended
+    assert job.settled and set(job.payments_wei.values()) == {spec.fixed_reward_wei}
+    assert job.refund_wei + sum(job.payments_wei.values()) == spec.deposit_wei
+    assert ledger.chain.credit(job.buyer_address) == 0  # and the buyer took it back
+
+
 def test_a_job_without_leave_one_out_trains_the_full_model_only(keypair):
     import asyncio
 

@@ -13,15 +13,16 @@ from deltaml.protocol.buyer import BuyerPhase
 class Silent:
     """A core that stops answering one message type from a given round on (a closed laptop)."""
 
-    def __init__(self, core, message_type: str, from_round: int = 0) -> None:
-        self.core, self.message_type, self.from_round = core, message_type, from_round
+    def __init__(self, core, message_type: str, from_round: int = 0, event: str | None = None) -> None:
+        self.core, self.message_type, self.from_round, self.event = core, message_type, from_round, event
         self.swallowed = 0
 
     def __getattr__(self, name):  # everything else (ctx, jobs, open_job, tick) is the real core's
         return getattr(self.core, name)
 
     def handle(self, env):
-        if env.type == self.message_type and env.round >= self.from_round:
+        if (env.type == self.message_type and env.round >= self.from_round
+                and (self.event is None or env.payload.event == self.event)):
             self.swallowed += 1
             return []
         return self.core.handle(env)
@@ -87,6 +88,18 @@ async def test_a_silent_buyer_fails_the_job_after_the_deadline_with_the_escrow_r
     assert job.settled and credited == deposit and balance == 0
     assert job.refund_wei == config.variable_pool_wei
     assert sorted(job.payments_wei.values()) == [config.fixed_reward_wei] * config.owners
+
+
+async def test_an_aggregator_that_never_hears_the_escrow_settled_fails_the_job_without_a_result(keypair):
+    """The final model goes out only on the chain's word that the escrow is settled; without it the
+    job ends at the deadline with the reason, and the buyer holds no result."""
+    config = DemoConfig(rounds=3, eval_every=3, round_timeout=5.0)
+    job, ledger, _, wrapped = await run(config, keypair, {"aggregator": ("chain_event", 0, "Settled")})
+    assert job.phase is BuyerPhase.FAILED, job.reason
+    assert "round 3: waited 5 s for the chain to report the escrow settled" in job.reason
+    assert job.model is None and wrapped["aggregator"].swallowed == 1
+    deposit, credited, balance = chain_totals(ledger, job)  # the chain did settle: what it paid stands
+    assert job.settled and credited == deposit and balance == 0
 
 
 @pytest.mark.parametrize("quorum", [5, 9])

@@ -24,7 +24,7 @@ import structlog
 
 from ..protocol import messages as m
 from ..protocol.auth import AuthError, Keyring
-from ..protocol.errors import DecodeError, ProtocolError
+from ..protocol.errors import DecodeError, JobOver, ProtocolError
 from .bus import Delivery, Outcome, Verdict
 
 log = structlog.get_logger()
@@ -133,7 +133,8 @@ class AckPolicy:
                 outgoing = await asyncio.to_thread(self._timed_step, env)
             except ProtocolError as exc:
                 self.record("refused", env)
-                bound.warning("message refused", reason=str(exc))
+                # a reply in flight when its job ended is dead-lettered like any refusal, but is no alarm
+                (bound.info if isinstance(exc, JobOver) else bound.warning)("message refused", reason=str(exc))
                 return Outcome(Verdict.DEAD_LETTER, f"{type(exc).__name__}: {exc}")
             except Exception as exc:  # a bug or a transient fault: bounded retries, then dead letter
                 bound.exception("handler failed")

@@ -16,9 +16,12 @@ next (:func:`_advance`):
   it belongs to (the full model and the leave-one-out models without each
   other trainer), and the aggregator takes one gradient step per model.
 
-After the last evaluation it sends the encrypted final model to the buyer
-(SETTLING) and finishes when the buyer closes the job. Any party's failure
-fails the job. It holds no secret and sees only ciphertexts and the
+After the last evaluation a paid job puts the metrics on chain and settles
+its escrow (SETTLING); only once the chain reports it settled does the
+aggregator send the encrypted final model to the buyer (CLOSING), so a
+metric the contract refuses fails the job instead of following a result the
+buyer already holds. The job finishes when the buyer closes it, and only
+then are the owners told it ended well. Any party's failure fails the job. It holds no secret and sees only ciphertexts and the
 published metrics.
 
 Silence: the agent ticks the core (:meth:`AggregatorCore.tick`) with the
@@ -61,6 +64,7 @@ class AggPhase(Enum):
     EVALUATING = auto()
     VERIFYING = auto()
     SETTLING = auto()
+    CLOSING = auto()
     FINISHED = auto()
     FAILED = auto()
 
@@ -146,11 +150,10 @@ def _advance(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
         if job.evals:
             job.phase = AggPhase.EVALUATING if spec.rounds in job.evals else AggPhase.VERIFYING
             return []
-        job.phase = AggPhase.SETTLING
-        out = ctx.wallet.call(ctx, job_id, job.round, "settle", [job_key(job_id)]) if job.spec.escrow else []
-        result = m.JobResult(scale_bits=job.scale_bits, model=job.models[FULL_MODEL],
-                             mse_history=sorted(job.mse_history), final_mse=job.final_mse)
-        return [*out, ctx.message(job_id, job.round, job.buyer, result)]
+        if job.spec.escrow:  # the result follows the chain's word that the escrow is settled
+            job.phase = AggPhase.SETTLING
+            return ctx.wallet.call(ctx, job_id, job.round, "settle", [job_key(job_id)])
+        return _result(job, ctx, job_id)
     if not _fits(job, can_train):
         return _start_refresh(job, ctx, job_id)
     job.phase = AggPhase.TRAINING
@@ -160,6 +163,14 @@ def _advance(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
             scale_bits=job.scale_bits, models={k: job.models[k] for k in job.models_of(t)}))
         for t in job.trainers
     ]
+
+
+def _result(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
+    """The encrypted final model to the buyer; the job waits for the buyer to close it."""
+    job.phase = AggPhase.CLOSING
+    result = m.JobResult(scale_bits=job.scale_bits, model=job.models[FULL_MODEL],
+                         mse_history=sorted(job.mse_history), final_mse=job.final_mse)
+    return [ctx.message(job_id, job.round, job.buyer, result)]
 
 
 def _start_refresh(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
@@ -404,6 +415,7 @@ WAITING_FOR = {
     AggPhase.RECRUITING: "owners to join", AggPhase.STARTING: "participants to accept and confirm",
     AggPhase.TRAINING: "trainers' gradients", AggPhase.REFRESHING: "the buyer's refresh",
     AggPhase.EVALUATING: "validators' evaluations", AggPhase.VERIFYING: "the buyer's metric",
+    AggPhase.SETTLING: "the chain to report the escrow settled",
 }
 
 
@@ -447,17 +459,17 @@ def _on_chain_event(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelo
         return _maybe_start(job, ctx, env.job_id)
     if ev.event == "Settled":
         job.settled = True
+        if job.phase is AggPhase.SETTLING:  # the metrics and the payments are on chain: the result may go
+            return _result(job, ctx, env.job_id)
     return []
 
 
 def _on_receipt(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
-    """A transaction of the aggregator's that failed fails the job while it runs, and also after
-    the buyer closed it while its escrow is not settled: the buyer closes a job on the decrypted
-    metrics, before the chain has taken them, and a metric the contract refuses (a model that
-    diverged) would otherwise leave the escrow waiting for its deadline."""
+    """A transaction of the aggregator's that failed fails the job while it runs, settling
+    included: a metric the contract refuses (a model that diverged) fails it before the buyer
+    has a result, and the escrow is given up and refunded instead of waiting for its deadline."""
     receipt: m.TxReceipt = env.payload
-    settled_or_off_chain = job.settled or not job.on_chain
-    if receipt.ok or job.phase is AggPhase.FAILED or (job.phase is AggPhase.FINISHED and settled_or_off_chain):
+    if receipt.ok or job.phase in (AggPhase.CLOSING, AggPhase.FINISHED, AggPhase.FAILED):
         return []
     return _fail(job, ctx, env.job_id, f"{receipt.function} failed on chain: {receipt.reason}")
 
@@ -474,8 +486,8 @@ def _on_failure(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
 
 
 A = AggPhase
-RUNNING = (A.RECRUITING, A.STARTING, A.TRAINING, A.REFRESHING, A.EVALUATING, A.VERIFYING, A.SETTLING)
-NEXT = (A.TRAINING, A.REFRESHING, A.EVALUATING, A.VERIFYING, A.SETTLING)
+RUNNING = (A.RECRUITING, A.STARTING, A.TRAINING, A.REFRESHING, A.EVALUATING, A.VERIFYING, A.SETTLING, A.CLOSING)
+NEXT = (A.TRAINING, A.REFRESHING, A.EVALUATING, A.VERIFYING, A.SETTLING, A.CLOSING)
 EVALUATION_GOES_ON = (A.TRAINING, A.REFRESHING, A.EVALUATING, A.VERIFYING)
 AGGREGATOR_TABLE = table(
     (A.RECRUITING, "join_request", _on_join, (A.RECRUITING, A.STARTING)),
@@ -485,8 +497,8 @@ AGGREGATOR_TABLE = table(
     (A.TRAINING, "gradient_reply", _on_gradient, (A.TRAINING, *NEXT)),
     (A.REFRESHING, "refresh_reply", _on_refreshed, NEXT),
     (EVALUATION_GOES_ON, "eval_reply", _on_eval, EVALUATION_GOES_ON),
-    (EVALUATION_GOES_ON, "metric_reply", _on_metric, (*EVALUATION_GOES_ON, A.SETTLING)),
-    (A.SETTLING, "job_closed", _on_closed, (A.FINISHED,)),
+    (EVALUATION_GOES_ON, "metric_reply", _on_metric, (*EVALUATION_GOES_ON, A.SETTLING, A.CLOSING)),
+    (A.CLOSING, "job_closed", _on_closed, (A.FINISHED,)),
     (RUNNING, "failure", _on_failure, (A.FAILED,)),
     (tuple(A), "chain_event", _on_chain_event, tuple(A)),
     (tuple(A), "tx_receipt", _on_receipt, tuple(A)),

@@ -9,6 +9,11 @@ class InvalidTransition(ProtocolError):
     """A message type that the current state does not accept."""
 
 
+class JobOver(InvalidTransition):
+    """A message for a job that has finished or failed: one in flight when it ended, expected and
+    refused without alarm."""
+
+
 class DecodeError(ProtocolError):
     """A message that cannot be decoded: bad JSON, unknown type or schema version."""
 

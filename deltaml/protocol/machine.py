@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
-from .errors import InvalidTransition, ProtocolError
+from .errors import InvalidTransition, JobOver, ProtocolError
 from .messages import Envelope
 from .paillier import SYSTEM_RANDOM, RandomSource
 
@@ -62,6 +62,10 @@ class Transition:
     to: frozenset
 
 
+#: The phases every role ends a job in; nothing but chain news is accepted after them.
+ENDED = ("FINISHED", "FAILED")
+
+
 class Machine(Generic[S]):
     """A role's transition table."""
 
@@ -78,6 +82,8 @@ class Machine(Generic[S]):
         phase = state.phase  # type: ignore[attr-defined]
         transition = self.table.get((phase, message.type))
         if transition is None:
+            if phase.name in ENDED:
+                raise JobOver(f"{self.role}: '{message.type}' arrived after the job ended ({phase.name})")
             raise InvalidTransition(f"{self.role}: '{message.type}' is not accepted in phase {phase.name}")
         new = copy.deepcopy(state)
         outgoing = transition.handler(new, message, ctx)
