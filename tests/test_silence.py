@@ -11,18 +11,22 @@ from deltaml.protocol.buyer import BuyerPhase
 
 
 class Silent:
-    """A core that stops answering one message type from a given round on (a closed laptop)."""
+    """A core that stops answering some messages (a closed laptop): each rule is ``(message type,
+    from round[, which payloads])``."""
 
-    def __init__(self, core, message_type: str, from_round: int = 0, event: str | None = None) -> None:
-        self.core, self.message_type, self.from_round, self.event = core, message_type, from_round, event
+    def __init__(self, core, rules: list[tuple]) -> None:
+        self.core, self.rules = core, rules
         self.swallowed = 0
 
     def __getattr__(self, name):  # everything else (ctx, jobs, open_job, tick) is the real core's
         return getattr(self.core, name)
 
+    def _unheard(self, env) -> bool:
+        return any(env.type == kind and env.round >= from_round and what(env.payload)
+                   for kind, from_round, *rest in self.rules for what in (rest or [lambda payload: True]))
+
     def handle(self, env):
-        if (env.type == self.message_type and env.round >= self.from_round
-                and (self.event is None or env.payload.event == self.event)):
+        if self._unheard(env):
             self.swallowed += 1
             return []
         return self.core.handle(env)
@@ -36,7 +40,8 @@ async def run(config, keypair, silent: dict):
 
     def wrap(name, core):
         if name in silent:
-            wrapped[name] = Silent(core, *silent[name])
+            rules = silent[name]
+            wrapped[name] = Silent(core, rules if isinstance(rules, list) else [rules])
             return wrapped[name]
         return core
 
@@ -90,14 +95,32 @@ async def test_a_silent_buyer_fails_the_job_after_the_deadline_with_the_escrow_r
     assert sorted(job.payments_wei.values()) == [config.fixed_reward_wei] * config.owners
 
 
-async def test_an_aggregator_that_never_hears_the_escrow_settled_fails_the_job_without_a_result(keypair):
-    """The final model goes out only on the chain's word that the escrow is settled; without it the
-    job ends at the deadline with the reason, and the buyer holds no result."""
+def settled_event(payload):
+    return payload.event == "Settled"
+
+
+def settle_receipt(payload):
+    return payload.function == "settle"
+
+
+@pytest.mark.parametrize("unheard", [[("chain_event", 0, settled_event)], [("tx_receipt", 0, settle_receipt)]])
+async def test_the_result_goes_on_the_first_word_that_the_escrow_is_settled(keypair, unheard):
     config = DemoConfig(rounds=3, eval_every=3, round_timeout=5.0)
-    job, ledger, _, wrapped = await run(config, keypair, {"aggregator": ("chain_event", 0, "Settled")})
+    job, _, _, wrapped = await run(config, keypair, {"aggregator": unheard})
+    assert job.phase is BuyerPhase.FINISHED, job.reason
+    assert job.model is not None and wrapped["aggregator"].swallowed == 1
+
+
+async def test_an_aggregator_that_never_hears_the_escrow_settled_fails_the_job_without_a_result(keypair):
+    """The final model goes out only on the chain's word that the escrow is settled (its Settled
+    event or the settle's receipt); without either the job ends at the deadline with the reason,
+    and the buyer holds no result."""
+    config = DemoConfig(rounds=3, eval_every=3, round_timeout=5.0)
+    unheard = [("chain_event", 0, settled_event), ("tx_receipt", 0, settle_receipt)]
+    job, ledger, _, wrapped = await run(config, keypair, {"aggregator": unheard})
     assert job.phase is BuyerPhase.FAILED, job.reason
     assert "round 3: waited 5 s for the chain to report the escrow settled" in job.reason
-    assert job.model is None and wrapped["aggregator"].swallowed == 1
+    assert job.model is None and wrapped["aggregator"].swallowed >= 2
     deposit, credited, balance = chain_totals(ledger, job)  # the chain did settle: what it paid stands
     assert job.settled and credited == deposit and balance == 0
 

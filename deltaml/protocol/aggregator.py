@@ -467,8 +467,12 @@ def _on_chain_event(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelo
 def _on_receipt(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     """A transaction of the aggregator's that failed fails the job while it runs, settling
     included: a metric the contract refuses (a model that diverged) fails it before the buyer
-    has a result, and the escrow is given up and refunded instead of waiting for its deadline."""
+    has a result, and the escrow is given up and refunded instead of waiting for its deadline.
+    A settle that went through lets the result go, like the escrow's Settled event."""
     receipt: m.TxReceipt = env.payload
+    if receipt.ok and receipt.function == "settle" and job.phase is AggPhase.SETTLING:
+        job.settled = True  # as good as the Settled event, whichever of the two comes first
+        return _result(job, ctx, env.job_id)
     if receipt.ok or job.phase in (AggPhase.CLOSING, AggPhase.FINISHED, AggPhase.FAILED):
         return []
     return _fail(job, ctx, env.job_id, f"{receipt.function} failed on chain: {receipt.reason}")
