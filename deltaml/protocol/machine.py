@@ -62,7 +62,7 @@ class Transition:
     to: frozenset
 
 
-#: The phases every role ends a job in; nothing but chain news is accepted after them.
+#: The phases every role ends a job in: a message they do not take came too late, not out of turn.
 ENDED = ("FINISHED", "FAILED")
 
 
