@@ -91,7 +91,7 @@ async def test_the_buyer_offline_during_a_refresh_fails_the_job_with_the_escrow_
     silent = {}
 
     def wrap(name, core):
-        silent[name] = Silent(core, "refresh_request")
+        silent[name] = Silent(core, ("refresh_request", 0))
         return silent[name]
 
     mk.wrap = wrap

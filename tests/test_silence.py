@@ -14,7 +14,9 @@ class Silent:
     """A core that stops answering some messages (a closed laptop): each rule is ``(message type,
     from round[, which payloads])``."""
 
-    def __init__(self, core, rules: list[tuple]) -> None:
+    def __init__(self, core, *rules: tuple) -> None:
+        if not rules or not all(isinstance(r, tuple) and len(r) >= 2 for r in rules):
+            raise TypeError(f"rules are (message type, from round[, which payloads]) tuples, got {rules!r}")
         self.core, self.rules = core, rules
         self.swallowed = 0
 
@@ -41,7 +43,7 @@ async def run(config, keypair, silent: dict):
     def wrap(name, core):
         if name in silent:
             rules = silent[name]
-            wrapped[name] = Silent(core, rules if isinstance(rules, list) else [rules])
+            wrapped[name] = Silent(core, *(rules if isinstance(rules, list) else [rules]))
             return wrapped[name]
         return core
 
