@@ -127,6 +127,48 @@ async def test_an_aggregator_that_never_hears_the_escrow_settled_fails_the_job_w
     assert job.settled and credited == deposit and balance == 0
 
 
+async def test_a_buyer_that_never_closes_its_job_keeps_no_owner_waiting(keypair):
+    """The buyer has its result (the escrow is settled by then) but never says so: at the deadline
+    the aggregator finishes the job and tells the owners it ended well."""
+    import asyncio
+
+    from deltaml.protocol.aggregator import AggPhase
+    from deltaml.protocol.owner import OwnerPhase
+
+    class Mute:  # takes the result, never sends the close
+        def __init__(self, core):
+            self.core = core
+
+        def __getattr__(self, name):
+            return getattr(self.core, name)
+
+        def handle(self, env):
+            out = self.core.handle(env)
+            return [] if env.type == "job_result" else out
+
+    config = DemoConfig(rounds=3, eval_every=3, round_timeout=5.0)
+    data, parts = prepare_parts(config)
+    spec = make_spec(config, data, keypair[0].to_hex(), "buyer")
+    cores = {}
+
+    def wrap(name, core):
+        cores[name] = Mute(core) if name == "buyer" else core
+        return cores[name]
+
+    async def hold():
+        for _ in range(600):  # a guard, not a measure: the deadline is 5 s
+            if all(j.phase is OwnerPhase.FINISHED for n, c in cores.items() if n.startswith("owner")
+                   for j in c.jobs.values()):
+                return
+            await asyncio.sleep(0.05)
+
+    job, job_id, dead, _, _ = await memory_job(config, parts, spec, keypair[1], wrap=wrap, tick_seconds=0.05,
+                                               hold=hold)
+    assert job.phase is BuyerPhase.FINISHED and job.model is not None and dead == []
+    assert cores["aggregator"].jobs[job_id].phase is AggPhase.FINISHED
+    assert {cores[f"owner-{i}"].jobs[job_id].phase for i in range(1, 6)} == {OwnerPhase.FINISHED}
+
+
 @pytest.mark.parametrize("quorum", [5, 9])
 def test_a_quorum_above_the_trainers_is_refused(quorum, keypair):
     from deltaml.protocol import messages as m

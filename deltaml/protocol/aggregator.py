@@ -415,13 +415,16 @@ WAITING_FOR = {
     AggPhase.RECRUITING: "owners to join", AggPhase.STARTING: "participants to accept and confirm",
     AggPhase.TRAINING: "trainers' gradients", AggPhase.REFRESHING: "the buyer's refresh",
     AggPhase.EVALUATING: "validators' evaluations", AggPhase.VERIFYING: "the buyer's metric",
-    AggPhase.SETTLING: "the chain to report the escrow settled",
+    AggPhase.SETTLING: "the chain to report the escrow settled", AggPhase.CLOSING: "the buyer to close the job",
 }
 
 
 def _on_silence(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
-    """The job waited ``round_timeout`` seconds: drop silent trainers if a quorum answered, else fail."""
+    """The job waited ``round_timeout`` seconds: drop silent trainers if a quorum answered, else fail;
+    a buyer that holds its result and does not close the job keeps nobody waiting: it finishes."""
     waited = job.spec.round_timeout
+    if job.phase == AggPhase.CLOSING:  # the result went out after settlement: the owners' part is done
+        return _finish(job, ctx, job_id)
     if job.phase == AggPhase.TRAINING:
         silent = [t for t in job.trainers if t not in job.replies]
         if job.spec.quorum and len(job.trainers) - len(silent) >= job.spec.quorum:
@@ -480,8 +483,13 @@ def _on_receipt(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
 
 def _on_closed(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     require(env.sender == job.buyer, "only the buyer closes its job")
+    return _finish(job, ctx, env.job_id)
+
+
+def _finish(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
+    """The job is done: its owners are told it ended well."""
     job.phase = AggPhase.FINISHED
-    return [ctx.message(env.job_id, job.round, o, m.JobFinished(ok=True)) for o in job.trainers + job.validators]
+    return [ctx.message(job_id, job.round, o, m.JobFinished(ok=True)) for o in job.trainers + job.validators]
 
 
 def _on_failure(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
