@@ -17,7 +17,7 @@ from deltaml.agents.ledger import Chain, ChainUnavailable, LedgerCore
 from deltaml.agents.parties import load_wallet
 from deltaml.marketplace import DemoConfig, run_demo
 from deltaml.protocol import messages as m
-from deltaml.protocol.chain import LEDGER, artifact, job_key, key_hash, metric_args
+from deltaml.protocol.chain import LEDGER, METRICS_PER_TX, artifact, job_key, key_hash, metric_args
 from deltaml.protocol.errors import ProtocolError
 from deltaml.protocol.machine import Context
 
@@ -46,8 +46,9 @@ class Party:
             elif env.recipient == self.ctx.name:
                 self.events.append(env)
 
-    def call(self, job_id, function, args, value=0, proof=None, everyone=()):
-        [request] = self.ctx.wallet.call(self.ctx, job_id, 0, function, args, value=value, proof=proof)
+    def call(self, job_id, function, args, value=0, proof=None, everyone=(), participants=None):
+        [request] = self.ctx.wallet.call(self.ctx, job_id, 0, function, args, value=value, proof=proof,
+                                         participants=participants)
         out = self.ledger.handle(request)
         for p in (self, *everyone):
             p.deliver(out)
@@ -134,7 +135,7 @@ def test_a_batch_of_metrics_needs_a_valid_proof_for_each_or_nothing_is_recorded(
 
 def test_a_transaction_signed_by_someone_else_is_refused(ledger, training):
     job, buyer, agg, owners = training
-    [request] = owners[0].ctx.wallet.call(owners[0].ctx, job, 0, "settle", [job_key(job)])
+    [request] = owners[0].ctx.wallet.call(owners[0].ctx, job, 0, "settle", [job_key(job)], participants=3)
     forged = request.model_copy(update={"sender": agg.ctx.name})
     with pytest.raises(ProtocolError, match="not by aggregator"):
         ledger.handle(forged)
@@ -142,18 +143,71 @@ def test_a_transaction_signed_by_someone_else_is_refused(ledger, training):
 
 def test_a_transaction_for_another_job_than_its_envelope_is_refused(ledger, training):
     job, buyer, agg, owners = training
-    receipt = agg.call("some-other-job", "settle", [job_key(job)])
+    receipt = agg.call("some-other-job", "settle", [job_key(job)], participants=3)
     assert not receipt.mined and "another job" in receipt.reason
 
 
 def test_a_revert_is_reported_with_the_contracts_reason(ledger, training):
     job, buyer, agg, owners = training
-    receipt = owners[0].call(job, "settle", [job_key(job)])  # not complete, deadline not passed
+    receipt = owners[0].call(job, "settle", [job_key(job)], participants=3)  # not complete, deadline not passed
     assert not receipt.ok and "TooEarly" in receipt.reason
     # with the error's arguments: confirming again, once training has begun, names the state it is in
     again = owners[0].call(job, "confirm", [job_key(job)])
     assert not again.ok and again.reason == "WrongState(3)", again.reason  # State.Training
     assert owners[0].call(job, "confirm", [job_key(job)]).reason  # confirming twice is refused too
+
+
+def test_a_paid_job_with_many_owners_fits_the_gas_its_parties_sign_for(ledger, keypair):
+    """setParticipants and settle loop over the participants: the gas the aggregator signs for grows
+    with them (a fixed limit failed a paid job of 14 owners with a bare "reverted")."""
+    pub, _ = keypair
+    n, job = 30, f"job-{time.monotonic_ns()}"
+    buyer, agg = Party(f"buyer-{job}", ledger), Party(f"aggregator-{job}", ledger)
+    owners = [Party(f"owner-{i}-{job}", ledger) for i in range(n)]
+    everyone = (buyer, agg, *owners)
+    deadline = ledger.chain.w3.eth.get_block("latest")["timestamp"] + 3600
+    assert buyer.call(job, "createJob", [job_key(job), agg.address, n, 1, 10, 100, deadline, key_hash(pub)],
+                      value=10 * n + 100, everyone=everyone).ok
+    staffed = agg.call(job, "setParticipants", [job_key(job), [o.address for o in owners[:-1]], [owners[-1].address]],
+                       everyone=everyone)
+    assert staffed.ok, staffed.reason
+    for o in owners:
+        assert o.call(job, "confirm", [job_key(job)], everyone=everyone).ok
+    args, proof = metric_call(job, keypair, round_=0)
+    assert agg.call(job, "recordMetric", args, proof=proof).ok
+    final = [metric_call(job, keypair, sse=(12345 - k) << 64, round_=1, model=k) for k in range(n)]  # full + LOO
+    for start in range(0, n, METRICS_PER_TX):
+        batch = final[start:start + METRICS_PER_TX]
+        recorded = agg.call(job, "recordMetrics", [job_key(job), [a[1] for a, _ in batch]], proof=[p for _, p in batch])
+        assert recorded.ok, recorded.reason
+    settled = agg.call(job, "settle", [job_key(job)], participants=n)
+    assert settled.ok, settled.reason
+    assert settled.gas_used > 1_000_000  # a job this size needs what the old fixed limits did not give
+
+
+def test_a_transaction_out_of_gas_says_so(ledger, keypair, monkeypatch):
+    from deltaml.protocol import chain
+
+    pub, _ = keypair
+    job = f"job-{time.monotonic_ns()}"
+    buyer, agg = Party(f"buyer-{job}", ledger), Party(f"aggregator-{job}", ledger)
+    owners = [Party(f"owner-{i}-{job}", ledger) for i in range(3)]
+    deadline = ledger.chain.w3.eth.get_block("latest")["timestamp"] + 3600
+    assert buyer.call(job, "createJob", [job_key(job), agg.address, 3, 1, 10, 100, deadline, key_hash(pub)],
+                      value=130, everyone=(agg,)).ok
+    monkeypatch.setitem(chain.GAS_LIMITS, "setParticipants", 60_000)
+    monkeypatch.setitem(chain.GAS_PER_PARTICIPANT, "setParticipants", 0)
+    receipt = agg.call(job, "setParticipants", [job_key(job), [o.address for o in owners[:2]], [owners[2].address]])
+    assert not receipt.ok and receipt.reason == "out of gas (the transaction's limit: 60000)"
+
+
+def test_a_call_whose_gas_depends_on_the_participants_must_name_them():
+    from deltaml.protocol.chain import gas_limit
+
+    with pytest.raises(ValueError, match="participants"):
+        gas_limit("settle", [b"k"])
+    assert gas_limit("settle", [b"k"], participants=40) > gas_limit("settle", [b"k"], participants=5)
+    assert gas_limit("setParticipants", [b"k", ["a"] * 39, ["b"]]) > gas_limit("setParticipants", [b"k", ["a"] * 4, ["b"]])
 
 
 def test_the_ledger_takes_only_its_two_messages(ledger):

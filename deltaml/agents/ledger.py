@@ -122,6 +122,8 @@ class Chain:
         receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
         if receipt.status == 1:
             return receipt, ""
+        if receipt.gasUsed >= tx.gas:  # no reason to replay: with the node's gas the call would go through
+            return receipt, f"out of gas (the transaction's limit: {tx.gas})"
         try:  # replay on the state before it to learn the contract's reason
             self.w3.eth.call({"from": tx.sender, "to": tx.to, "data": tx.data, "value": tx.value},
                              block_identifier=receipt.blockNumber - 1)

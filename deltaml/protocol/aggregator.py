@@ -152,7 +152,7 @@ def _advance(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
             return []
         if job.spec.escrow:  # the result follows the chain's word that the escrow is settled
             job.phase = AggPhase.SETTLING
-            return ctx.wallet.call(ctx, job_id, job.round, "settle", [job_key(job_id)])
+            return _settle(job, ctx, job_id)
         return _result(job, ctx, job_id)
     if not _fits(job, can_train):
         return _start_refresh(job, ctx, job_id)
@@ -163,6 +163,12 @@ def _advance(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
             scale_bits=job.scale_bits, models={k: job.models[k] for k in job.models_of(t)}))
         for t in job.trainers
     ]
+
+
+def _settle(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
+    """Ask the chain to settle the escrow; its gas grows with everyone enrolled, dropped trainers too."""
+    enrolled = len(job.trainers) + len(job.dropped) + len(job.validators)
+    return ctx.wallet.call(ctx, job_id, job.round, "settle", [job_key(job_id)], participants=enrolled)
 
 
 def _result(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
@@ -386,7 +392,7 @@ def _fail(job: AggJob, ctx: Context, job_id: str, reason: str) -> list[m.Envelop
     out = [ctx.message(job_id, job.round, p, end) for p in [job.buyer, *owners]]
     if job.on_chain and not job.settled:
         out += ctx.wallet.call(ctx, job_id, job.round, "abandon", [job_key(job_id), job.round])
-        out += ctx.wallet.call(ctx, job_id, job.round, "settle", [job_key(job_id)])
+        out += _settle(job, ctx, job_id)
     return out
 
 
