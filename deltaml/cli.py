@@ -15,7 +15,7 @@ from pathlib import Path
 from .data import DataError
 from .protocol.errors import KeyTooShort, ProtocolError
 from .protocol.paillier import check_key_bits
-from .settings import Settings
+from .settings import ConfigError, Settings
 
 
 class CliError(Exception):
@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CliError, DataError, KeyTooShort, ProtocolError, RuntimeError, BrokerUnavailable, OSError) as exc:
+    except (CliError, ConfigError, DataError, KeyTooShort, ProtocolError, RuntimeError, BrokerUnavailable,
+            OSError) as exc:
         print(f"deltaml: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -31,7 +32,8 @@ from .agents.ledger import Chain, LedgerCore
 from .agents.parties import aggregator_core, buyer_core, context, load_wallet
 from .agents.runtime import buyer_report, run_buyer_job
 from .agents.workers import workers_for
-from .data import Dataset, DataError, demo_split, load, write_csv
+from .data import Dataset, demo_split, load, write_csv
+from .settings import ConfigError
 from .protocol import messages as m
 from .protocol.buyer import BuyerPhase
 from .protocol.chain import DEFAULT_DEADLINE, LEDGER, Wallet, job_key
@@ -69,17 +71,29 @@ def poison(part: Dataset, seed: int = 1) -> Dataset:
     return Dataset(part.features, part.target, part.X, np.random.default_rng(seed).permutation(part.y))
 
 
-def prepare_parts(config: DemoConfig) -> tuple[Dataset, list[Dataset]]:
-    """Load and split the data; apply ``--poison-owner``."""
-    data = load(config.dataset)
+def check_config(config: DemoConfig) -> None:
+    """The job's own limits (:class:`~deltaml.protocol.messages.JobSpec`) at the front door, before
+    any process starts: one line naming the flag instead of a validation error from inside the job."""
     if not 1 <= config.validators < config.owners:
-        raise DataError("need at least one validator and one trainer")
+        raise ConfigError("need at least one validator and one trainer")
+    if not 1 <= config.rounds <= 100_000:
+        raise ConfigError(f"--rounds must be between 1 and 100000, got {config.rounds}")
+    if config.eval_every < 1:
+        raise ConfigError(f"--eval-every must be at least 1, got {config.eval_every}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise ConfigError(f"--lr must be a positive number, got {config.lr}")
+    trainers = config.owners - config.validators
+    if config.poison_owner is not None and not 1 <= config.poison_owner <= trainers:
+        raise ConfigError(f"--poison-owner must name a trainer (1..{trainers})")
+
+
+def prepare_parts(config: DemoConfig) -> tuple[Dataset, list[Dataset]]:
+    """Check the flags, load and split the data; apply ``--poison-owner``."""
+    check_config(config)
+    data = load(config.dataset)
     parts = demo_split(data, config.owners)
     if config.poison_owner is not None:
-        i = config.poison_owner
-        if not 1 <= i <= config.owners - config.validators:
-            raise DataError(f"--poison-owner must name a trainer (1..{config.owners - config.validators})")
-        parts[i - 1] = poison(parts[i - 1])
+        parts[config.poison_owner - 1] = poison(parts[config.poison_owner - 1])
     return data, parts
 
 

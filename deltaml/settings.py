@@ -7,6 +7,10 @@ from typing import Literal
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+class ConfigError(ValueError):
+    """Flags or settings a job cannot run with, named as the command line spells them."""
+
+
 class Settings(BaseSettings):
     """Defaults for every command; ``DELTAML_AMQP_URL`` sets ``--amqp-url`` and so on."""
 

@@ -108,6 +108,19 @@ def test_cli_demo_writes_the_report(tmp_path, capsys):
     assert [int(l.split()[1]) for l in lines] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--rounds", "0"], "--rounds must be between 1 and 100000, got 0"),
+    (["--eval-every", "0"], "--eval-every must be at least 1, got 0"),
+    (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+    (["--lr", "inf"], "--lr must be a positive number, got inf"),
+    (["--owners", "1"], "need at least one validator and one trainer"),
+    (["--poison-owner", "5"], "--poison-owner must name a trainer (1..4)"),
+])
+def test_demo_flags_a_job_cannot_run_with_are_one_line_errors(flags, message, capsys):
+    assert main(["demo", "--bus", "memory", *flags]) == 2
+    assert capsys.readouterr().err == f"deltaml: error: {message}\n"
+
+
 def test_a_diverging_job_fails_with_the_reason_and_a_hint(keypair):
     """The final metrics of a model that diverged are too large for the contract; the buyer has
     closed the job by then, and the refused transaction used to leave it waiting for the escrow's
