@@ -135,9 +135,9 @@ def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = N
         timings = os.environ.get("DELTAML_TIMINGS_DIR")
         if timings:  # for benchmarks/e2e.py: seconds of work per message type
             streams = getattr(core.ctx.rng, "streams", {}).values()
-            own, workers_ = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-            counts = {"cpu seconds (process)": sum(u.ru_utime + u.ru_stime for u in (own, workers_)),  # with its workers
-                      "cpu seconds (workers)": workers_.ru_utime + workers_.ru_stime,
+            own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+            counts = {"cpu seconds (process)": sum(u.ru_utime + u.ru_stime for u in (own, children)),  # with its workers
+                      "cpu seconds (workers)": children.ru_utime + children.ru_stime,
                       "cpu seconds (handlers)": agent.policy.cpu,
                       "cpu seconds (obfuscator helper)": agent.precomputer.cpu if agent.precomputer else 0.0,
                       "obfuscators taken": sum(st.taken for st in streams),

@@ -33,7 +33,6 @@ from .agents.parties import aggregator_core, buyer_core, context, load_wallet
 from .agents.runtime import buyer_report, run_buyer_job
 from .agents.workers import workers_for
 from .data import Dataset, demo_split, load, write_csv
-from .settings import ConfigError
 from .protocol import messages as m
 from .protocol.buyer import BuyerPhase
 from .protocol.chain import DEFAULT_DEADLINE, LEDGER, Wallet, job_key
@@ -41,6 +40,7 @@ from .protocol.machine import FULL_MODEL, Context, owner_names
 from .protocol.linear import gradient_descent, least_squares, sufficient_stats
 from .protocol.owner import OwnerCore, OwnerData
 from .protocol.paillier import PrivateKey, PublicKey, generate_keypair
+from .settings import ConfigError
 
 Progress = Callable[[int, float, float], None]
 

@@ -17,7 +17,8 @@ class Silent:
     def __init__(self, core, *rules: tuple) -> None:
         if not rules or not all(isinstance(r, tuple) and len(r) >= 2 for r in rules):
             raise TypeError(f"rules are (message type, from round[, which payloads]) tuples, got {rules!r}")
-        self.core, self.rules = core, rules
+        self.core = core
+        self.rules = [rule if len(rule) == 3 else (*rule, lambda payload: True) for rule in rules]
         self.swallowed = 0
 
     def __getattr__(self, name):  # everything else (ctx, jobs, open_job, tick) is the real core's
@@ -25,7 +26,7 @@ class Silent:
 
     def _unheard(self, env) -> bool:
         return any(env.type == kind and env.round >= from_round and what(env.payload)
-                   for kind, from_round, *rest in self.rules for what in (rest or [lambda payload: True]))
+                   for kind, from_round, what in self.rules)
 
     def handle(self, env):
         if self._unheard(env):

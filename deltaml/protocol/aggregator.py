@@ -467,9 +467,7 @@ def _on_chain_event(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelo
         job.training_started = True
         return _maybe_start(job, ctx, env.job_id)
     if ev.event == "Settled":
-        job.settled = True
-        if job.phase is AggPhase.SETTLING:  # the metrics and the payments are on chain: the result may go
-            return _result(job, ctx, env.job_id)
+        return _settled(job, ctx, env.job_id)
     return []
 
 
@@ -479,12 +477,18 @@ def _on_receipt(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     has a result, and the escrow is given up and refunded instead of waiting for its deadline.
     A settle that went through lets the result go, like the escrow's Settled event."""
     receipt: m.TxReceipt = env.payload
-    if receipt.ok and receipt.function == "settle" and job.phase is AggPhase.SETTLING:
-        job.settled = True  # as good as the Settled event, whichever of the two comes first
-        return _result(job, ctx, env.job_id)
+    if receipt.ok and receipt.function == "settle":
+        return _settled(job, ctx, env.job_id)
     if receipt.ok or job.phase in (AggPhase.CLOSING, AggPhase.FINISHED, AggPhase.FAILED):
         return []
     return _fail(job, ctx, env.job_id, f"{receipt.function} failed on chain: {receipt.reason}")
+
+
+def _settled(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
+    """The chain's word that the escrow is settled (its Settled event or the settle's receipt,
+    whichever comes first): the metrics and the payments are on chain, so the result may go."""
+    job.settled = True
+    return _result(job, ctx, job_id) if job.phase is AggPhase.SETTLING else []
 
 
 def _on_closed(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
