@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import resource
 import asyncio
 import json
 import os
+import resource
 import sys
 import time
 import uuid
@@ -75,6 +75,33 @@ def _print_earnings(report: dict) -> None:
           f"(paid + refund = {sum(report['payments_wei'].values()) + report['refund_wei']})")
 
 
+def _check_writable(**paths: Path | None) -> None:
+    """Refuse an output file that cannot be written before the job starts: a job's money moves and its
+    model arrives only once, and a report or model lost to a typo in a path is not given back."""
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        where = path.parent if str(path.parent) else Path(".")
+        name = "--" + flag.replace("_", "-")
+        if path.is_dir():
+            raise CliError(f"{name} {path}: is a directory")
+        if not where.is_dir():
+            raise CliError(f"{name} {path}: no directory {where}")
+        if not os.access(where, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise CliError(f"{name} {path}: not writable")
+
+
+def _spec_error(exc) -> str:
+    """The first of a job spec's validation errors, named by its flag: ``--rounds: must be ...``."""
+    error = exc.errors()[0]
+    message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:
+        return message
+    field = str(error["loc"][0])
+    value = error.get("input")
+    return f"--{field.replace('_', '-')} {value}: {message[0].lower()}{message[1:]}"
+
+
 def _write_report(report: dict, path: Path | None) -> None:
     if path:
         path.write_text(json.dumps(report, indent=2) + "\n")
@@ -87,6 +114,7 @@ def cmd_demo(args) -> int:
 
     configure_logging("console", "warning")
     check_key_bits(args.key_bits)
+    _check_writable(report=args.report)
     config = DemoConfig(owners=args.owners, validators=args.validators, rounds=args.rounds, lr=args.lr,
                         eval_every=args.eval_every, key_bits=args.key_bits, dataset=args.dataset,
                         poison_owner=args.poison_owner, chain=args.chain)
@@ -210,18 +238,24 @@ def cmd_buyer_train(args) -> int:
     from .agents.agent import Agent, Trace
     from .agents.amqp import AmqpBus
     from .agents.parties import buyer_core, new_key, save_key
+    from pydantic import ValidationError
+
     from .agents.runtime import buyer_report, configure_logging, run_buyer_job
     from .protocol import messages as m
     from .protocol.buyer import BuyerPhase
 
     check_key_bits(args.key_bits)
+    _check_writable(report=args.report, model_out=args.model_out)
     configure_logging(args.log_format, args.log_level)
     key = new_key(args.key_bits)
-    spec = m.JobSpec(buyer=args.name, features=args.features.split(","), target=args.target, owners=args.owners,
-                     validators=args.validators, rounds=args.rounds, lr=args.lr, eval_every=args.eval_every,
-                     key_bits=args.key_bits, public_key=key.public.to_hex(), escrow=True,
-                     deadline=int(time.time()) + args.deadline_hours * 3600,
-                     fixed_reward_wei=args.fixed_reward_wei, variable_pool_wei=args.variable_pool_wei)
+    try:
+        spec = m.JobSpec(buyer=args.name, features=args.features.split(","), target=args.target,
+                         owners=args.owners, validators=args.validators, rounds=args.rounds, lr=args.lr,
+                         eval_every=args.eval_every, key_bits=args.key_bits, public_key=key.public.to_hex(),
+                         escrow=True, deadline=int(time.time()) + args.deadline_hours * 3600,
+                         fixed_reward_wei=args.fixed_reward_wei, variable_pool_wei=args.variable_pool_wei)
+    except ValidationError as exc:  # the job's own limits, said with the flag that broke them
+        raise CliError(_spec_error(exc)) from None
     core = buyer_core(args.name, key, wallet=_wallet(args))
     workers = _workers(args, core, key.public)
 

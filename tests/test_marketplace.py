@@ -121,6 +121,33 @@ def test_demo_flags_a_job_cannot_run_with_are_one_line_errors(flags, message, ca
     assert capsys.readouterr().err == f"deltaml: error: {message}\n"
 
 
+def test_an_output_file_that_cannot_be_written_is_refused_before_the_job(tmp_path, capsys):
+    """Not after it: the job's money moves and its model arrives once, and the report or model
+    would be lost to a typo in a path."""
+    missing = tmp_path / "no-such-dir" / "r.json"
+    assert main(["demo", "--bus", "memory", "--report", str(missing)]) == 2
+    assert capsys.readouterr() == ("", f"deltaml: error: --report {missing}: no directory {missing.parent}\n")
+    assert main(["demo", "--bus", "memory", "--report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"deltaml: error: --report {tmp_path}: is a directory\n"
+
+
+BUYER = ["buyer", "train", "--features", "a,b", "--target", "y", "--owners", "3", "--validators", "1",
+         "--rounds", "5", "--lr", "1", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rounds", "0"], "--rounds 0: input should be greater than or equal to 1"),
+    (["--lr", "inf"], "--lr inf: input should be a finite number"),
+    (["--validators", "3"], "need at least one trainer: 3 owners, 3 validators"),
+    (["--fixed-reward-wei", "-1"], "--fixed-reward-wei -1: input should be greater than or equal to 0"),
+    (["--model-out", "/no-such-dir/m.json"], "--model-out /no-such-dir/m.json: no directory /no-such-dir"),
+])
+def test_buyer_flags_a_job_cannot_run_with_are_one_line_errors(flags, message, capsys):
+    """Refused before the buyer looks for a broker (the URL here has none)."""
+    assert main([*BUYER, *flags]) == 2
+    assert capsys.readouterr().err == f"deltaml: error: {message}\n"
+
+
 def test_a_diverging_job_fails_with_the_reason_and_a_hint(keypair):
     """The final metrics of a model that diverged are too large for the contract; the buyer has
     closed the job by then, and the refused transaction used to leave it waiting for the escrow's

@@ -67,15 +67,38 @@ def test_older_versions_are_upgraded_at_the_boundary(monkeypatch):
     assert m.decode(json.dumps(raw)).payload.rows == 3
 
 
+def job_offer(spec: dict) -> str:
+    raw = {"message_id": "x", "job_id": "j", "round": 0, "sender": "b", "recipient": "aggregator",
+           "schema_version": m.SCHEMA_VERSION, "payload": {"type": "job_offer", "spec": spec}}
+    return json.dumps(raw)
+
+
+SPEC = {"buyer": "b", "features": ["a"], "target": "t", "owners": 2, "validators": 1, "rounds": 1,
+        "lr": 1.0, "eval_every": 1, "key_bits": 2048, "public_key": format((1 << 2047) + 1, "x")}
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({}, None),
+    ({"lr": float("inf")}, "lr"),
+    ({"lr": float("nan")}, "lr"),
+    ({"validators": 2}, "need at least one trainer: 2 owners, 2 validators"),
+    ({"rounds": 0}, "rounds"),
+])
+def test_a_job_that_cannot_be_trained_is_refused_where_it_arrives(changes, reason):
+    data = job_offer({**SPEC, **changes})
+    if reason is None:
+        assert m.decode(data).payload.spec.lr == 1.0
+        return
+    with pytest.raises(DecodeError, match=f"payload.job_offer.spec.*{reason}"):
+        m.decode(data)
+
+
 @pytest.mark.parametrize("bits, key, reason", [
     (1024, (1 << 1023) + 1, "at least 2048 bits, got 1024"),
     (2048, (1 << 2046) + 1, "2047 bits, key_bits says 2048"),
     (2048, "not hex", "modulus in hex"),
 ])
 def test_a_job_under_a_short_or_mislabelled_key_is_refused_where_it_arrives(bits, key, reason):
-    spec = {"buyer": "b", "features": ["a"], "target": "t", "owners": 2, "validators": 1, "rounds": 1,
-            "lr": 1.0, "eval_every": 1, "key_bits": bits, "public_key": key if isinstance(key, str) else format(key, "x")}
-    raw = {"message_id": "x", "job_id": "j", "round": 0, "sender": "b", "recipient": "aggregator",
-           "schema_version": m.SCHEMA_VERSION, "payload": {"type": "job_offer", "spec": spec}}
+    spec = {**SPEC, "key_bits": bits, "public_key": key if isinstance(key, str) else format(key, "x")}
     with pytest.raises(DecodeError, match=f"payload.job_offer.spec.*{reason}"):
-        m.decode(json.dumps(raw))
+        m.decode(job_offer(spec))

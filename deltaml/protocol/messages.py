@@ -64,7 +64,7 @@ class JobSpec(_Payload):
     owners: int = Field(ge=2)
     validators: int = Field(ge=1)
     rounds: int = Field(ge=1, le=100_000)
-    lr: float = Field(gt=0)
+    lr: float = Field(gt=0, allow_inf_nan=False)
     eval_every: int = Field(ge=1)
     key_bits: int
     public_key: str
@@ -81,6 +81,12 @@ class JobSpec(_Payload):
     #: Train a leave-one-out model per trainer to measure contributions (needed for payment and for
     #: dropping a silent trainer); off, a job with many trainers trains the full model only.
     leave_one_out: bool = True
+
+    @model_validator(mode="after")
+    def _trainers_and_validators(self) -> "JobSpec":
+        if self.validators >= self.owners:
+            raise ValueError(f"need at least one trainer: {self.owners} owners, {self.validators} validators")
+        return self
 
     @model_validator(mode="after")
     def _key_as_announced(self) -> "JobSpec":
