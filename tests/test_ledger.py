@@ -157,6 +157,28 @@ def test_a_revert_is_reported_with_the_contracts_reason(ledger, training):
     assert owners[0].call(job, "confirm", [job_key(job)]).reason  # confirming twice is refused too
 
 
+def test_a_redelivered_transaction_gets_its_receipt_and_events_not_a_used_nonce(ledger, keypair):
+    """The ledger stopped after the chain mined a transaction and before it published what happened;
+    the broker delivers the request again. The chain holds the effect: the signer must hear that it
+    went through (not that its nonce is used) and the job's parties must get the events, once mined."""
+    pub, _ = keypair
+    job = f"job-{time.monotonic_ns()}"
+    buyer, agg = Party(f"buyer-{job}", ledger), Party(f"aggregator-{job}", ledger)
+    deadline = ledger.chain.w3.eth.get_block("latest")["timestamp"] + 3600
+    [request] = buyer.ctx.wallet.call(buyer.ctx, job, 0, "createJob",
+                                      [job_key(job), agg.address, 3, 1, 10, 100, deadline, key_hash(pub)], value=130)
+    first = ledger.handle(request)  # mined, and then everything it said is lost
+    nonce = ledger.chain.nonce(buyer.address)
+    again = ledger.handle(request)
+    for p in (buyer, agg):
+        p.deliver(again)
+    [receipt] = buyer.receipts
+    assert receipt.ok and receipt.reason == ""
+    assert receipt.tx_hash == next(e.payload.tx_hash for e in first if e.type == "tx_receipt")
+    assert [e.payload.event for e in agg.events] == ["JobCreated"]
+    assert ledger.chain.nonce(buyer.address) == nonce  # nothing was sent a second time
+
+
 def test_a_paid_job_with_many_owners_fits_the_gas_its_parties_sign_for(ledger, keypair):
     """setParticipants and settle loop over the participants: the gas the aggregator signs for grows
     with them (a fixed limit failed a paid job of 14 owners with a bare "reverted")."""

@@ -10,7 +10,9 @@ the envelope names, and — for a metric — that the Paillier decryption proof
 verifies against the job's key committed on chain. Only then does it send
 the transaction. The signer gets a ``TxReceipt``; every party of the job and
 the progress exchange get each event the contract emitted (``ChainEvent``).
-It decides nothing: the contract does.
+A request delivered again (the ledger stopped before it acknowledged it) is
+answered from the chain: the receipt and events of the transaction already
+mined, not a second send. It decides nothing: the contract does.
 
 ``embedded`` is an in-process EVM (eth-tester with py-evm); any other value
 is a JSON-RPC URL (anvil, a testnet node).
@@ -26,6 +28,7 @@ from typing import Any
 import structlog
 from eth_utils import is_address, to_checksum_address
 from web3 import Web3
+from web3.exceptions import TransactionNotFound
 
 from ..protocol import chain
 from ..protocol import messages as m
@@ -114,12 +117,18 @@ class Chain:
         return self.contract.functions.credit(to_checksum_address(address)).call()
 
     def send(self, raw: bytes, tx: chain.RawTx) -> tuple[Any, str]:
-        """Send a signed transaction; (receipt or None, revert reason)."""
-        try:
-            tx_hash = self.w3.eth.send_raw_transaction(raw)
-        except Exception as exc:  # rejected before mining, or reverted by eth-tester at once
-            return None, self.reason(exc)
-        receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
+        """Send a signed transaction; (receipt or None, revert reason).
+
+        Idempotent: a transaction already mined (a request redelivered after the ledger stopped
+        between mining it and publishing its receipt) is answered with its receipt, not sent again
+        to fail as a used nonce while the chain holds its effect."""
+        receipt = self.mined(raw)
+        if receipt is None:
+            try:
+                tx_hash = self.w3.eth.send_raw_transaction(raw)
+            except Exception as exc:  # rejected before mining, or reverted by eth-tester at once
+                return None, self.reason(exc)
+            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
         if receipt.status == 1:
             return receipt, ""
         if receipt.gasUsed >= tx.gas:  # no reason to replay: with the node's gas the call would go through
@@ -130,6 +139,13 @@ class Chain:
         except Exception as exc:
             return receipt, self.reason(exc)
         return receipt, "reverted"
+
+    def mined(self, raw: bytes):
+        """The receipt of this signed transaction if the chain has mined it, else None."""
+        try:
+            return self.w3.eth.get_transaction_receipt(Web3.keccak(raw))
+        except TransactionNotFound:
+            return None
 
     def reason(self, exc: Exception) -> str:
         """A readable revert reason: the contract's custom error with its arguments where one can be found."""
