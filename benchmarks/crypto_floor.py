@@ -33,7 +33,8 @@ from deltaml.protocol.fixedpoint import FixedPoint
 from deltaml.protocol.linear import encode_stats, encrypted_gradient, encrypted_update, step_size_q, sufficient_stats
 from deltaml.protocol.metric import (ProductClaim, encrypted_sse, mask_product_inputs, masked_products,
                                      verify_all_products)
-from deltaml.protocol.paillier import generate_keypair, obfuscator_table
+from deltaml.protocol.paillier import generate_keypair
+from deltaml.protocol.randomness import obfuscator_table
 from deltaml.protocol.refresh import mask_for_refresh, refresh_masked, unmask_refreshed
 
 

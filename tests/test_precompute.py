@@ -14,7 +14,7 @@ from deltaml.protocol.budget import plan
 from deltaml.protocol.drbg import Drbg
 from deltaml.protocol.machine import Context
 from deltaml.protocol.owner import OwnerCore, OwnerData
-from deltaml.protocol.paillier import expect_obfuscators
+from deltaml.protocol.randomness import expect_obfuscators
 
 
 def wait_until(predicate, timeout=30.0):
@@ -92,27 +92,27 @@ def test_checkpointed_stream_goes_on_where_it_stopped(keypair):
 
 
 def test_a_keys_table_is_built_once_whoever_asks_first(keypair, monkeypatch):
-    from deltaml.protocol import paillier
+    from deltaml.protocol import randomness
 
     pub, _ = keypair
     built = []
-    real = paillier.FixedBase
+    real = randomness.FixedBase
 
     def counting(*args):
         built.append(threading.get_ident())
         time.sleep(0.2)  # a slow build: the other thread asks meanwhile
         return real(*args)
 
-    monkeypatch.setattr(paillier, "FixedBase", counting)
-    monkeypatch.setattr(paillier, "_TABLES", {})
+    monkeypatch.setattr(randomness, "FixedBase", counting)
+    monkeypatch.setattr(randomness, "_TABLES", {})
     tables = []
-    threads = [threading.Thread(target=lambda: tables.append(paillier._fixed_base(pub.n))) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: tables.append(randomness.fixed_base(pub.n))) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(built) == 1 and len(tables) == 3 and tables[0] is tables[1] is tables[2]
-    assert tables[0].pow(12345) == paillier._fixed_base(pub.n).pow(12345)
+    assert tables[0].pow(12345) == randomness.fixed_base(pub.n).pow(12345)
 
 
 def test_a_known_end_stops_the_claims(keypair):

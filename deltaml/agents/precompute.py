@@ -6,7 +6,7 @@ encryption, and it does not depend on what is encrypted. A trainer needs
 aggregator, the buyer and the chain. This helper fills that wait: while the
 agent is not handling a message it computes the next items of each
 obfuscator stream of the core's random source
-(:class:`~deltaml.protocol.paillier.ObfuscatorStream`), so the protocol
+(:class:`~deltaml.protocol.randomness.ObfuscatorStream`), so the protocol
 finds them ready. It builds a new key's table of powers first, at the agent's
 own priority (the first message needs it), then runs at the lowest scheduling
 priority, so on a busy machine it takes only cycles nobody else wants; it
@@ -26,7 +26,7 @@ import time
 
 import structlog
 
-from ..protocol.paillier import warm_obfuscators
+from ..protocol.randomness import warm_obfuscators
 
 log = structlog.get_logger()
 

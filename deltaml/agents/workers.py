@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
-from ..protocol.paillier import warm_obfuscators
+from ..protocol.randomness import warm_obfuscators
 from .precompute import lowest_priority
 
 T = TypeVar("T")

@@ -52,7 +52,8 @@ from .metric import sse_scale_bits
 from .machine import (FULL_MODEL, Context, Machine, eval_models, is_eval_round, model_ids, natural_key,
                       require, table, without)
 from .chain import LEDGER, METRICS_PER_TX, ChainParty, job_key, key_hash, metric_args, model_index, same_address
-from .paillier import Decryption, PublicKey, expect_obfuscators, require_valid_decryption
+from .paillier import Decryption, PublicKey, require_valid_decryption
+from .randomness import expect_obfuscators
 from .refresh import RefreshMasks, mask_for_refresh, unmask_refreshed
 
 

@@ -3,7 +3,7 @@
 Agents draw every mask and every Paillier randomness from one of these,
 seeded from the operating system. Paillier obfuscators come from one
 numbered stream per key, derived from the same seed
-(:class:`~deltaml.protocol.paillier.ObfuscatorStream`), so that a helper
+(:class:`~deltaml.protocol.randomness.ObfuscatorStream`), so that a helper
 thread can compute them ahead in idle time without changing what a replay
 produces. Recording the seed in an agent's private
 trace is what makes a run replayable bit for bit; without the seed the
@@ -16,7 +16,8 @@ import hashlib
 import os
 import random
 
-from .paillier import ObfuscatorStream, PublicKey
+from .paillier import PublicKey
+from .randomness import ObfuscatorStream
 
 
 class Drbg(random.Random):

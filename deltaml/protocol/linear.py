@@ -17,7 +17,9 @@ from typing import Sequence
 import numpy as np
 
 from .fixedpoint import FixedPoint
-from .paillier import SYSTEM_RANDOM, MatrixPowers, PublicKey, RandomSource
+from .paillier import PublicKey
+from .powers import MatrixPowers
+from .randomness import SYSTEM_RANDOM, RandomSource
 
 
 def with_intercept(X: np.ndarray) -> np.ndarray:

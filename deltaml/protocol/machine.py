@@ -19,7 +19,7 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from .errors import InvalidTransition, JobOver, ProtocolError
 from .messages import Envelope
-from .paillier import SYSTEM_RANDOM, RandomSource
+from .randomness import SYSTEM_RANDOM, RandomSource
 
 S = TypeVar("S")
 Handler = Callable[[Any, Envelope, "Context"], list[Envelope]]

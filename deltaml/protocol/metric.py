@@ -27,7 +27,9 @@ import gmpy2
 
 from .errors import DecryptionRefused, OutsideMask
 from .linear import EncodedStats
-from .paillier import SYSTEM_RANDOM, PrivateKey, PublicKey, RandomSource, multi_power
+from .paillier import PrivateKey, PublicKey
+from .powers import multi_power
+from .randomness import SYSTEM_RANDOM, RandomSource
 from .refresh import draw_mask, mask_bound
 
 

@@ -25,7 +25,8 @@ from .linear import EncodedStats, encode_stats, encrypted_gradient, sufficient_s
 from .machine import Context, Machine, require, table
 from .metric import (MetricSecrets, MulProof, ProductClaim, encrypted_sse, mask_product_inputs, proof_context,
                      sse_scale_bits, verify_all_products)
-from .paillier import PublicKey, expect_obfuscators
+from .paillier import PublicKey
+from .randomness import expect_obfuscators
 
 
 class OwnerPhase(Enum):

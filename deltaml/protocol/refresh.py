@@ -22,7 +22,8 @@ from typing import Sequence
 
 from .errors import OutsideMask
 from .fixedpoint import SLACK_BITS
-from .paillier import SYSTEM_RANDOM, PrivateKey, PublicKey, RandomSource
+from .paillier import PrivateKey, PublicKey
+from .randomness import SYSTEM_RANDOM, RandomSource
 
 
 def mask_bound(value_bits: int) -> int:
