@@ -140,6 +140,7 @@ BUYER = ["buyer", "train", "--features", "a,b", "--target", "y", "--owners", "3"
     (["--lr", "inf"], "--lr inf: input should be a finite number"),
     (["--validators", "3"], "need at least one trainer: 3 owners, 3 validators"),
     (["--fixed-reward-wei", "-1"], "--fixed-reward-wei -1: input should be greater than or equal to 0"),
+    (["--features", "a,y"], "features and target must be distinct columns, got a, y, y"),
     (["--model-out", "/no-such-dir/m.json"], "--model-out /no-such-dir/m.json: no directory /no-such-dir"),
 ])
 def test_buyer_flags_a_job_cannot_run_with_are_one_line_errors(flags, message, capsys):

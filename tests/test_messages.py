@@ -83,6 +83,9 @@ SPEC = {"buyer": "b", "features": ["a"], "target": "t", "owners": 2, "validators
     ({"lr": float("nan")}, "lr"),
     ({"validators": 2}, "need at least one trainer: 2 owners, 2 validators"),
     ({"rounds": 0}, "rounds"),
+    ({"features": ["a", ""]}, "names must not be empty"),
+    ({"features": ["a", "a"]}, "distinct columns, got a, a, t"),
+    ({"features": ["a", "t"]}, "distinct columns, got a, t, t"),
 ])
 def test_a_job_that_cannot_be_trained_is_refused_where_it_arrives(changes, reason):
     data = job_offer({**SPEC, **changes})

@@ -583,7 +583,6 @@ class AggregatorCore(ChainParty):
         require(req.spec.buyer == env.sender, "a job request must come from its buyer")
         require(len(req.initial_model) == len(req.spec.features) + 1, "initial model of the wrong length")
         PublicKey.from_hex(req.spec.public_key).require_ciphertexts(req.initial_model, "initial model")
-        require(req.spec.validators < req.spec.owners, "a job needs at least one trainer")
         require(req.spec.quorum <= req.spec.trainers, "a quorum larger than the trainers")
         require(req.spec.leave_one_out or not req.spec.escrow, "a paid job needs leave-one-out contributions")
         require(req.spec.leave_one_out or not req.spec.quorum,

@@ -83,9 +83,15 @@ class JobSpec(_Payload):
     leave_one_out: bool = True
 
     @model_validator(mode="after")
-    def _trainers_and_validators(self) -> "JobSpec":
+    def _trainable(self) -> "JobSpec":
+        """A job some owner could train: named, distinct columns, and at least one trainer."""
         if self.validators >= self.owners:
             raise ValueError(f"need at least one trainer: {self.owners} owners, {self.validators} validators")
+        columns = [*self.features, self.target]
+        if not all(c.strip() for c in columns):
+            raise ValueError("feature and target names must not be empty")
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"features and target must be distinct columns, got {', '.join(columns)}")
         return self
 
     @model_validator(mode="after")
