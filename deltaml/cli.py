@@ -128,6 +128,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _write_timings(role: str, name: str, core, agent) -> None:
+    """For benchmarks/e2e.py (``DELTAML_TIMINGS_DIR``): the seconds of work per message type and the CPU."""
+    timings = os.environ.get("DELTAML_TIMINGS_DIR")
+    if not timings:
+        return
+    streams = getattr(core.ctx.rng, "streams", {}).values()
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    counts = {"cpu seconds (process)": sum(u.ru_utime + u.ru_stime for u in (own, children)),  # with its workers
+              "cpu seconds (workers)": children.ru_utime + children.ru_stime,
+              "cpu seconds (handlers)": agent.policy.cpu,
+              "cpu seconds (obfuscator helper)": agent.precomputer.cpu if agent.precomputer else 0.0,
+              "obfuscators taken": sum(st.taken for st in streams),
+              "obfuscators computed ahead": agent.precomputer.computed if agent.precomputer else 0,
+              "obfuscators found precomputed": sum(st.served_ahead for st in streams)}
+    (Path(timings) / f"{role}-{name}.json").write_text(json.dumps({**agent.policy.busy, **counts}))
+
+
 def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = None, workers=None) -> int:
     from .agents.agent import Agent, Trace
     from .agents.amqp import AmqpBus
@@ -139,43 +156,40 @@ def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = N
     import structlog
 
     async def main() -> None:
-        bus = await AmqpBus(args.amqp_url).connect()
+        # local files first: a path that cannot be opened fails before any broker connection
         trace = Trace(args.trace, {"role": role, "name": name, "seed": core.ctx.rng.seed_bytes.hex(), **header}) \
             if args.trace else None
         state_dir = getattr(args, "state_dir", None)
         checkpoint = Checkpoint(state_dir) if state_dir else None
-        agent = Agent(role, name, core, bus, trace, key=key, pinned=pinned, checkpoint=checkpoint,
-                      tick_seconds=getattr(args, "tick_seconds", 1.0), precompute=args.precompute)
-        if agent.resumed:
-            structlog.get_logger().info("resumed from checkpoint", jobs=len(core.jobs), state_dir=str(state_dir))
-        await agent.start()
-        structlog.get_logger().info("signing as", address=agent.address)
-        wallet = getattr(core, "wallet", None)
-        if wallet is not None:  # the ledger must know this party before any event concerns it
-            await agent.send_all(wallet.greet(core.ctx))
-        structlog.get_logger().info("agent started", role=role, name=name)
-        await until_signalled()
-        structlog.get_logger().info("agent stopping", role=role, name=name)
-        await agent.stop()
-        await bus.close()
-        if workers is not None:
-            workers.close()
-        timings = os.environ.get("DELTAML_TIMINGS_DIR")
-        if timings:  # for benchmarks/e2e.py: seconds of work per message type
-            streams = getattr(core.ctx.rng, "streams", {}).values()
-            own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-            counts = {"cpu seconds (process)": sum(u.ru_utime + u.ru_stime for u in (own, children)),  # with its workers
-                      "cpu seconds (workers)": children.ru_utime + children.ru_stime,
-                      "cpu seconds (handlers)": agent.policy.cpu,
-                      "cpu seconds (obfuscator helper)": agent.precomputer.cpu if agent.precomputer else 0.0,
-                      "obfuscators taken": sum(st.taken for st in streams),
-                      "obfuscators computed ahead": agent.precomputer.computed if agent.precomputer else 0,
-                      "obfuscators found precomputed": sum(st.served_ahead for st in streams)}
-            (Path(timings) / f"{role}-{name}.json").write_text(json.dumps({**agent.policy.busy, **counts}))
-        if trace:
-            trace.close()
-        if checkpoint:
-            checkpoint.close()
+        bus = None
+        try:
+            try:
+                bus = await AmqpBus(args.amqp_url).connect()
+                agent = Agent(role, name, core, bus, trace, key=key, pinned=pinned, checkpoint=checkpoint,
+                              tick_seconds=getattr(args, "tick_seconds", 1.0), precompute=args.precompute)
+                if agent.resumed:
+                    structlog.get_logger().info("resumed from checkpoint", jobs=len(core.jobs),
+                                                state_dir=str(state_dir))
+                await agent.start()
+                structlog.get_logger().info("signing as", address=agent.address)
+                wallet = getattr(core, "wallet", None)
+                if wallet is not None:  # the ledger must know this party before any event concerns it
+                    await agent.send_all(wallet.greet(core.ctx))
+                structlog.get_logger().info("agent started", role=role, name=name)
+                await until_signalled()
+                structlog.get_logger().info("agent stopping", role=role, name=name)
+                await agent.stop()
+            finally:
+                if bus is not None:
+                    await bus.close()
+                if workers is not None:
+                    workers.close()
+            _write_timings(role, name, core, agent)  # after the workers ended: their CPU counts then
+        finally:
+            if trace:
+                trace.close()
+            if checkpoint:
+                checkpoint.close()
 
     asyncio.run(main())
     return 0

@@ -217,6 +217,23 @@ def test_no_broker_is_one_clear_line():
     assert "no RabbitMQ" in lines[0] and "make broker" in lines[0] and "guest:***" in lines[0]
 
 
+@pytest.mark.parametrize("daemon", [
+    ["aggregator", "--state-dir", "{blocked}/state"],
+    ["owner", "--data", "{csv}", "--auto-accept", "--trace", "{blocked}/trace.jsonl"],
+])
+def test_a_daemon_that_cannot_open_its_files_says_so_in_one_line(tmp_path, daemon):
+    """A trace or state directory that cannot be opened is refused before the broker connection,
+    which used to be left open as the event loop closed (asyncio's complaints after the error)."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    csv = tmp_path / "owner.csv"
+    csv.write_text("a,b,y\n" + "".join(f"{i},{i % 3},{2 * i}\n" for i in range(10)))
+    proc = run_cli(*(a.format(blocked=blocked, csv=csv) for a in daemon), timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("deltaml: error:") and str(blocked) in lines[0]
+
+
 def test_dataset_split_writes_the_design_split(tmp_path):
     proc = run_cli("dataset", "split", "diabetes", "--parts", "5", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
