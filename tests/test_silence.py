@@ -114,16 +114,44 @@ async def test_the_result_goes_on_the_first_word_that_the_escrow_is_settled(keyp
     assert job.model is not None and wrapped["aggregator"].swallowed == 1
 
 
+def once(what):
+    """A payload rule that matches the first payload ``what`` matches, and no other."""
+    hits = []
+
+    def first(payload):
+        if what(payload) and not hits:
+            hits.append(payload)
+            return True
+        return False
+    return first
+
+
+async def test_an_aggregator_that_missed_both_settle_signals_asks_the_ledger_again(keypair):
+    """The settle's receipt and the Settled event both went astray (the chain did settle): at the
+    deadline the aggregator sends the same signed settle to the ledger once more, which answers
+    from the chain with the mined receipt and events, and the buyer gets its model."""
+    config = DemoConfig(rounds=3, eval_every=3, round_timeout=5.0)
+    # no Settled event ever reaches it: the answer to the second request (a receipt the wallet must
+    # recognise as its own) is what lets the result go
+    unheard = [("chain_event", 0, settled_event), ("tx_receipt", 0, once(settle_receipt))]
+    job, ledger, _, wrapped = await run(config, keypair, {"aggregator": unheard})
+    assert job.phase is BuyerPhase.FINISHED, job.reason
+    assert job.model is not None and wrapped["aggregator"].swallowed == 3  # event, receipt, event again
+    assert len(ledger.gas["settle"]) == 2  # relayed twice; the second answer came from the chain
+    deposit, credited, balance = chain_totals(ledger, job)
+    assert job.settled and credited == deposit and balance == 0
+
+
 async def test_an_aggregator_that_never_hears_the_escrow_settled_fails_the_job_without_a_result(keypair):
     """The final model goes out only on the chain's word that the escrow is settled (its Settled
-    event or the settle's receipt); without either the job ends at the deadline with the reason,
-    and the buyer holds no result."""
+    event or the settle's receipt); without either, even after asking the ledger again, the job
+    ends at the deadline with the reason, and the buyer holds no result."""
     config = DemoConfig(rounds=3, eval_every=3, round_timeout=5.0)
     unheard = [("chain_event", 0, settled_event), ("tx_receipt", 0, settle_receipt)]
     job, ledger, _, wrapped = await run(config, keypair, {"aggregator": unheard})
     assert job.phase is BuyerPhase.FAILED, job.reason
     assert "round 3: waited 5 s for the chain to report the escrow settled" in job.reason
-    assert job.model is None and wrapped["aggregator"].swallowed >= 2
+    assert job.model is None and wrapped["aggregator"].swallowed >= 4  # both signals, twice
     deposit, credited, balance = chain_totals(ledger, job)  # the chain did settle: what it paid stands
     assert job.settled and credited == deposit and balance == 0
 
@@ -183,3 +211,45 @@ def test_a_quorum_above_the_trainers_is_refused(quorum, keypair):
                          payload=m.JobRequest(spec=spec, initial_model=[keypair[0].encrypt(0)] * 11))
     with pytest.raises(ProtocolError, match="quorum"):
         aggregator_core().handle(request)
+
+
+class Twice:
+    """A core that hears every chain event twice, the second time under a new message id: what a
+    party sees when the ledger publishes a transaction's events again (a redelivered request)."""
+
+    def __init__(self, core) -> None:
+        self.core = core
+
+    def __getattr__(self, name):
+        return getattr(self.core, name)
+
+    def handle(self, env):
+        out = self.core.handle(env)
+        if env.type == "chain_event":
+            out += self.core.handle(env.model_copy(update={"message_id": env.message_id + "-again"}))
+        return out
+
+
+async def test_chain_events_heard_twice_change_nothing(keypair):
+    """Each party takes a chain event once: no second setParticipants (which the contract refuses,
+    failing the job), no payment counted twice, no second withdraw."""
+    config = DemoConfig(rounds=3, eval_every=3)
+    data, parts = prepare_parts(config)
+    spec = make_spec(config, data, keypair[0].to_hex(), "buyer")
+    cores = {}
+
+    def wrap(name, core):
+        cores[name] = core
+        return Twice(core)
+
+    job, job_id, dead, ledger, _ = await memory_job(config, parts, spec, keypair[1], wrap=wrap)
+    assert job.phase is BuyerPhase.FINISHED, job.reason
+    assert job.model is not None and not dead, dead
+    deposit, credited, balance = chain_totals(ledger, job)
+    assert credited == deposit and balance == 0
+    for name, core in cores.items():
+        if name.startswith("owner"):
+            owner = core.jobs[job_id]
+            assert owner.paid_wei == job.payments_wei[core.ctx.wallet.address]
+    assert len(ledger.gas["setParticipants"]) == 1 and len(ledger.gas["withdraw"]) == config.owners + 1
+

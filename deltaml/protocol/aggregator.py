@@ -107,6 +107,8 @@ class AggJob:
     roster: list[str] = field(default_factory=list)  # trainers as enrolled on chain (model indices)
     dropped: list[str] = field(default_factory=list)
     on_chain: bool = False  # the escrow exists: a failure abandons it
+    settle_request: m.TxRequest | None = None  # the signed settle, to ask the ledger again on silence
+    settle_asked_again: bool = False
     idle: float = 0.0  # seconds since the job last accepted a message
 
     @property
@@ -169,7 +171,17 @@ def _advance(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
 def _settle(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
     """Ask the chain to settle the escrow; its gas grows with everyone enrolled, dropped trainers too."""
     enrolled = len(job.trainers) + len(job.dropped) + len(job.validators)
-    return ctx.wallet.call(ctx, job_id, job.round, "settle", [job_key(job_id)], participants=enrolled)
+    out = ctx.wallet.call(ctx, job_id, job.round, "settle", [job_key(job_id)], participants=enrolled)
+    job.settle_request = next((env.payload for env in out if env.type == "tx_request"), None)
+    return out
+
+
+def _ask_again_if_settled(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
+    """Neither the settle's receipt nor the Settled event came: the same signed transaction goes
+    to the ledger once more, which answers from the chain (mined: its receipt and events again;
+    lost: sent now). Its nonce is the one already used, so it cannot settle anything twice."""
+    job.settle_asked_again = True
+    return [ctx.wallet.resend(ctx, job_id, job.round, job.settle_request)]
 
 
 def _result(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
@@ -428,10 +440,13 @@ WAITING_FOR = {
 
 def _on_silence(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
     """The job waited ``round_timeout`` seconds: drop silent trainers if a quorum answered, else fail;
-    a buyer that holds its result and does not close the job keeps nobody waiting: it finishes."""
+    a buyer that holds its result and does not close the job keeps nobody waiting: it finishes; the
+    chain's word on the settlement is asked for once more before the job fails without it."""
     waited = job.spec.round_timeout
     if job.phase == AggPhase.CLOSING:  # the result went out after settlement: the owners' part is done
         return _finish(job, ctx, job_id)
+    if job.phase == AggPhase.SETTLING and job.settle_request is not None and not job.settle_asked_again:
+        return _ask_again_if_settled(job, ctx, job_id)
     if job.phase == AggPhase.TRAINING:
         silent = [t for t in job.trainers if t not in job.replies]
         if job.spec.quorum and len(job.trainers) - len(silent) >= job.spec.quorum:
@@ -452,7 +467,7 @@ def _on_chain_event(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelo
     """The escrow drives the start: post the participants once funded, train once all confirmed."""
     require(env.sender == LEDGER, "chain events come from the ledger")
     ev, spec = env.payload, job.spec
-    if ev.event == "JobCreated" and job.phase == AggPhase.STARTING and not job.training_started:
+    if ev.event == "JobCreated" and job.phase == AggPhase.STARTING and not job.on_chain:
         a = ev.args
         expected = (ctx.wallet.address, spec.deposit_wei, spec.owners, spec.rounds, spec.fixed_reward_wei,
                     spec.variable_pool_wei, "0x" + key_hash(job.public_key).hex())

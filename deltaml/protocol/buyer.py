@@ -267,8 +267,8 @@ def _on_chain_event(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKe
     """Follow the escrow: what each participant is credited, the refund, and take the refund back."""
     refuse_unless(env.sender == LEDGER, "chain events come from the ledger")
     ev = env.payload
-    if ev.event == "Credited":
-        job.payments_wei[ev.args["payee"]] = job.payments_wei.get(ev.args["payee"], 0) + ev.args["amount"]
+    if ev.event == "Credited":  # once per payee and job on chain; a copy the ledger sends again changes nothing
+        job.payments_wei[ev.args["payee"]] = ev.args["amount"]
         job.chain_contributions[ev.args["payee"]] = ev.args["contribution"]
     elif ev.event == "Settled" and not job.settled:
         job.settled = True

@@ -281,6 +281,13 @@ class Wallet:
         self.sent[env.message_id] = function
         return env
 
+    def resend(self, ctx, job_id: str, round_: int, request: m.TxRequest) -> m.Envelope:
+        """A transaction signed before, asked of the ledger again: it answers from the chain if the
+        transaction was mined, else sends it. Its nonce is spent, so it cannot take effect twice."""
+        env = ctx.message(job_id, round_, LEDGER, request)
+        self.sent[env.message_id] = request.function
+        return env
+
     def on_info(self, ctx, info: m.ChainInfo) -> list[m.Envelope]:
         """Learn the chain; sign what was waiting, in order."""
         self.chain_id, self.contract, self.gas_price = info.chain_id, info.contract, info.gas_price

@@ -51,6 +51,7 @@ class OwnerJob:
     asked: dict[int, str] = field(default_factory=dict)  # round -> id of this validator's product request
     confirmed: bool = False
     paid_wei: int = 0
+    credited: bool = False  # the escrow's Credited event for me was taken (a copy may come again)
     declined: str = ""  # why this owner's data does not fit the offer
 
     @property
@@ -202,8 +203,10 @@ def _on_chain_event(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerDat
         if any(same_address(a, me) for a in [*ev.args["trainers"], *ev.args["validators"]]):
             job.confirmed = True
             return ctx.wallet.call(ctx, env.job_id, 0, "confirm", [job_key(env.job_id)])
-    if ev.event == "Credited" and same_address(ev.args["payee"], me):
-        job.paid_wei += ev.args["amount"]
+    if ev.event == "Credited" and same_address(ev.args["payee"], me) and not job.credited:
+        # the contract credits each participant once per job; the ledger may publish an event again
+        # (a request redelivered, asked again), and a second withdraw would only be refused
+        job.credited, job.paid_wei = True, ev.args["amount"]
         return ctx.wallet.call(ctx, env.job_id, env.round, "withdraw", [])
     return []
 
