@@ -176,7 +176,7 @@ def _settle(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
     return out
 
 
-def _ask_again_if_settled(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
+def _ask_the_ledger_again(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
     """Neither the settle's receipt nor the Settled event came: the same signed transaction goes
     to the ledger once more, which answers from the chain (mined: its receipt and events again;
     lost: sent now). Its nonce is the one already used, so it cannot settle anything twice."""
@@ -446,7 +446,7 @@ def _on_silence(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
     if job.phase == AggPhase.CLOSING:  # the result went out after settlement: the owners' part is done
         return _finish(job, ctx, job_id)
     if job.phase == AggPhase.SETTLING and job.settle_request is not None and not job.settle_asked_again:
-        return _ask_again_if_settled(job, ctx, job_id)
+        return _ask_the_ledger_again(job, ctx, job_id)
     if job.phase == AggPhase.TRAINING:
         silent = [t for t in job.trainers if t not in job.replies]
         if job.spec.quorum and len(job.trainers) - len(silent) >= job.spec.quorum:
