@@ -163,33 +163,30 @@ def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = N
         checkpoint = Checkpoint(state_dir) if state_dir else None
         bus = None
         try:
-            try:
-                bus = await AmqpBus(args.amqp_url).connect()
-                agent = Agent(role, name, core, bus, trace, key=key, pinned=pinned, checkpoint=checkpoint,
-                              tick_seconds=getattr(args, "tick_seconds", 1.0), precompute=args.precompute)
-                if agent.resumed:
-                    structlog.get_logger().info("resumed from checkpoint", jobs=len(core.jobs),
-                                                state_dir=str(state_dir))
-                await agent.start()
-                structlog.get_logger().info("signing as", address=agent.address)
-                wallet = getattr(core, "wallet", None)
-                if wallet is not None:  # the ledger must know this party before any event concerns it
-                    await agent.send_all(wallet.greet(core.ctx))
-                structlog.get_logger().info("agent started", role=role, name=name)
-                await until_signalled()
-                structlog.get_logger().info("agent stopping", role=role, name=name)
-                await agent.stop()
-            finally:
-                if bus is not None:
-                    await bus.close()
-                if workers is not None:
-                    workers.close()
-            _write_timings(role, name, core, agent)  # after the workers ended: their CPU counts then
+            bus = await AmqpBus(args.amqp_url).connect()
+            agent = Agent(role, name, core, bus, trace, key=key, pinned=pinned, checkpoint=checkpoint,
+                          tick_seconds=getattr(args, "tick_seconds", 1.0), precompute=args.precompute)
+            if agent.resumed:
+                structlog.get_logger().info("resumed from checkpoint", jobs=len(core.jobs), state_dir=str(state_dir))
+            await agent.start()
+            structlog.get_logger().info("signing as", address=agent.address)
+            wallet = getattr(core, "wallet", None)
+            if wallet is not None:  # the ledger must know this party before any event concerns it
+                await agent.send_all(wallet.greet(core.ctx))
+            structlog.get_logger().info("agent started", role=role, name=name)
+            await until_signalled()
+            structlog.get_logger().info("agent stopping", role=role, name=name)
+            await agent.stop()
         finally:
+            if bus is not None:
+                await bus.close()
+            if workers is not None:
+                workers.close()
             if trace:
                 trace.close()
             if checkpoint:
                 checkpoint.close()
+        _write_timings(role, name, core, agent)  # after the workers ended: their CPU counts then
 
     asyncio.run(main())
     return 0

@@ -147,12 +147,10 @@ def _ledger(bus, chain_url: str, key: bytes | None = None):
 Wrap = Callable[[str, object], object]
 
 
-async def memory_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, key: PrivateKey,
-                     on_progress: Progress = lambda *a: None, wrap: Wrap = lambda name, core: core,
-                     tick_seconds: float = 1.0, bus: MemoryBus | None = None, job_id: str | None = None,
-                     hold=None) -> tuple:
-    """One job on the memory bus; ``wrap`` may replace a party's core (fault tests make one go silent)."""
-    bus = bus if bus is not None else MemoryBus()
+def memory_market(bus: MemoryBus, config: DemoConfig, parts: list[Dataset], wrap: Wrap = lambda name, core: core,
+                  tick_seconds: float = 1.0) -> tuple[LedgerCore, list[Agent], dict[str, str]]:
+    """The standing marketplace on the memory bus, no buyer yet: the ledger, the aggregator and one
+    owner per part; with the keys a buyer pins (the ledger's and the aggregator's)."""
     ledger, ledger_agent = _ledger(bus, config.chain)
     aggregator = Agent("aggregator", "aggregator", wrap("aggregator", aggregator_core(wallet=load_wallet(None))),
                        bus, pinned=_trusted(ledger_agent.address), tick_seconds=tick_seconds)
@@ -161,6 +159,16 @@ async def memory_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, 
     for name, part in zip(owner_names(config.owners), parts):
         core = OwnerCore(context(name, wallet=load_wallet(None)), OwnerData(part.columns, part.table()))
         agents.append(Agent("owner", name, wrap(name, core), bus, pinned=trust))
+    return ledger, agents, trust
+
+
+async def memory_job(config: DemoConfig, parts: list[Dataset], spec: m.JobSpec, key: PrivateKey,
+                     on_progress: Progress = lambda *a: None, wrap: Wrap = lambda name, core: core,
+                     tick_seconds: float = 1.0, bus: MemoryBus | None = None, job_id: str | None = None,
+                     hold=None) -> tuple:
+    """One job on the memory bus; ``wrap`` may replace a party's core (fault tests make one go silent)."""
+    bus = bus if bus is not None else MemoryBus()
+    ledger, agents, trust = memory_market(bus, config, parts, wrap, tick_seconds)
     buyer = Agent("buyer", "buyer", wrap("buyer", buyer_core("buyer", key, wallet=load_wallet(None))), bus,
                   pinned=trust)
     for agent in [*agents, buyer]:

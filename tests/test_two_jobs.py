@@ -9,12 +9,10 @@ import asyncio
 
 from deltaml.agents.agent import Agent
 from deltaml.agents.bus import MemoryBus
-from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
+from deltaml.agents.parties import buyer_core, load_wallet
 from deltaml.agents.runtime import run_buyer_job
-from deltaml.marketplace import DemoConfig, _ledger, _trusted, _withdrawals, baselines, make_spec, owner_names, \
-    prepare_parts
+from deltaml.marketplace import DemoConfig, _withdrawals, baselines, make_spec, memory_market, prepare_parts
 from deltaml.protocol.buyer import BuyerPhase
-from deltaml.protocol.owner import OwnerCore, OwnerData
 from deltaml.protocol.paillier import generate_keypair
 
 
@@ -24,16 +22,11 @@ async def test_two_buyers_at_once_each_get_their_model_and_pay_exactly(keypair):
     expected = baselines(parts, config)["centralized_gd_mse"]
     keys = {"buyer-a": keypair, "buyer-b": generate_keypair(2048)}
     bus = MemoryBus()
-    ledger, ledger_agent = _ledger(bus, config.chain)
-    aggregator = Agent("aggregator", "aggregator", aggregator_core(wallet=load_wallet(None)), bus,
-                       pinned=_trusted(ledger_agent.address))
-    trust = _trusted(ledger_agent.address, aggregator.address)
-    owners = [Agent("owner", name, OwnerCore(context(name, wallet=load_wallet(None)),
-                                             OwnerData(part.columns, part.table())), bus, pinned=trust)
-              for name, part in zip(owner_names(config.owners), parts)]
+    ledger, market, trust = memory_market(bus, config, parts)
+    owners = [agent for agent in market if agent.role == "owner"]
     buyers = {name: Agent("buyer", name, buyer_core(name, priv, wallet=load_wallet(None)), bus, pinned=trust)
               for name, (_, priv) in keys.items()}
-    agents = [ledger_agent, aggregator, *owners, *buyers.values()]
+    agents = [*market, *buyers.values()]
     for agent in agents:
         await agent.start()
     try:

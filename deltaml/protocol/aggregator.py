@@ -107,8 +107,7 @@ class AggJob:
     roster: list[str] = field(default_factory=list)  # trainers as enrolled on chain (model indices)
     dropped: list[str] = field(default_factory=list)
     on_chain: bool = False  # the escrow exists: a failure abandons it
-    settle_request: m.TxRequest | None = None  # the signed settle, to ask the ledger again on silence
-    settle_asked_again: bool = False
+    settle_request: m.TxRequest | None = None  # the signed settle, kept until asked of the ledger again
     idle: float = 0.0  # seconds since the job last accepted a message
 
     @property
@@ -180,8 +179,8 @@ def _ask_the_ledger_again(job: AggJob, ctx: Context, job_id: str) -> list[m.Enve
     """Neither the settle's receipt nor the Settled event came: the same signed transaction goes
     to the ledger once more, which answers from the chain (mined: its receipt and events again;
     lost: sent now). Its nonce is the one already used, so it cannot settle anything twice."""
-    job.settle_asked_again = True
-    return [ctx.wallet.resend(ctx, job_id, job.round, job.settle_request)]
+    request, job.settle_request = job.settle_request, None
+    return [ctx.wallet.send(ctx, job_id, job.round, request)]
 
 
 def _result(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
@@ -445,7 +444,7 @@ def _on_silence(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
     waited = job.spec.round_timeout
     if job.phase == AggPhase.CLOSING:  # the result went out after settlement: the owners' part is done
         return _finish(job, ctx, job_id)
-    if job.phase == AggPhase.SETTLING and job.settle_request is not None and not job.settle_asked_again:
+    if job.phase == AggPhase.SETTLING and job.settle_request is not None:
         return _ask_the_ledger_again(job, ctx, job_id)
     if job.phase == AggPhase.TRAINING:
         silent = [t for t in job.trainers if t not in job.replies]

@@ -276,14 +276,13 @@ class Wallet:
               "chainId": self.chain_id}
         raw = Account.sign_transaction(tx, self.private_key).raw_transaction
         self.nonce += 1
-        env = ctx.message(job_id, round_, LEDGER, m.TxRequest(function=function, raw="0x" + bytes(raw).hex(),
-                                                              proof=proof))
-        self.sent[env.message_id] = function
-        return env
+        return self.send(ctx, job_id, round_, m.TxRequest(function=function, raw="0x" + bytes(raw).hex(),
+                                                          proof=proof))
 
-    def resend(self, ctx, job_id: str, round_: int, request: m.TxRequest) -> m.Envelope:
-        """A transaction signed before, asked of the ledger again: it answers from the chain if the
-        transaction was mined, else sends it. Its nonce is spent, so it cannot take effect twice."""
+    def send(self, ctx, job_id: str, round_: int, request: m.TxRequest) -> m.Envelope:
+        """A signed transaction to the ledger, its receipt awaited. One signed before may be sent
+        again: the ledger answers from the chain if it was mined, else sends it; its nonce is spent,
+        so it cannot take effect twice."""
         env = ctx.message(job_id, round_, LEDGER, request)
         self.sent[env.message_id] = request.function
         return env
