@@ -1,7 +1,9 @@
 """Data sets: the bundled diabetes data, CSV files, and the demo split.
 
 A CSV has a header row naming the columns; the last column is the target.
-Every cell must be a finite number. A bad file is refused with a
+Every cell must be a finite number. The text is UTF-8, with or without the
+byte-order mark that spreadsheets write (which would otherwise become part of
+the first column's name, and no job would match it). A bad file is refused with a
 :class:`DataError` whose one-line message names the file, row and column.
 """
 
@@ -15,6 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+
+#: CSV files are UTF-8; a byte-order mark, if any, is not part of the first column's name.
+ENCODING = "utf-8-sig"
 
 
 class DataError(ValueError):
@@ -103,7 +109,7 @@ def _header_problem(header: list[str]) -> str:
 
 def _load_fast(path: Path) -> Dataset | None:
     try:
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding=ENCODING) as handle:
             header = next(csv.reader(handle), None)
             if header is None:
                 return None
@@ -122,29 +128,48 @@ def _load_fast(path: Path) -> Dataset | None:
 
 def _load_checked(path: Path) -> Dataset:
     try:
-        handle = path.open(newline="")
+        handle = path.open(newline="", encoding=ENCODING)
     except OSError as exc:
         raise DataError(f"{path}: cannot open: {exc.strerror}") from None
-    with handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path}: empty file")
-        header = [h.strip() for h in header]
-        problem = _header_problem(header)
-        if problem:
-            raise DataError(f"{path}: row 1: {problem}")
-        rows = []
-        for number, record in enumerate(reader, start=2):
-            if not record or all(c.strip() == "" for c in record):
-                continue
-            if len(record) != len(header):
-                raise DataError(f"{path}: row {number}: {len(record)} cells, header has {len(header)}")
-            rows.append([_cell(path, number, i, header[i], c) for i, c in enumerate(record)])
-    if not rows:
-        raise DataError(f"{path}: no data rows after the header")
+    try:
+        with handle:
+            header, rows = _checked_rows(path, csv.reader(handle))
+    except UnicodeDecodeError:
+        raise DataError(_not_utf8(path)) from None
     table = np.array(rows, dtype=float)
     return Dataset(tuple(header[:-1]), header[-1], table[:, :-1], table[:, -1])
+
+
+def _checked_rows(path: Path, reader) -> tuple[list[str], list[list[float]]]:
+    """The header and the rows, each cell checked; the first problem raised with its row and column."""
+    header = next(reader, None)
+    if header is None:
+        raise DataError(f"{path}: empty file")
+    header = [h.strip() for h in header]
+    problem = _header_problem(header)
+    if problem:
+        raise DataError(f"{path}: row 1: {problem}")
+    rows = []
+    for number, record in enumerate(reader, start=2):
+        if not record or all(c.strip() == "" for c in record):
+            continue
+        if len(record) != len(header):
+            raise DataError(f"{path}: row {number}: {len(record)} cells, header has {len(header)}")
+        rows.append([_cell(path, number, i, header[i], c) for i, c in enumerate(record)])
+    if not rows:
+        raise DataError(f"{path}: no data rows after the header")
+    return header, rows
+
+
+def _not_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8 (the reader decodes in blocks, so it cannot say which row)."""
+    data = path.read_bytes()
+    try:
+        data.decode(ENCODING)
+        return f"{path}: not UTF-8 text"
+    except UnicodeDecodeError as exc:
+        row = data.count(b"\n", 0, exc.start) + 1
+        return f"{path}: row {row}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
 
 
 def load(name: str) -> Dataset:
@@ -162,7 +187,7 @@ def demo_split(data: Dataset, parts: int) -> list[Dataset]:
 
 def write_csv(data: Dataset, path: str | Path) -> None:
     """Write a data set as a CSV that :func:`load_csv` reads back exactly."""
-    with Path(path).open("w", newline="") as handle:
+    with Path(path).open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(data.columns)
         for row in data.table():

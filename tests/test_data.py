@@ -36,6 +36,27 @@ def test_cli_refuses_a_bad_csv_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "row 3, column 2 (b)" in err[0] and str(path) in err[0]
 
 
+def test_a_spreadsheet_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    # "CSV UTF-8" from a spreadsheet starts with U+FEFF: read as text it named the first column
+    # "\ufeffage", and no job asking for "age" ever matched that owner
+    path = tmp_path / "d.csv"
+    path.write_bytes("age,bmi,y\n1,2,3\n4,5,6\n".encode("utf-8-sig"))
+    assert load_csv(path).features == ("age", "bmi")
+    path.write_bytes("age,bmi,y\n1,2,3\n4,oops,6\n".encode("utf-8-sig"))  # the checked reader too
+    with pytest.raises(DataError, match=r"row 3, column 2 \(bmi\)"):
+        load_csv(path)
+
+
+def test_a_file_that_is_not_utf8_is_refused_in_one_line_naming_the_row(tmp_path, capsys):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("age,bmi,y\n1,2,3\n4,5,6\n# café\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"row 4: not UTF-8 text \(byte 0xe9\)"):
+        load_csv(path)
+    assert main(["demo", "--dataset", str(path), "--rounds", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "not UTF-8" in err[0]
+
+
 def test_cli_refuses_short_keys(capsys):
     assert main(["demo", "--key-bits", "1024"]) == 2
     assert "2048" in capsys.readouterr().err
