@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import resource
 import sys
@@ -23,14 +24,15 @@ class CliError(Exception):
 
 
 def _common(p: argparse.ArgumentParser, settings: Settings) -> None:
-    p.add_argument("--amqp-url", default=settings.amqp_url)
-    p.add_argument("--log-format", choices=["console", "json"], default=settings.log_format)
-    p.add_argument("--log-level", default=settings.log_level)
+    p.add_argument("--amqp-url", default=settings.amqp_url, help="the RabbitMQ broker (DELTAML_AMQP_URL)")
+    p.add_argument("--log-format", choices=["console", "json"], default=settings.log_format,
+                   help="log lines for a person or one JSON object per line")
+    p.add_argument("--log-level", default=settings.log_level, help="debug, info, warning or error")
     p.add_argument("--trace", type=Path, default=None, help="append every message in and out (JSON lines)")
     p.add_argument("--trust", action="append", default=[], metavar="NAME=ADDRESS",
                    help="only ADDRESS may sign as party NAME (e.g. aggregator=0x..., ledger=0x...); repeatable")
     p.add_argument("--precompute", action=argparse.BooleanOptionalAction, default=settings.precompute,
-                   help="compute Paillier obfuscators ahead while idle, on a low-priority thread (default on)")
+                   help="compute Paillier obfuscators ahead while idle, on a low-priority thread")
 
 
 def _pinned(args) -> dict[str, str]:
@@ -48,12 +50,18 @@ def _pinned(args) -> dict[str, str]:
 def _state(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=None,
                    help="checkpoint every step here (SQLite) and resume from it after a crash")
-    p.add_argument("--tick-seconds", type=float, default=1.0, help="how often deadlines are checked")
+    p.add_argument("--tick-seconds", type=float, default=1.0, help="how often deadlines are checked, in seconds")
+
+
+def _check_tick(args) -> None:
+    """Before anything is loaded: a tick of 0 would spin a core checking deadlines."""
+    if not (math.isfinite(args.tick_seconds) and args.tick_seconds > 0):
+        raise CliError(f"--tick-seconds {args.tick_seconds}: must be a positive number of seconds")
 
 
 def _workers_option(p: argparse.ArgumentParser, settings: Settings, work: str) -> None:
     p.add_argument("--workers", type=int, default=settings.workers,
-                   help=f"processes for {work} (default 0: one per core; 1: this process only)")
+                   help=f"processes for {work} (0: one per core; 1: this process only)")
 
 
 def _key(p: argparse.ArgumentParser) -> None:
@@ -204,6 +212,7 @@ def _wallet(args):
 def cmd_aggregator(args) -> int:
     from .agents.parties import aggregator_core
 
+    _check_tick(args)
     core = aggregator_core(args.name, wallet=_wallet(args))
     return _serve("aggregator", args.name, core, args, {}, workers=_workers(args, core))
 
@@ -237,6 +246,7 @@ def cmd_ledger(args) -> int:
 def cmd_owner(args) -> int:
     from .agents.parties import owner_core
 
+    _check_tick(args)
     name = args.name or Path(args.data).stem
     core = owner_core(name, str(args.data), args.auto_accept, wallet=_wallet(args))
     if not args.auto_accept:
@@ -257,6 +267,8 @@ def cmd_buyer_train(args) -> int:
 
     check_key_bits(args.key_bits)
     _check_writable(report=args.report, model_out=args.model_out)
+    if args.deadline_hours < 1:  # the contract refuses a deadline already past, after recruiting
+        raise CliError(f"--deadline-hours {args.deadline_hours}: must be at least 1")
     configure_logging(args.log_format, args.log_level)
     key = new_key(args.key_bits)
     try:
@@ -326,43 +338,66 @@ def cmd_replay(args) -> int:
     return 1 if diffs else 0
 
 
+class HELP(argparse.HelpFormatter):
+    """Help that shows a flag's default when it has one worth saying (not None, False or empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or action.required or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _job_shape(p: argparse.ArgumentParser, owners, validators, rounds, lr, key_bits: int) -> None:
+    """The flags that shape a job, shared by the demo and the buyer (a default of None: required)."""
+    def add(flag, kind, default, text):
+        p.add_argument(flag, type=kind, default=default, required=default is None, help=text)
+
+    add("--owners", int, owners, "owners taking part, validators included")
+    add("--validators", int, validators, "of the owners, how many score the model instead of training it")
+    add("--rounds", int, rounds, "gradient steps (1 to 100000)")
+    add("--lr", float, lr, "learning rate")
+    p.add_argument("--eval-every", type=int, default=10, help="validate the model every this many rounds")
+    p.add_argument("--key-bits", type=int, default=key_bits, help="Paillier modulus (2048 or more)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     settings = Settings()
     parser = argparse.ArgumentParser(prog="deltaml", description="DeltaML: a privacy-preserving ML marketplace")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="run a whole marketplace locally")
-    p.add_argument("--owners", type=int, default=5)
-    p.add_argument("--validators", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1.5)
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--key-bits", type=int, default=settings.key_bits)
+    p = sub.add_parser("demo", help="run a whole marketplace locally", formatter_class=HELP,
+                       description="A buyer, an aggregator, a ledger and the owners, each in its own process "
+                                   "over RabbitMQ (or in this one over the memory bus), train on a data set "
+                                   "split as DESIGN §5 says and settle on chain.")
+    _job_shape(p, owners=5, validators=1, rounds=100, lr=1.5, key_bits=settings.key_bits)
     p.add_argument("--dataset", default="diabetes", help="diabetes or a CSV file (last column is the target)")
-    p.add_argument("--bus", choices=["memory", "amqp"], default=settings.bus)
-    p.add_argument("--amqp-url", default=settings.amqp_url)
-    p.add_argument("--chain", default=settings.chain)
-    p.add_argument("--poison-owner", type=int, default=None)
-    p.add_argument("--report", type=Path, default=None)
+    p.add_argument("--bus", choices=["memory", "amqp"], default=settings.bus,
+                   help="amqp: separate processes over RabbitMQ; memory: one process")
+    p.add_argument("--amqp-url", default=settings.amqp_url, help="the RabbitMQ broker (DELTAML_AMQP_URL)")
+    p.add_argument("--chain", default=settings.chain, help="embedded (an in-process EVM) or a JSON-RPC URL")
+    p.add_argument("--poison-owner", type=int, default=None, metavar="I",
+                   help="shuffle trainer I's targets, to see an owner that hurts the model earn no variable share")
+    p.add_argument("--report", type=Path, default=None, help="write the JSON report (DESIGN §5) here")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("aggregator", help="run the aggregator daemon")
-    p.add_argument("--name", default="aggregator")
+    p = sub.add_parser("aggregator", help="run the aggregator daemon", formatter_class=HELP)
+    p.add_argument("--name", default="aggregator", help="the party's name on the bus (its queue)")
     _workers_option(p, settings, "the models' gradient steps")
     _common(p, settings)
     _key(p)
     _state(p)
     p.set_defaults(func=cmd_aggregator)
 
-    p = sub.add_parser("ledger", help="run the ledger daemon, the only chain client")
+    p = sub.add_parser("ledger", help="run the ledger daemon, the only chain client", formatter_class=HELP)
     p.add_argument("--chain", default=settings.chain, help="embedded (an in-process EVM) or a JSON-RPC URL")
     p.add_argument("--contract", default=None, help="use this deployed escrow instead of deploying one")
     _common(p, settings)
     _key(p)
     p.set_defaults(func=cmd_ledger)
 
-    p = sub.add_parser("owner", help="run a data owner daemon")
-    p.add_argument("--data", type=Path, required=True)
+    p = sub.add_parser("owner", help="run a data owner daemon", formatter_class=HELP)
+    p.add_argument("--data", type=Path, required=True, help="the owner's CSV (header row; last column the target)")
     p.add_argument("--name", default=None, help="defaults to the data file's name")
     p.add_argument("--auto-accept", action="store_true", help="join every job the data matches")
     _common(p, settings)
@@ -371,22 +406,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_owner)
 
     buyer = sub.add_parser("buyer", help="buy a model").add_subparsers(dest="action", required=True)
-    p = buyer.add_parser("train", help="request a model, follow it, write the report")
-    p.add_argument("--features", required=True)
-    p.add_argument("--target", required=True)
-    p.add_argument("--owners", type=int, required=True)
-    p.add_argument("--validators", type=int, required=True)
-    p.add_argument("--rounds", type=int, required=True)
-    p.add_argument("--lr", type=float, required=True)
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--key-bits", type=int, default=settings.key_bits)
-    p.add_argument("--name", default="buyer")
+    p = buyer.add_parser("train", help="request a model, follow it, write the report", formatter_class=HELP,
+                         description="Make a key pair, deposit the escrow, have the model trained by the "
+                                     "owners whose data has these columns, and print what each was paid.")
+    p.add_argument("--features", required=True, help="comma-separated feature columns the owners' data must have")
+    p.add_argument("--target", required=True, help="the column to predict")
+    _job_shape(p, owners=None, validators=None, rounds=None, lr=None, key_bits=settings.key_bits)
+    p.add_argument("--name", default="buyer", help="the party's name on the bus (its queue)")
     _workers_option(p, settings, "the refreshes and masked products of several models")
-    p.add_argument("--report", type=Path, default=None)
-    p.add_argument("--model-out", type=Path, default=None)
-    p.add_argument("--fixed-reward-wei", type=int, default=10**16)
-    p.add_argument("--variable-pool-wei", type=int, default=10**18)
-    p.add_argument("--deadline-hours", type=int, default=24)
+    p.add_argument("--report", type=Path, default=None, help="write the JSON report here")
+    p.add_argument("--model-out", type=Path, default=None,
+                   help="write the final model here (JSON: features, target, intercept, coefficients)")
+    p.add_argument("--fixed-reward-wei", type=int, default=10**16, help="paid to every owner that did its work")
+    p.add_argument("--variable-pool-wei", type=int, default=10**18,
+                   help="shared among trainers by contribution, scaled by the improvement; the rest is refunded")
+    p.add_argument("--deadline-hours", type=int, default=24,
+                   help="after this the escrow can be settled or refunded without the buyer")
     _common(p, settings)
     _key(p)
     p.set_defaults(func=cmd_buyer_train)
@@ -394,12 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("dataset", help="data tools").add_subparsers(dest="action", required=True)
     p = data.add_parser("split", help="the DESIGN §5 split as one CSV per owner")
     p.add_argument("source", help="diabetes or a CSV file")
-    p.add_argument("--parts", type=int, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--parts", type=int, required=True, help="how many owners")
+    p.add_argument("--out", type=Path, required=True, help="directory for owner-1.csv, owner-2.csv, ...")
     p.set_defaults(func=cmd_dataset_split)
 
     p = sub.add_parser("replay", help="replay a trace into a fresh core and compare outputs")
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=Path, help="a trace written with --trace")
     p.set_defaults(func=cmd_replay)
     return parser
 

@@ -1,12 +1,13 @@
 """Whole marketplace on the in-process router: encrypted training equals centralised training."""
 
+import argparse
 import json
 import threading
 
 import numpy as np
 import pytest
 
-from deltaml.cli import main
+from deltaml.cli import build_parser, main
 from deltaml.data import load_diabetes, write_csv
 from deltaml.marketplace import DemoConfig, run_memory
 from deltaml.protocol.fixedpoint import SLACK_BITS
@@ -142,11 +143,36 @@ BUYER = ["buyer", "train", "--features", "a,b", "--target", "y", "--owners", "3"
     (["--fixed-reward-wei", "-1"], "--fixed-reward-wei -1: input should be greater than or equal to 0"),
     (["--features", "a,y"], "features and target must be distinct columns, got a, y, y"),
     (["--model-out", "/no-such-dir/m.json"], "--model-out /no-such-dir/m.json: no directory /no-such-dir"),
+    # the contract refuses a deadline already past, but only once every owner has been recruited
+    (["--deadline-hours", "0"], "--deadline-hours 0: must be at least 1"),
 ])
 def test_buyer_flags_a_job_cannot_run_with_are_one_line_errors(flags, message, capsys):
     """Refused before the buyer looks for a broker (the URL here has none)."""
     assert main([*BUYER, *flags]) == 2
     assert capsys.readouterr().err == f"deltaml: error: {message}\n"
+
+
+@pytest.mark.parametrize("role, flags", [
+    ("owner", ["--data", "/no-such-dir/owner.csv"]), ("aggregator", []),
+])
+@pytest.mark.parametrize("tick", ["0", "-1", "nan"])
+def test_a_daemon_refuses_a_tick_that_would_spin_before_the_broker(role, flags, tick, capsys):
+    """Before the broker (the URL has none) and before the owner's data (the path is missing)."""
+    assert main([role, *flags, "--tick-seconds", tick, "--amqp-url", "amqp://guest:guest@127.0.0.1:1/"]) == 2
+    assert capsys.readouterr().err == f"deltaml: error: --tick-seconds {float(tick)}: must be a positive number of seconds\n"
+
+
+def test_every_flag_says_what_it_is_for():
+    """``deltaml X --help`` explains each flag (the shared ones and the job's shape included)."""
+    parser = build_parser()
+    pending = [parser]
+    while pending:
+        p = pending.pop()
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                pending += action.choices.values()
+            elif not isinstance(action, argparse._HelpAction):
+                assert action.help, f"{p.prog} {'/'.join(action.option_strings) or action.dest} has no help"
 
 
 def test_a_diverging_job_fails_with_the_reason_and_a_hint(keypair):
