@@ -7,6 +7,7 @@ import pytest
 
 from deltaml.agents import topology as t
 from deltaml.agents.bus import Delivery, Verdict
+from deltaml.agents.parties import load_wallet
 from deltaml.agents.policy import AckPolicy
 from deltaml.protocol import messages as m
 from deltaml.protocol.auth import AuthError, Keyring, sign, sign_encoded, signer
@@ -179,3 +180,22 @@ async def test_a_handled_message_id_reused_by_another_sender_or_in_another_job_i
     assert (await policy(Delivery(m.encode(sign(stranger, MALLORY)), {}))).reason != "duplicate"
     assert (await policy(Delivery(m.encode(sign(honest, ALICE)), {}))).reason == "duplicate"
     assert handled == [("job-1", "owner-1"), (stranger.job_id, stranger.sender)]
+
+
+def test_a_key_file_others_may_read_or_that_holds_no_valid_key_is_refused(tmp_path):
+    """Whoever reads the file signs for the party and withdraws its pay (ssh refuses such a file too);
+    a key of zero used to pass the load and fail in a traceback once the daemon first signed."""
+    path = tmp_path / "owner.key"
+    created = load_wallet(path)
+    assert path.stat().st_mode & 0o777 == 0o600 and load_wallet(path).address == created.address
+    path.chmod(0o644)
+    with pytest.raises(ValueError, match=r"others may read \(mode 644\); chmod 600"):
+        load_wallet(path)
+    for bad in ("00" * 32, "ff" * 32):
+        path.chmod(0o600)
+        path.write_text(json.dumps({"private_key": bad}))
+        with pytest.raises(ValueError, match="not a secp256k1 private key"):
+            load_wallet(path)
+    path.write_text('["not", "an", "object"]')
+    with pytest.raises(ValueError, match="not a DeltaML Ethereum key file"):
+        load_wallet(path)

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from eth_keys.constants import SECPK1_N
+
 from ..data import load_csv
 from ..protocol.aggregator import AggregatorCore
 from ..protocol.buyer import BuyerCore
@@ -37,7 +39,10 @@ def buyer_core(name: str, key: PrivateKey, seed: bytes | None = None, wallet: Wa
 
 
 def load_wallet(path: str | Path | None) -> Wallet:
-    """The Ethereum key in ``path``, created (mode 0600) on first use; a throwaway key without a path."""
+    """The Ethereum key in ``path``, created (mode 0600) on first use; a throwaway key without a path.
+
+    Like ssh with a private key, a file that others may read is refused rather than used: whoever
+    can read it can sign for this party and withdraw what it is paid."""
     if path is None:
         return Wallet(private_key=os.urandom(32))
     path = Path(path)
@@ -46,13 +51,18 @@ def load_wallet(path: str | Path | None) -> Wallet:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump({"address": Wallet(private_key=key).address, "private_key": key.hex()}, fh)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ValueError(f"{path}: a private key others may read (mode {mode:o}); chmod 600 {path}")
     try:
         raw = json.loads(path.read_text())
         key = bytes.fromhex(raw["private_key"].removeprefix("0x"))
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not a DeltaML Ethereum key file ({exc})") from None
     if len(key) != 32:
         raise ValueError(f"{path}: an Ethereum private key has 32 bytes, not {len(key)}")
+    if not 0 < int.from_bytes(key, "big") < SECPK1_N:
+        raise ValueError(f"{path}: not a secp256k1 private key (zero, or not below the curve's order)")
     return Wallet(private_key=key)
 
 
