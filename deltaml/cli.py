@@ -329,9 +329,12 @@ def cmd_dataset_split(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from .agents.replay import replay
+    from .agents.replay import TraceError, replay
 
-    count, diffs = replay(args.file)
+    try:
+        count, diffs = replay(args.file)
+    except TraceError as exc:
+        raise CliError(str(exc)) from None
     for d in diffs:
         print(d)
     print(f"{count} inputs replayed, {len(diffs)} differences")

@@ -44,3 +44,23 @@ def test_a_tampered_trace_is_reported(tmp_path, capsys):
     path.write_text("\n".join(lines) + "\n")
     assert main(["replay", str(path)]) == 1
     assert "1 differences" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no trace header: nothing to replay"),
+    ("garbage\n", "line 1: not JSON"),
+    ('{"trace": 1, "role": "owner"}\n{"dir": "in", "mess', "line 2: not JSON"),  # cut off mid-write
+    ("[1, 2]\n", "line 1: not a JSON object"),
+    ('{"dir": "in"}\n', "line 1: record before the trace header"),
+    ('{"trace": 1, "role": "owner"}\n', "a malformed record (no 'seed')"),
+    ('{"trace": 1, "role": "owner", "name": "o", "seed": "zz"}\n', "the header's seed is not hex"),
+    ('{"trace": 1, "role": "ledger", "name": "ledger", "seed": "00"}\n', "cannot replay role ledger"),
+    ('{"trace": 1, "role": "aggregator", "name": "a", "seed": "00"}\n{"dir": "in", "message": {}}\n',
+     "a malformed record"),
+])
+def test_a_file_that_is_not_a_trace_is_a_one_line_error(tmp_path, capsys, text, message):
+    path = tmp_path / "t.jsonl"
+    path.write_text(text)
+    assert main(["replay", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"deltaml: error: {path}: ") and message in err and err.count("\n") == 1

@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
 from . import parties
 
 
-def _core(header: dict, base: Path):
-    seed = bytes.fromhex(header["seed"])
+def _core(header: dict, path: Path):
+    base = path.parent
+    try:
+        seed = bytes.fromhex(header["seed"])
+    except ValueError:
+        raise TraceError(f"{path}: the header's seed is not hex") from None
     role, name = header["role"], header["name"]
     if role == "owner":
         return parties.owner_core(name, str(base / header["data"]), header.get("auto_accept", True), seed)
@@ -19,28 +25,49 @@ def _core(header: dict, base: Path):
         return parties.aggregator_core(name, seed)
     if role == "buyer":
         return parties.buyer_core(name, parties.load_key(base / header["key"]), seed)
-    raise ValueError(f"cannot replay role {role}")
+    raise TraceError(f"{path}: cannot replay role {role} (owner, aggregator and buyer have pure cores)")
+
+
+class TraceError(ValueError):
+    """A file that is not a trace as :class:`~deltaml.agents.agent.Trace` writes it, with the line."""
 
 
 def _segments(path: Path) -> list[tuple[dict, list[dict]]]:
     segments: list[tuple[dict, list[dict]]] = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TraceError(f"{path}: line {number}: not JSON ({exc.msg}); a trace is one JSON object "
+                             f"per line") from None
+        if not isinstance(record, dict):
+            raise TraceError(f"{path}: line {number}: not a JSON object")
         if "trace" in record:
             segments.append((record, []))
         elif not segments:
-            raise ValueError(f"{path}: line {number}: record before the trace header")
+            raise TraceError(f"{path}: line {number}: record before the trace header")
         else:
             segments[-1][1].append(record)
+    if not segments:
+        raise TraceError(f"{path}: no trace header: nothing to replay")
     return segments
 
 
 def replay(path: str | Path) -> tuple[int, list[str]]:
-    """Feed a trace's inputs to fresh cores; return (inputs replayed, differences)."""
+    """Feed a trace's inputs to fresh cores; return (inputs replayed, differences).
+    A file that is not a well-formed trace raises :class:`TraceError`."""
     path = Path(path)
+    try:
+        return _replay(path)
+    except (KeyError, TypeError, ValidationError) as exc:  # a record without what Trace writes
+        what = f"no {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+        raise TraceError(f"{path}: a malformed record ({what})") from None
+
+
+def _replay(path: Path) -> tuple[int, list[str]]:
     replayed, diffs = 0, []
     for header, records in _segments(path):
-        core = _core(header, path.parent)
+        core = _core(header, path)
         i = 0
         while i < len(records):
             record = records[i]
