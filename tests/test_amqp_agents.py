@@ -14,7 +14,7 @@ import pytest
 
 from deltaml.agents import topology as t
 from deltaml.agents.agent import Agent
-from deltaml.agents.amqp import AmqpBus
+from deltaml.agents.amqp import AmqpBus, BrokerUnavailable
 from deltaml.agents.ledger import Chain, LedgerCore
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.protocol.chain import LEDGER
@@ -242,3 +242,18 @@ def test_dataset_split_writes_the_design_split(tmp_path):
     assert [len(p.y) for p in parts] == [89, 89, 88, 88, 88]
     assert parts[0].features[0] == "age" and parts[0].target == "progression"
     assert np.isclose(sum(p.y.sum() for p in parts), prepare_parts(DemoConfig())[0].y.sum())
+
+
+@pytest.mark.parametrize("url, message", [
+    ("garbage", "--amqp-url garbage: expected amqp://USER:PASSWORD@HOST:PORT/VHOST"),  # used to hang
+    ("http://127.0.0.1:5672/", "--amqp-url http://127.0.0.1:5672/: expected amqp://"),
+    ("amqp://guest:not-the-password@127.0.0.1:5672/",  # used to say "no RabbitMQ ... start one"
+     "RabbitMQ at amqp://guest:***@127.0.0.1:5672/ refused user 'guest': wrong user name or password"),
+    ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost",  # used to be an InvalidFrameError traceback
+     "closed the connection as it opened: no virtual host 'no-such-vhost', or user 'guest' may not use it"),
+])
+async def test_a_broker_that_refuses_us_says_why_in_one_line(url, message):
+    """Against the real broker: each way of not getting in names the fix, and no password is shown."""
+    with pytest.raises(BrokerUnavailable) as info:
+        await asyncio.wait_for(AmqpBus(url).connect(), timeout=60)
+    assert message in str(info.value) and "not-the-password" not in str(info.value)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
 from . import topology as t
@@ -44,12 +46,11 @@ class AmqpBus:
         levels = [q.level for q in quiet]
         for q in quiet:
             q.setLevel(logging.CRITICAL)  # the first failure is ours to report, in one line
+        _require_amqp_url(self.url)
         try:
             self.connection = await aio_pika.connect_robust(self.url, timeout=10)
-        except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
-            raise BrokerUnavailable(
-                f"no RabbitMQ at {_redact(self.url)} ({exc.__class__.__name__}); start one with `make broker`"
-            ) from None
+        except (OSError, aiormq.exceptions.AMQPError) as exc:
+            raise BrokerUnavailable(_unreachable(self.url, exc)) from None
         finally:
             for q, level in zip(quiet, levels):
                 q.setLevel(level)
@@ -129,6 +130,27 @@ def _copy(message: AbstractIncomingMessage, headers: dict) -> aio_pika.Message:
     """A persistent copy of a delivery with new headers (for a retry or a dead letter)."""
     return aio_pika.Message(message.body, message_id=message.message_id, headers=headers,
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+
+
+def _require_amqp_url(url: str) -> None:
+    """An ``amqp://`` or ``amqps://`` URL with a host; anything else is refused before connecting
+    (a bare word was taken as a path and the connection attempt hung)."""
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("amqp", "amqps") or not parsed.hostname:
+        raise BrokerUnavailable(f"--amqp-url {_redact(url)}: expected amqp://USER:PASSWORD@HOST:PORT/VHOST")
+
+
+def _unreachable(url: str, exc: Exception) -> str:
+    """Why a connection failed, in words that point at the fix."""
+    parsed = urlsplit(url)
+    where, user = _redact(url), unquote(parsed.username or "guest")
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return f"RabbitMQ at {where} refused user {user!r}: wrong user name or password"
+    if isinstance(exc, aiormq.exceptions.ProtocolSyntaxError) and "Connection.Close" in str(exc):
+        vhost = unquote(parsed.path.removeprefix("/")) or "/"
+        return (f"RabbitMQ at {where} closed the connection as it opened: no virtual host {vhost!r}, "
+                f"or user {user!r} may not use it")
+    return f"no RabbitMQ at {where} ({exc.__class__.__name__}); start one with `make broker`"
 
 
 def _redact(url: str) -> str:
