@@ -294,6 +294,24 @@ def test_a_whole_job_settles_on_a_real_anvil_node(anvil, keypair):
     assert report["settlement_as_predicted"]
 
 
+def test_a_ledger_given_a_contract_uses_only_this_versions_escrow(anvil):
+    """``deltaml ledger --contract ADDRESS`` on a real node: an address without code would take a
+    buyer's deposit as a plain transfer that nothing could give back, and other code would not
+    enforce this version's rules."""
+    url, w3 = anvil
+    deployed = Chain(url)
+    assert Chain(url, contract=deployed.address).address == deployed.address
+    payee = artifact("ReentrantPayee")
+    other = w3.eth.contract(abi=payee["abi"], bytecode=payee["bytecode"])
+    elsewhere = w3.eth.wait_for_transaction_receipt(
+        other.constructor(deployed.address).transact({"from": w3.eth.accounts[0]})).contractAddress
+    for contract, reason in [("0x1234", "not an Ethereum address"),
+                             (w3.eth.accounts[1], "no contract at that address"),
+                             (elsewhere, "holds other code than this version's DeltaEscrow")]:
+        with pytest.raises(ChainUnavailable, match=reason):
+            Chain(url, contract=contract)
+
+
 def test_a_jobs_key_hash_is_read_from_the_chain_once(ledger, training, keypair, monkeypatch):
     job, buyer, agg, owners = training
     calls = []

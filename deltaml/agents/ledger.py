@@ -73,11 +73,25 @@ class Chain:
             self.deploy_gas = receipt.gasUsed
         else:
             self.deploy_gas = 0
+            contract = self._our_escrow(contract, art)
         self.contract = self.w3.eth.contract(address=to_checksum_address(contract), abi=art["abi"])
         self.chain_id = self.w3.eth.chain_id
         self._events = {Web3.keccak(text=chain.signature(e)): e["name"] for e in art["abi"] if e["type"] == "event"}
         self._key_hashes: dict[bytes, bytes] = {}
         self._errors = {Web3.keccak(text=chain.signature(e))[:4].hex(): e for e in art["abi"] if e["type"] == "error"}
+
+    def _our_escrow(self, contract: str, art: dict) -> str:
+        """A given contract address must hold this package's escrow, byte for byte: at an address
+        without code a deposit would be a plain transfer that no contract could ever give back."""
+        if not is_address(contract):
+            raise ChainUnavailable(f"--contract {contract}: not an Ethereum address")
+        code = bytes(self.w3.eth.get_code(to_checksum_address(contract)))
+        if not code:
+            raise ChainUnavailable(f"--contract {contract}: no contract at that address on {self.url}")
+        if code != bytes.fromhex(art["deployed_bytecode"].removeprefix("0x")):
+            raise ChainUnavailable(f"--contract {contract}: holds other code than this version's "
+                                   f"{art['contract']} (deploy it with the ledger's default, no --contract)")
+        return contract
 
     @property
     def address(self) -> str:
