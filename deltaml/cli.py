@@ -16,7 +16,7 @@ from pathlib import Path
 from .data import DataError
 from .protocol.errors import KeyTooShort, ProtocolError
 from .protocol.paillier import check_key_bits
-from .settings import ConfigError, Settings
+from .settings import LOG_LEVELS, ConfigError, Settings
 
 
 class CliError(Exception):
@@ -27,7 +27,8 @@ def _common(p: argparse.ArgumentParser, settings: Settings) -> None:
     p.add_argument("--amqp-url", default=settings.amqp_url, help="the RabbitMQ broker (DELTAML_AMQP_URL)")
     p.add_argument("--log-format", choices=["console", "json"], default=settings.log_format,
                    help="log lines for a person or one JSON object per line")
-    p.add_argument("--log-level", default=settings.log_level, help="debug, info, warning or error")
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=settings.log_level,
+                   help="the least severe lines logged")
     p.add_argument("--trace", type=Path, default=None, help="append every message in and out (JSON lines)")
     p.add_argument("--trust", action="append", default=[], metavar="NAME=ADDRESS",
                    help="only ADDRESS may sign as party NAME (e.g. aggregator=0x..., ledger=0x...); repeatable")
@@ -365,7 +366,7 @@ def _job_shape(p: argparse.ArgumentParser, owners, validators, rounds, lr, key_b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    settings = Settings()
+    settings = Settings.from_environment()
     parser = argparse.ArgumentParser(prog="deltaml", description="DeltaML: a privacy-preserving ML marketplace")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -444,7 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deltaml`` command."""
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ConfigError as exc:  # a DELTAML_* variable the settings cannot take
+        print(f"deltaml: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     from .agents.amqp import BrokerUnavailable
 
     try:

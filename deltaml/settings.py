@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
+from pydantic import BeforeValidator, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS = get_args(LogLevel)
 
 
 class ConfigError(ValueError):
@@ -18,9 +22,19 @@ class Settings(BaseSettings):
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     log_format: Literal["console", "json"] = "console"
-    log_level: str = "info"
+    log_level: Annotated[LogLevel, BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)] = "info"
     bus: Literal["amqp", "memory"] = "amqp"
     chain: str = "embedded"
     key_bits: int = 2048
     precompute: bool = True
     workers: int = 0  # the aggregator's and the buyer's processes for per-model work; 0: one per core
+
+    @classmethod
+    def from_environment(cls) -> "Settings":
+        """The settings, or a :class:`ConfigError` naming the first variable that cannot be used."""
+        try:
+            return cls()
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            name = "DELTAML_" + str(error["loc"][0]).upper()
+            raise ConfigError(f"{name}={error.get('input')!s}: {error['msg'][0].lower()}{error['msg'][1:]}") from None

@@ -162,6 +162,27 @@ def test_a_daemon_refuses_a_tick_that_would_spin_before_the_broker(role, flags, 
     assert capsys.readouterr().err == f"deltaml: error: --tick-seconds {float(tick)}: must be a positive number of seconds\n"
 
 
+@pytest.mark.parametrize("variable, value, message", [
+    ("DELTAML_LOG_LEVEL", "loud", "input should be 'debug', 'info', 'warning' or 'error'"),
+    ("DELTAML_KEY_BITS", "big", "input should be a valid integer"),
+    ("DELTAML_BUS", "carrier-pigeon", "input should be 'amqp' or 'memory'"),
+])
+def test_a_setting_from_the_environment_that_cannot_be_used_is_one_line(variable, value, message, monkeypatch, capsys):
+    """It was a pydantic traceback before any command ran (and an unknown log level became info)."""
+    monkeypatch.setenv(variable, value)
+    assert main(["demo", "--bus", "memory"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"deltaml: error: {variable}={value}: {message}") and err.count("\n") == 1
+
+
+def test_a_log_level_is_one_of_four_in_any_case(monkeypatch):
+    monkeypatch.setenv("DELTAML_LOG_LEVEL", "WARNING")
+    assert build_parser().parse_args(["aggregator"]).log_level == "warning"
+    assert build_parser().parse_args(["owner", "--data", "d.csv", "--log-level", "Debug"]).log_level == "debug"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["aggregator", "--log-level", "verbose"])
+
+
 def test_every_flag_says_what_it_is_for():
     """``deltaml X --help`` explains each flag (the shared ones and the job's shape included)."""
     parser = build_parser()
