@@ -390,3 +390,36 @@ def test_a_checkpoint_from_before_a_new_field_restores_with_its_default(keypair)
     restarted = owner(rng=random.Random(2))
     restarted.restore(pickle.dumps(state))
     assert restarted.jobs["j"].asked == {} and restarted.jobs["j"].phase is OwnerPhase.READY
+
+
+async def test_an_owner_daemon_logs_each_change_of_a_job_and_why_it_declined_one(keypair):
+    """The pure core does not log; its agent says at the info level what became of each job: an
+    offer this owner's data cannot serve (before, only a debug line said the offer was handled),
+    the phases of one it takes, and how that one ended."""
+    from structlog.testing import capture_logs
+
+    from deltaml.agents.bus import Delivery
+    from deltaml.agents.policy import AckPolicy
+    from deltaml.agents.runtime import configure_logging
+
+    pub, _ = keypair
+    core = owner()
+
+    async def publish(out):
+        pass
+
+    policy = AckPolicy(core.handle, publish, statuses=core.statuses)
+    lacking = spec(pub, features=["a", "c"])
+    configure_logging("console", "info")  # the suite runs at warning
+    try:
+        with capture_logs() as logs:
+            for i, message in enumerate([env(m.JobOffer(spec=lacking), job="k"), env(m.JobOffer(spec=spec(pub))),
+                                         env(m.RoleAssignment(role="trainer", models=["all"])),
+                                         env(m.JobFinished(ok=False, reason="the buyer went quiet"))]):
+                message = message.model_copy(update={"message_id": f"id-{i}"})
+                await policy(Delivery(m.encode(sign(message, key_of("aggregator"))), {}))
+    finally:
+        configure_logging("console", "warning")
+    said = [(e["event"], e["job"], e.get("reason")) for e in logs if e["log_level"] == "info"]
+    assert said == [("job declined", "k", "the data lacks columns ['c']"), ("job ready", "j", None),
+                    ("job initiated", "j", None), ("job finished", "j", "the buyer went quiet")]

@@ -38,8 +38,11 @@ class AckPolicy:
                  publish: Callable[[m.Envelope], Awaitable[None]],
                  record: Callable[[str, m.Envelope], None] = lambda d, e: None,
                  keyring: Keyring | None = None, checkpoint=None,
-                 snapshot: Callable[[], bytes] | None = None) -> None:
+                 snapshot: Callable[[], bytes] | None = None,
+                 statuses: Callable[[], dict[str, dict]] | None = None, agent: str | None = None) -> None:
         self.step = step
+        self.log = log.bind(agent=agent) if agent else log  # which party says it, in a shared console
+        self.statuses = statuses or dict
         self.keyring = keyring if keyring is not None else Keyring()
         self.checkpoint, self.snapshot = checkpoint, snapshot
         self.publish = publish
@@ -63,9 +66,9 @@ class AckPolicy:
             now = time.monotonic()
             seconds, self.mark = now - self.mark, now
             try:
-                outgoing = await asyncio.to_thread(tick, seconds)
+                outgoing, changed = await asyncio.to_thread(self._watched, tick, seconds)
             except Exception:  # a bug in a timeout handler must not stop the agent
-                log.exception("tick failed")
+                self.log.exception("tick failed")
                 return
             record_tick(seconds)
             if not outgoing:
@@ -74,14 +77,19 @@ class AckPolicy:
             for out in outgoing:
                 self.record("out", out)
                 await self.publish(out)
-            log.info("acted on silence", sent=[o.type for o in outgoing])
+            self.log.info("acted on silence", sent=[o.type for o in outgoing])
+            _log_changes(self.log, changed)
 
-    def _timed_step(self, env: m.Envelope) -> list[m.Envelope]:
+    def _watched(self, step: Callable, arg) -> tuple[list[m.Envelope], dict[str, dict]]:
+        """Step the core, timing its thread's CPU; with the jobs whose status the step changed."""
         started = time.thread_time()
+        before = self.statuses()
         try:
-            return self.step(env)
+            outgoing = step(arg)
         finally:
             self.cpu += time.thread_time() - started
+        after = self.statuses()
+        return outgoing, {job: status for job, status in after.items() if before.get(job) != status}
 
     def _save(self, message_id: str | None, outgoing: list[m.Envelope]) -> None:
         """Checkpoint the step before anything of it leaves (see :mod:`deltaml.agents.checkpoint`)."""
@@ -104,12 +112,12 @@ class AckPolicy:
         try:
             env = m.decode(delivery.body)
         except DecodeError as exc:
-            log.warning("message refused", reason=str(exc))
+            self.log.warning("message refused", reason=str(exc))
             return Outcome(Verdict.DEAD_LETTER, f"undecodable: {exc}")
         except Exception as exc:  # whatever the bytes: refuse them, never die of them
-            log.exception("decoder failed")
+            self.log.exception("decoder failed")
             return Outcome(Verdict.DEAD_LETTER, f"undecodable: {type(exc).__name__}: {str(exc)[:200]}")
-        bound = log.bind(job=env.job_id, round=env.round, message_id=env.message_id, type=env.type,
+        bound = self.log.bind(job=env.job_id, round=env.round, message_id=env.message_id, type=env.type,
                          sender=env.sender)
         try:
             address = self.keyring.check(env)
@@ -130,7 +138,7 @@ class AckPolicy:
             started = time.perf_counter()
             self.idle.clear()
             try:
-                outgoing = await asyncio.to_thread(self._timed_step, env)
+                outgoing, changed = await asyncio.to_thread(self._watched, self.step, env)
             except ProtocolError as exc:
                 self.record("refused", env)
                 # a reply in flight when its job ended is dead-lettered like any refusal, but is no alarm
@@ -153,7 +161,16 @@ class AckPolicy:
                 self.record("out", out)
                 await self.publish(out)
             bound.debug("handled", sent=[o.type for o in outgoing])
+            _log_changes(bound, changed, current=env.job_id)
             return Outcome(Verdict.ACK)
+
+
+def _log_changes(logger, changed: dict[str, dict], current: str | None = None) -> None:
+    """One info line per job whose phase (or reason, or pay) a step or a tick changed; ``logger``
+    is already bound to the job ``current``, if any."""
+    for job, status in changed.items():
+        details = {k: v for k, v in status.items() if k != "phase"}
+        logger.info(f"job {status['phase']}", **details, **({} if job == current else {"job": job}))
 
 
 def handled_key(env: m.Envelope) -> str:

@@ -320,6 +320,16 @@ class ChainParty:
         if self.wallet is not None and state["wallet"] is not None:
             self.wallet.restore(state["wallet"])
 
+    def statuses(self) -> dict[str, dict]:
+        """Each job's phase and why it stands there, if it says (a failure's reason): what an agent
+        logs when it changes, so an operator sees a job's course at the info level."""
+        return {job_id: self.status(job) for job_id, job in self.jobs.items()}
+
+    @staticmethod
+    def status(job) -> dict:
+        reason = getattr(job, "reason", "")
+        return {"phase": job.phase.name.lower(), **({"reason": reason} if reason else {})}
+
     def chain_prelude(self, env: m.Envelope, ctx) -> list[m.Envelope] | None:
         """Handle messages that belong to the wallet rather than to a job; None if not one."""
         if env.type == "chain_info":

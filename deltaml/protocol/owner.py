@@ -53,6 +53,7 @@ class OwnerJob:
     paid_wei: int = 0
     credited: bool = False  # the escrow's Credited event for me was taken (a copy may come again)
     declined: str = ""  # why this owner's data does not fit the offer
+    reason: str = ""  # why the job ended badly, as the aggregator said
 
     @property
     def public_key(self) -> PublicKey:
@@ -192,6 +193,7 @@ def _on_products(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) 
 def _on_finished(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:
     require(env.sender == job.aggregator, "job end from a party that is not the job's aggregator")
     job.phase = OwnerPhase.FINISHED
+    job.reason = "" if env.payload.ok else env.payload.reason
     return []
 
 
@@ -244,6 +246,13 @@ class OwnerCore(ChainParty):
         self.machine = Machine(
             "owner", {k: type(t)(self._bind(t.handler), t.to) for k, t in OWNER_TABLE.items()}
         )
+
+    @staticmethod
+    def status(job: OwnerJob) -> dict:
+        """An offer this owner does not take shows why; a paid one, what it was credited."""
+        if job.declined:
+            return {"phase": "declined", "reason": job.declined}
+        return {**ChainParty.status(job), **({"paid_wei": job.paid_wei} if job.credited else {})}
 
     def _bind(self, handler):
         return lambda job, env, ctx: handler(job, env, ctx, self.data)
