@@ -262,7 +262,7 @@ def cmd_buyer_train(args) -> int:
     from .agents.parties import buyer_core, new_key, save_key
     from pydantic import ValidationError
 
-    from .agents.runtime import buyer_report, configure_logging, run_buyer_job
+    from .agents.runtime import buyer_report, configure_logging, escrow_outcome, run_buyer_job
     from .protocol import messages as m
     from .protocol.buyer import BuyerPhase
 
@@ -306,7 +306,9 @@ def cmd_buyer_train(args) -> int:
         if workers is not None:
             workers.close()
     if job.phase is not BuyerPhase.FINISHED:
-        raise CliError(f"job {job_id} failed: {job.reason}")
+        raise CliError(f"job {job_id} failed: {job.reason}; {escrow_outcome(job)}")
+    if job.escrow_open or job.withdraw_error:
+        print(f"deltaml: note: {escrow_outcome(job)}", file=sys.stderr)
     report = buyer_report(job, job_id, args.key_bits, time.perf_counter() - started)
     _print_earnings(report)
     _write_report(report, args.report)

@@ -216,7 +216,7 @@ def test_a_diverging_job_fails_with_the_reason_and_a_hint(keypair):
     assert "gradient descent diverged; try a smaller --lr" in ended[0]
 
 
-def test_the_result_waits_for_the_chain_and_a_refused_metric_ends_the_job_once(keypair):
+def test_the_result_waits_for_the_chain_and_a_refused_metric_ends_the_job_once(keypair, monkeypatch):
     """The final model goes to the buyer only after the chain took the metrics and settled the
     escrow: a metric the contract refuses fails the job before the buyer holds a result it did not
     pay for, the owners are told once that it failed (not first that it ended well), and the
@@ -225,10 +225,26 @@ def test_the_result_waits_for_the_chain_and_a_refused_metric_ends_the_job_once(k
 
     from deltaml.marketplace import make_spec, memory_job, prepare_parts
 
+    from deltaml import marketplace
+    from deltaml.agents.runtime import escrow_outcome
+
+    left = {}
+
+    async def as_the_buyer_leaves(ledger, buyer, job_id, **kw):
+        # the demo waits on the ledger itself; `deltaml buyer train` has only the buyer's word, and
+        # left as soon as it heard of the failure: its refund stayed credited in the contract
+        job = buyer.jobs[job_id]
+        left.update(withdrawn=job.withdrawn, open=job.escrow_open, credit=ledger.chain.credit(job.buyer_address),
+                    said=escrow_outcome(job))
+        return job
+
+    monkeypatch.setattr(marketplace, "_withdrawals", as_the_buyer_leaves)
     config = DemoConfig(rounds=20, eval_every=10, lr=40.0)
     data, parts = prepare_parts(config)
     spec = make_spec(config, data, keypair[0].to_hex(), "buyer")
     job, _, refused, ledger, _ = asyncio.run(memory_job(config, parts, spec, keypair[1]))
+    assert left == {"withdrawn": True, "open": False, "credit": 0,
+                    "said": f"{job.refund_wei} wei of the {spec.deposit_wei} wei deposit refunded to {job.buyer_address}"}
     assert job.phase.name == "FAILED" and job.reason.startswith("recordMetrics failed on chain")
     assert job.model is None  # no final model was sent
     assert refused == []  # no owner was told twice how the job ended

@@ -51,8 +51,10 @@ async def until_signalled() -> None:
 
 async def run_buyer_job(agent: Agent, spec: m.JobSpec, aggregator: str = "aggregator",
                         on_progress: Callable[[int, float, float], None] = lambda *a: None,
-                        job_id: str | None = None, poll: float = 0.05) -> BuyerJob:
-    """Open a job, report each published metric, return the job when it ends."""
+                        job_id: str | None = None, poll: float = 0.05, refund_wait: float = 120.0) -> BuyerJob:
+    """Open a job, report each published metric, return the job when it ends and, if it holds a
+    deposit, once the escrow is settled and the refund withdrawn (up to ``refund_wait`` seconds:
+    a failed job's escrow is settled by the aggregator at once, else at its deadline)."""
     core: BuyerCore = agent.core
     job_id = job_id or uuid.uuid4().hex
     started = time.perf_counter()
@@ -65,8 +67,28 @@ async def run_buyer_job(agent: Agent, spec: m.JobSpec, aggregator: str = "aggreg
             shown.add(round_)
             on_progress(round_, job.published[round_]["all"], time.perf_counter() - started)
         if job.phase in (BuyerPhase.FINISHED, BuyerPhase.FAILED):
-            return job
+            break
         await asyncio.sleep(poll)
+    waited = 0.0
+    while core.jobs[job_id].escrow_open and waited < refund_wait:
+        await asyncio.sleep(poll)
+        waited += poll
+    return core.jobs[job_id]
+
+
+def escrow_outcome(job: BuyerJob) -> str:
+    """What became of the buyer's deposit, in a clause for the job's last line."""
+    if job.deposit in ("", "refused"):
+        return "no deposit was made"
+    if job.escrow_open:
+        return (f"the escrow still holds the deposit until it is settled (by anyone, at the latest at its "
+                f"deadline, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(job.spec.deadline))}); the refund "
+                f"is then credited to {job.buyer_address}, for its key to withdraw")
+    if job.withdraw_error:
+        return f"a refund of {job.refund_wei} wei is credited to {job.buyer_address}, but its withdraw failed: {job.withdraw_error}"
+    if job.refund_wei:
+        return f"{job.refund_wei} wei of the {job.spec.deposit_wei} wei deposit refunded to {job.buyer_address}"
+    return f"the {job.spec.deposit_wei} wei deposit was paid out in full"
 
 
 def buyer_report(job: BuyerJob, job_id: str, key_bits: int, wall: float) -> dict:
@@ -90,6 +112,7 @@ def buyer_report(job: BuyerJob, job_id: str, key_bits: int, wall: float) -> dict
             "contributions": {addr[t]: c for t, c in job.contributions.items()},
             "contributions_micro": job.chain_contributions,
             "payments_wei": dict(job.payments_wei), "refund_wei": job.refund_wei, "deposit_wei": spec.deposit_wei,
+            "refund_withdrawn": job.withdrawn or job.refund_wei == 0,
             "settlement_as_predicted": predicted == job.payments_wei and job.settlement.refund == job.refund_wei,
         })
     return report

@@ -71,6 +71,20 @@ class BuyerJob:
     payments_wei: dict[str, int] = field(default_factory=dict)
     refund_wei: int = 0
     chain_contributions: dict[str, int] = field(default_factory=dict)
+    deposit: str = ""  # the escrow's deposit: "" (none asked), "sent", "made" or "refused"
+    withdrawn: bool = False  # the refund's withdraw went through
+    withdraw_error: str = ""  # why it did not
+
+    @property
+    def escrow_open(self) -> bool:
+        """Whether money of the buyer's may still be in the escrow or on its way back: a deposit
+        without its receipt yet, or one made whose job is not settled or whose refund is not
+        withdrawn. A buyer that leaves before this is False leaves its refund in the contract."""
+        if self.deposit == "sent":
+            return True
+        if self.deposit != "made" or self.withdraw_error:
+            return False
+        return not (self.settled and (self.refund_wei == 0 or self.withdrawn))
 
     @property
     def dim(self) -> int:
@@ -117,6 +131,7 @@ def _on_participants(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateK
     spec = job.spec
     args = [job_key(env.job_id), job.addresses[job.aggregator], spec.owners, spec.rounds, spec.fixed_reward_wei,
             spec.variable_pool_wei, spec.deadline, key_hash(key.public)]
+    job.deposit = "sent"
     return ctx.wallet.call(ctx, env.job_id, 0, "createJob", args, value=spec.deposit_wei)
 
 
@@ -281,8 +296,13 @@ def _on_chain_event(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKe
 
 
 def _on_receipt(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
-    """A deposit that did not go through fails the job; the aggregator is told."""
+    """A deposit that did not go through fails the job; the aggregator is told. The deposit's and
+    the refund's receipts also say whether the buyer's money is still in play (``escrow_open``)."""
     receipt: m.TxReceipt = env.payload
+    if receipt.function == "createJob":
+        job.deposit = "made" if receipt.ok else "refused"
+    elif receipt.function == "withdraw":
+        job.withdrawn, job.withdraw_error = receipt.ok, "" if receipt.ok else receipt.reason or "refused"
     if receipt.ok or receipt.function != "createJob" or job.phase not in (BuyerPhase.REQUESTED, BuyerPhase.TRAINING):
         return []
     job.phase = BuyerPhase.FAILED
