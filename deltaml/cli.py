@@ -23,15 +23,17 @@ class CliError(Exception):
     """A one-line error for the user."""
 
 
-def _common(p: argparse.ArgumentParser, settings: Settings) -> None:
+def _common(p: argparse.ArgumentParser, settings: Settings, daemon: bool = True) -> None:
     p.add_argument("--amqp-url", default=settings.amqp_url, help="the RabbitMQ broker (DELTAML_AMQP_URL)")
     p.add_argument("--log-format", choices=["console", "json"], default=settings.log_format,
                    help="log lines for a person or one JSON object per line")
     p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=settings.log_level,
                    help="the least severe lines logged")
-    p.add_argument("--trace", type=Path, default=None, help="append every message in and out (JSON lines)")
     p.add_argument("--trust", action="append", default=[], metavar="NAME=ADDRESS",
                    help="only ADDRESS may sign as party NAME (e.g. aggregator=0x..., ledger=0x...); repeatable")
+    if not daemon:
+        return
+    p.add_argument("--trace", type=Path, default=None, help="append every message in and out (JSON lines)")
     p.add_argument("--precompute", action=argparse.BooleanOptionalAction, default=settings.precompute,
                    help="compute Paillier obfuscators ahead while idle, on a low-priority thread")
 
@@ -319,6 +321,48 @@ def cmd_buyer_train(args) -> int:
     return 0
 
 
+def cmd_buyer_withdraw(args) -> int:
+    """Take back what the escrow credits this key: a refund left behind (a buyer that stopped before
+    its job was settled), after settling the job first if the contract lets anyone do so now."""
+    from .agents.agent import Agent
+    from .agents.amqp import AmqpBus
+    from .agents.parties import context
+    from .agents.runtime import collect, configure_logging
+    from .protocol.chain import Collector
+
+    if (args.settle is None) != (args.owners is None):
+        raise CliError("--settle JOB and --owners N go together (the settle's gas grows with the owners)")
+    if args.key is None or not args.key.exists():
+        raise CliError("--key FILE: the key the deposit was made with (a new key has nothing to withdraw)")
+    configure_logging(args.log_format, args.log_level)
+    core = Collector(context(args.name, wallet=_wallet(args)))
+
+    async def main():
+        bus = await AmqpBus(args.amqp_url).connect()
+        try:
+            agent = Agent("buyer", args.name, core, bus, pinned=_pinned(args))
+            await agent.start()
+            return await collect(agent, args.settle, args.owners, wait=args.wait)
+        finally:
+            await bus.close()
+
+    done = asyncio.run(main())
+    address = core.wallet.address
+    settle = done.receipts.get("settle")
+    if settle is not None:
+        print(f"job {args.settle}: " + ("settled" if settle.ok else f"not settled: {settle.reason}"))
+    withdraw = done.receipts.get("withdraw")
+    if withdraw is None:
+        raise CliError(f"no answer from the ledger within {args.wait:g} s; is `deltaml ledger` running?")
+    if withdraw.ok:
+        print(f"withdrew {done.withdrawn_wei} wei to {address}")
+        return 0
+    if "NothingToWithdraw" in withdraw.reason:
+        print(f"nothing is credited to {address}")
+        return 0
+    raise CliError(f"withdraw to {address} failed: {withdraw.reason}")
+
+
 def cmd_dataset_split(args) -> int:
     from .data import demo_split, load, write_csv
 
@@ -431,6 +475,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, settings)
     _key(p)
     p.set_defaults(func=cmd_buyer_train)
+
+    p = buyer.add_parser("withdraw", formatter_class=HELP,
+                         help="take back what the escrow credits this key (a refund left behind)")
+    p.add_argument("--key", type=Path, required=True, help="the buyer's Ethereum key file")
+    p.add_argument("--name", default="buyer", help="the party's name on the bus (not while a buyer of that "
+                                                   "name is running)")
+    p.add_argument("--settle", metavar="JOB", default=None,
+                   help="first settle this job (anyone may once it is given up or past its deadline)")
+    p.add_argument("--owners", type=int, default=None, help="with --settle: the owners the job enrolled")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the ledger's receipts")
+    _common(p, settings, daemon=False)
+    p.set_defaults(func=cmd_buyer_withdraw)
 
     data = sub.add_parser("dataset", help="data tools").add_subparsers(dest="action", required=True)
     p = data.add_parser("split", help="the DESIGN §5 split as one CSV per owner")

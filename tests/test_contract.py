@@ -132,6 +132,16 @@ def test_committed_abi_and_bytecode_are_what_the_source_compiles_to(tmp_path):
     assert {b.stem for b in tmp_path.glob("*.json")} == {"DeltaEscrow", "ReentrantPayee"}
 
 
+def test_the_job_states_named_in_python_are_the_contracts_enum():
+    import re
+
+    from deltaml.protocol.chain import JOB_STATES
+
+    source = (Path(__file__).parent.parent / "contracts" / "DeltaEscrow.sol").read_text()
+    declared = re.search(r"enum State \{([^}]*)\}", source).group(1)
+    assert tuple(name.strip() for name in declared.split(",")) == JOB_STATES
+
+
 def test_mse_micro_in_python_is_the_contracts(escrow):
     for sse, scale, rows in [(12345678901234567890123, 64, 3), (2**300 + 12345, 290, 89), (999, 16, 1),
                              (7 * 2**200, 200, 7), (0, 100, 5)]:

@@ -153,7 +153,7 @@ def test_a_revert_is_reported_with_the_contracts_reason(ledger, training):
     assert not receipt.ok and "TooEarly" in receipt.reason
     # with the error's arguments: confirming again, once training has begun, names the state it is in
     again = owners[0].call(job, "confirm", [job_key(job)])
-    assert not again.ok and again.reason == "WrongState(3)", again.reason  # State.Training
+    assert not again.ok and again.reason == "WrongState(Training)", again.reason  # State 3, by its name
     assert owners[0].call(job, "confirm", [job_key(job)]).reason  # confirming twice is refused too
 
 
@@ -330,3 +330,32 @@ def test_a_jobs_key_hash_is_read_from_the_chain_once(ledger, training, keypair, 
     unknown = job_key(f"no-such-job-{time.monotonic_ns()}")
     assert ledger.chain.key_hash(unknown) == bytes(32) and ledger.chain.key_hash(unknown) == bytes(32)
     assert calls.count(unknown) == 2  # a job not created yet is asked again, not remembered as zero
+
+
+def test_a_refund_left_behind_is_settled_and_withdrawn_by_the_buyers_key_alone(ledger, training):
+    """``deltaml buyer withdraw``'s core against the ledger and the EVM: the aggregator gave the job
+    up and nobody settled it (a buyer that had stopped, an aggregator that died after abandoning);
+    a fresh process holding only the buyer's key settles it, then withdraws the refund."""
+    from deltaml.protocol.chain import Collector, Wallet
+
+    job, buyer, agg, owners = training
+    assert agg.call(job, "abandon", [job_key(job), 0]).ok
+    collector = Collector(Context(buyer.ctx.name, wallet=Wallet(private_key=buyer.ctx.wallet.private_key)))
+    pending = collector.collect(job, owners=3)
+    while pending:  # the bus, by hand: the ledger's answers to the collector, the collector's to the ledger
+        env = pending.pop(0)
+        if env.recipient == LEDGER:
+            pending += ledger.handle(env)
+        elif env.recipient == collector.ctx.name:
+            pending += collector.handle(env)
+    assert collector.done(settling=True)
+    assert collector.receipts["settle"].ok and collector.receipts["withdraw"].ok
+    # given up at round 0, before anyone's work was done: the whole deposit comes back
+    assert collector.withdrawn_wei == 130 and ledger.chain.credit(buyer.address) == 0
+    # asked again, there is nothing left: the withdraw is refused by the contract, not paid twice
+    again = Collector(Context(buyer.ctx.name, wallet=Wallet(private_key=buyer.ctx.wallet.private_key)))
+    pending = again.collect()
+    while pending:
+        env = pending.pop(0)
+        pending += ledger.handle(env) if env.recipient == LEDGER else again.handle(env)
+    assert not again.receipts["withdraw"].ok and "NothingToWithdraw" in again.receipts["withdraw"].reason

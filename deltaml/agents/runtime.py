@@ -14,6 +14,7 @@ import structlog
 
 from ..protocol import messages as m
 from ..protocol.buyer import BuyerCore, BuyerJob, BuyerPhase
+from ..protocol.chain import Collector
 from .agent import Agent
 
 log = structlog.get_logger()
@@ -74,6 +75,19 @@ async def run_buyer_job(agent: Agent, spec: m.JobSpec, aggregator: str = "aggreg
         await asyncio.sleep(poll)
         waited += poll
     return core.jobs[job_id]
+
+
+async def collect(agent: Agent, job_id: str | None = None, owners: int | None = None,
+                  wait: float = 60.0, poll: float = 0.05) -> Collector:
+    """Settle ``job_id`` if asked, withdraw what the escrow credits the agent's key; the collector
+    holds the receipts (and the amount withdrawn) when they are in or ``wait`` seconds passed."""
+    core: Collector = agent.core
+    await agent.send_all(core.collect(job_id, owners))
+    waited = 0.0
+    while not core.done(settling=job_id is not None) and waited < wait:
+        await asyncio.sleep(poll)
+        waited += poll
+    return core
 
 
 def escrow_outcome(job: BuyerJob) -> str:

@@ -30,7 +30,7 @@ from eth_account import Account
 from eth_utils import keccak, to_checksum_address
 
 from . import messages as m
-from .errors import ProtocolError
+from .errors import JobOver, ProtocolError
 from .paillier import Decryption, PublicKey, verify_decryption
 from .settlement import Settlement, settle
 
@@ -93,16 +93,24 @@ def signature(entry: Mapping[str, Any]) -> str:
     return f"{entry['name']}({','.join(_abi_type(i) for i in entry['inputs'])})"
 
 
+#: The escrow's ``enum State``, in order (the ABI carries an enum as a bare uint8; a test reads the
+#: names from the Solidity source).
+JOB_STATES = ("None", "Open", "Staffed", "Training", "Settled", "Cancelled")
+
+
 def error_text(entry: Mapping[str, Any], data: bytes) -> str:
     """A custom error as ``Name(arg, ...)`` from the ABI-encoded arguments after its selector
-    (``Invalid(metric value)`` rather than ``Invalid``); just the name if they do not decode."""
+    (``Invalid(metric value)`` rather than ``Invalid``, ``WrongState(Settled)`` rather than
+    ``WrongState(4)``); just the name if they do not decode."""
     if not entry["inputs"]:
         return entry["name"]
     try:
         args = eth_abi.decode([_abi_type(i) for i in entry["inputs"]], data)
     except Exception:  # whatever the node returned: the name still says which check failed
         return entry["name"]
-    return f"{entry['name']}({', '.join(str(a) for a in args)})"
+    shown = [JOB_STATES[a] if i.get("internalType", "").endswith(".State") and a < len(JOB_STATES) else a
+             for i, a in zip(entry["inputs"], args)]
+    return f"{entry['name']}({', '.join(str(a) for a in shown)})"
 
 
 @lru_cache(maxsize=None)
@@ -380,3 +388,41 @@ def _with_new_fields(job):
 
 def same_address(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and a.lower() == b.lower()
+
+
+class Collector(ChainParty):
+    """A party that only takes its own money back (``deltaml buyer withdraw``): it may first settle
+    a job the contract lets anyone settle (given up, or past its deadline), then withdraws all the
+    escrow credits its key, whatever the jobs. Anything but the ledger's word is a leftover of a
+    job that ended and is refused without alarm."""
+
+    def __init__(self, ctx) -> None:
+        self.ctx, self.wallet = ctx, ctx.wallet
+        self.jobs: dict = {}
+        self.receipts: dict[str, m.TxReceipt] = {}  # function → its receipt
+        self.withdrawn_wei = 0
+
+    def collect(self, job_id: str | None = None, owners: int | None = None) -> list[m.Envelope]:
+        """The settle of ``job_id`` (enrolling ``owners``), if asked, then the withdraw."""
+        out = []
+        if job_id is not None:
+            out += self.wallet.call(self.ctx, job_id, 0, "settle", [job_key(job_id)], participants=owners)
+        return out + self.wallet.call(self.ctx, job_id or "", 0, "withdraw", [])
+
+    def done(self, settling: bool) -> bool:
+        """Every receipt is in, and a withdraw that went through has reported its amount."""
+        wanted = {"settle", "withdraw"} if settling else {"withdraw"}
+        withdraw = self.receipts.get("withdraw")
+        return wanted <= set(self.receipts) and not (withdraw.ok and not self.withdrawn_wei)
+
+    def handle(self, env: m.Envelope) -> list[m.Envelope]:
+        out = self.chain_prelude(env, self.ctx)
+        if out is not None:
+            return out
+        if env.sender != LEDGER or env.type not in ("tx_receipt", "chain_event"):
+            raise JobOver(f"{env.type!r} from {env.sender} is left from a job that ended")
+        if env.type == "tx_receipt":
+            self.receipts[env.payload.function] = env.payload
+        elif env.payload.event == "Withdrawn" and same_address(env.payload.args["payee"], self.wallet.address):
+            self.withdrawn_wei += env.payload.args["amount"]
+        return []
