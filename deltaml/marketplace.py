@@ -314,9 +314,18 @@ def _job_queues(owners: int) -> list[tuple[str, str]]:
 
 async def fresh_queues(bus, queues: list[tuple[str, str]]) -> None:
     """Declare and empty these (role, name) queues: a run owns its agents' queues, and nothing a
-    killed earlier run left there may leak in."""
-    for role, name in queues:
-        await (await bus.declare(role, name)).purge()
+    killed earlier run left there may leak in. A queue someone consumes belongs to a marketplace
+    running on this broker (the README's daemons): it is left alone and the run refused, where
+    emptying it and consuming beside it would break both."""
+    from .agents.amqp import BrokerUnavailable
+
+    declared = [(await bus.declare(role, name), name) for role, name in queues]
+    busy = [queue.name for queue, _ in declared if queue.declaration_result.consumer_count]
+    if busy:
+        raise BrokerUnavailable(f"queue {busy[0]} has a consumer: another marketplace's daemons run on this "
+                                f"broker under the same names; stop them first")
+    for queue, _ in declared:
+        await queue.purge()
 
 
 def _stop(children) -> None:

@@ -257,3 +257,37 @@ async def test_a_broker_that_refuses_us_says_why_in_one_line(url, message):
     with pytest.raises(BrokerUnavailable) as info:
         await asyncio.wait_for(AmqpBus(url).connect(), timeout=60)
     assert message in str(info.value) and "not-the-password" not in str(info.value)
+
+
+async def test_a_demo_beside_a_running_marketplace_is_refused_and_empties_nothing(keypair):
+    """The demo names its daemons as the README's are named: it used to empty their queues and
+    consume beside them, and both jobs hung. A queue with a consumer is left as it is."""
+    from deltaml.marketplace import run_demo
+
+    bus = await AmqpBus(AMQP_URL).connect()
+    try:
+        queue = await bus.declare("owner", "owner-3")
+        await queue.purge()
+        for k in (1, 2):
+            await bus.publish("owner-3", b"a message for the running owner", f"kept-{k}")
+        running = await aio_pika.connect_robust(AMQP_URL)  # the running owner, busy with its first message
+        channel = await running.channel()
+        await channel.set_qos(prefetch_count=1)
+        taken = asyncio.Event()
+
+        async def busy(message):
+            taken.set()  # never acknowledged while the owner "works"
+
+        await (await channel.get_queue(queue.name)).consume(busy)
+        await asyncio.wait_for(taken.wait(), 10)
+        with pytest.raises(BrokerUnavailable, match="deltaml.owner.owner-3 has a consumer"):
+            await asyncio.to_thread(run_demo, DemoConfig(rounds=1, eval_every=1), "amqp", keypair=keypair)
+        await running.close()  # the owner stops: its unacknowledged message goes back to the queue
+        await asyncio.sleep(0.5)
+        left = []
+        while (message := await queue.get(fail=False, timeout=5)) is not None:
+            left.append(message.message_id)
+            await message.ack()
+        assert sorted(left) == ["kept-1", "kept-2"]  # nothing was purged
+    finally:
+        await bus.close()
