@@ -272,6 +272,9 @@ def cmd_buyer_train(args) -> int:
     _check_writable(report=args.report, model_out=args.model_out)
     if args.deadline_hours < 1:  # the contract refuses a deadline already past, after recruiting
         raise CliError(f"--deadline-hours {args.deadline_hours}: must be at least 1")
+    if args.key is None:
+        raise CliError("--key FILE is needed: the deposit is paid from that key and its refund comes back to it "
+                       "(created with mode 0600 if missing); a throwaway key would leave with the process")
     configure_logging(args.log_format, args.log_level)
     key = new_key(args.key_bits)
     try:
@@ -295,15 +298,20 @@ def cmd_buyer_train(args) -> int:
                                        "seed": core.ctx.rng.seed_bytes.hex(), "key": str(key_path.resolve())})
         agent = Agent("buyer", args.name, core, bus, trace, pinned=_pinned(args), precompute=args.precompute)
         await agent.start()
-        job_id = uuid.uuid4().hex
         try:
-            return job_id, await run_buyer_job(agent, spec, on_progress=_progress, job_id=job_id)
+            return await run_buyer_job(agent, spec, on_progress=_progress, job_id=job_id)
         finally:
             await bus.close()
 
     started = time.perf_counter()
+    job_id = uuid.uuid4().hex
     try:
-        job_id, job = asyncio.run(main())
+        job = asyncio.run(main())
+    except KeyboardInterrupt:
+        print(f"deltaml: interrupted: job {job_id} goes on without its buyer and fails once it needs it "
+              f"(within {spec.round_timeout:g} s); its escrow is then refunded to {core.wallet.address}: "
+              f"`deltaml buyer withdraw --key {args.key}` takes it back", file=sys.stderr)
+        raise
     finally:
         if workers is not None:
             workers.close()

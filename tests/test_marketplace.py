@@ -148,8 +148,14 @@ BUYER = ["buyer", "train", "--features", "a,b", "--target", "y", "--owners", "3"
 ])
 def test_buyer_flags_a_job_cannot_run_with_are_one_line_errors(flags, message, capsys):
     """Refused before the buyer looks for a broker (the URL here has none)."""
-    assert main([*BUYER, *flags]) == 2
+    assert main([*BUYER, "--key", "/no-such-dir/buyer.key", *flags]) == 2  # never read: refused before
     assert capsys.readouterr().err == f"deltaml: error: {message}\n"
+
+
+def test_a_buyer_without_a_key_file_is_refused(capsys):
+    """A throwaway key would take with it the refund of a job cut short (Ctrl-C, a crash)."""
+    assert main(BUYER) == 2
+    assert capsys.readouterr().err.startswith("deltaml: error: --key FILE is needed: the deposit is paid from")
 
 
 @pytest.mark.parametrize("role, flags", [

@@ -84,3 +84,16 @@ def test_the_buyers_refreshes_and_products_in_the_pool_equal_the_loop(keypair):
         assert workers.map(_products, products) == [_products(p) for p in products]
     finally:
         workers.close()
+
+
+def test_a_ctrl_c_to_the_process_group_leaves_the_workers_to_their_parent():
+    """Ctrl-C signals every process of the terminal's group: each worker died of it with a
+    KeyboardInterrupt traceback under the buyer's last line, and the pool broke mid-task."""
+    workers = Workers(2)
+    try:
+        for pid in list(workers.pool._processes):
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.3)
+        assert workers.map(abs, [-1, -2, -3]) == [1, 2, 3]  # still there, still working
+    finally:
+        workers.close()

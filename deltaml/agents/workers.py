@@ -35,6 +35,9 @@ PR_SET_PDEATHSIG = 1
 
 
 def _stop_with_parent() -> None:
+    # Ctrl-C reaches the whole process group: the parent stops its pool, a worker must not die of
+    # it mid-task (each printed a KeyboardInterrupt traceback under the buyer's last line)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:  # Linux; elsewhere a worker outlives a killed parent until it reads its closed queue
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
