@@ -42,7 +42,7 @@ class AckPolicy:
                  statuses: Callable[[], dict[str, dict]] | None = None, agent: str | None = None) -> None:
         self.step = step
         self.log = log.bind(agent=agent) if agent else log  # which party says it, in a shared console
-        self.statuses = statuses or dict
+        self.statuses = statuses or (lambda job_id=None: {})
         self.keyring = keyring if keyring is not None else Keyring()
         self.checkpoint, self.snapshot = checkpoint, snapshot
         self.publish = publish
@@ -80,15 +80,16 @@ class AckPolicy:
             self.log.info("acted on silence", sent=[o.type for o in outgoing])
             _log_changes(self.log, changed)
 
-    def _watched(self, step: Callable, arg) -> tuple[list[m.Envelope], dict[str, dict]]:
-        """Step the core, timing its thread's CPU; with the jobs whose status the step changed."""
+    def _watched(self, step: Callable, arg, job_id: str | None = None) -> tuple[list[m.Envelope], dict[str, dict]]:
+        """Step the core, timing its thread's CPU; with the jobs whose status the step changed
+        (``job_id``'s only, for a message: a tick may act on any job)."""
         started = time.thread_time()
-        before = self.statuses()
+        before = self.statuses(job_id)
         try:
             outgoing = step(arg)
         finally:
             self.cpu += time.thread_time() - started
-        after = self.statuses()
+        after = self.statuses(job_id)
         return outgoing, {job: status for job, status in after.items() if before.get(job) != status}
 
     def _save(self, message_id: str | None, outgoing: list[m.Envelope]) -> None:
@@ -138,7 +139,7 @@ class AckPolicy:
             started = time.perf_counter()
             self.idle.clear()
             try:
-                outgoing, changed = await asyncio.to_thread(self._watched, self.step, env)
+                outgoing, changed = await asyncio.to_thread(self._watched, self.step, env, env.job_id)
             except ProtocolError as exc:
                 self.record("refused", env)
                 # a reply in flight when its job ended is dead-lettered like any refusal, but is no alarm

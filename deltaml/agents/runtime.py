@@ -70,10 +70,7 @@ async def run_buyer_job(agent: Agent, spec: m.JobSpec, aggregator: str = "aggreg
         if job.phase in (BuyerPhase.FINISHED, BuyerPhase.FAILED):
             break
         await asyncio.sleep(poll)
-    waited = 0.0
-    while core.jobs[job_id].escrow_open and waited < refund_wait:
-        await asyncio.sleep(poll)
-        waited += poll
+    await _wait_until(lambda: not core.jobs[job_id].escrow_open, refund_wait, poll)
     return core.jobs[job_id]
 
 
@@ -83,11 +80,16 @@ async def collect(agent: Agent, job_id: str | None = None, owners: int | None = 
     holds the receipts (and the amount withdrawn) when they are in or ``wait`` seconds passed."""
     core: Collector = agent.core
     await agent.send_all(core.collect(job_id, owners))
+    await _wait_until(lambda: core.done(settling=job_id is not None), wait, poll)
+    return core
+
+
+async def _wait_until(done: Callable[[], bool], seconds: float, poll: float) -> None:
+    """Poll ``done`` (what the agent's deliveries change meanwhile) until true or ``seconds`` passed."""
     waited = 0.0
-    while not core.done(settling=job_id is not None) and waited < wait:
+    while not done() and waited < seconds:
         await asyncio.sleep(poll)
         waited += poll
-    return core
 
 
 def escrow_outcome(job: BuyerJob) -> str:

@@ -328,10 +328,12 @@ class ChainParty:
         if self.wallet is not None and state["wallet"] is not None:
             self.wallet.restore(state["wallet"])
 
-    def statuses(self) -> dict[str, dict]:
+    def statuses(self, job_id: str | None = None) -> dict[str, dict]:
         """Each job's phase and why it stands there, if it says (a failure's reason): what an agent
-        logs when it changes, so an operator sees a job's course at the info level."""
-        return {job_id: self.status(job) for job_id, job in self.jobs.items()}
+        logs when it changes, so an operator sees a job's course at the info level. With ``job_id``,
+        that job's alone (a message steps one job; a daemon keeps every job it ever ran)."""
+        jobs = self.jobs.items() if job_id is None else [(job_id, self.jobs[job_id])] if job_id in self.jobs else []
+        return {job: self.status(state) for job, state in jobs}
 
     @staticmethod
     def status(job) -> dict:
