@@ -1,6 +1,7 @@
 """Agents on the real broker: garbage is dead-lettered with a reason, the honest job is unaffected."""
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -232,6 +233,37 @@ def test_a_daemon_that_cannot_open_its_files_says_so_in_one_line(tmp_path, daemo
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("deltaml: error:") and str(blocked) in lines[0]
+
+
+async def test_a_second_daemon_under_a_running_daemons_name_is_refused_in_one_line(tmp_path):
+    """Two owners named alike took turns at one queue, each missing the other's messages (a job
+    stalled); the second is now refused by the broker's exclusive consume and the first runs on."""
+    csv = tmp_path / "owner.csv"
+    csv.write_text("a,b,y\n" + "".join(f"{i},{i % 3},{2 * i}\n" for i in range(10)))
+    name = f"twin-{uuid.uuid4().hex[:6]}"
+    daemon = [sys.executable, "-m", "deltaml.cli", "owner", "--data", str(csv), "--name", name]
+    first = subprocess.Popen([*daemon, "--key", str(tmp_path / "first.key")], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bus = await AmqpBus(AMQP_URL).connect()
+    try:
+        for _ in range(600):
+            queue = await bus.declare("owner", name)
+            if queue.declaration_result.consumer_count:
+                break
+            await asyncio.sleep(0.1)
+        second = await asyncio.to_thread(run_cli, *daemon[3:], "--key", str(tmp_path / "second.key"), timeout=60)
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 2, second.stderr  # the --auto-accept notice, then
+        assert lines[1] == (f"deltaml: error: queue deltaml.owner.{name} already has a consumer: owner {name!r} "
+                            f"is running on this broker; stop it, or give this one another --name")
+        assert first.poll() is None
+        assert (await bus.declare("owner", name)).declaration_result.consumer_count == 1
+    finally:
+        first.terminate()
+        first.wait(30)
+        with contextlib.suppress(Exception):
+            await (await bus.declare("owner", name)).delete(if_unused=False, if_empty=False)
+        await bus.close()
 
 
 def test_dataset_split_writes_the_design_split(tmp_path):

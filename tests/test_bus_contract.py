@@ -8,7 +8,7 @@ import pytest
 
 from deltaml.agents import topology as t
 from deltaml.agents.amqp import AmqpBus
-from deltaml.agents.bus import MAX_ATTEMPTS, MemoryBus, Outcome, Verdict
+from deltaml.agents.bus import MAX_ATTEMPTS, MemoryBus, Outcome, QueueBusy, Verdict
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -16,6 +16,10 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 class MemoryHarness:
     async def start(self):
         self.bus = MemoryBus()
+        return self.bus
+
+    async def another_process(self):
+        """What a second daemon on the same broker would consume through (here: the same memory)."""
         return self.bus
 
     async def dead_letters(self):
@@ -36,7 +40,13 @@ class AmqpHarness:
         self.spy = await ch.declare_queue(exclusive=True)
         await self.spy.bind(t.DEAD_LETTER_EXCHANGE)
         self.names = []
+        self.others = []
         return self.bus
+
+    async def another_process(self):
+        """A second connection, as a second daemon on the same broker would open."""
+        self.others.append(await AmqpBus(AMQP_URL).connect())
+        return self.others[-1]
 
     async def dead_letters(self):
         await asyncio.sleep(0.5)
@@ -47,6 +57,8 @@ class AmqpHarness:
         return out
 
     async def stop(self):
+        for other in self.others:
+            await other.close()
         await self.bus.close()
         await self.spy_conn.close()
 
@@ -123,6 +135,18 @@ async def test_transient_failures_are_retried_then_dead_lettered(harness):
     dead = await harness.dead_letters()
     assert (body, "database briefly away") in dead
     assert [d.attempts for d in got] == list(range(MAX_ATTEMPTS))
+
+
+async def test_a_second_consumer_of_a_queue_is_refused_and_the_first_keeps_every_message(harness):
+    name = unique("o")
+    got = await collect(harness.bus, "owner", name)
+    other = await harness.another_process()
+    with pytest.raises(QueueBusy, match=f"owner '{name}' is running on this broker"):
+        await collect(other, "owner", name)
+    for k in range(4):
+        await harness.bus.publish(name, f"{k}".encode(), f"m-busy-{k}")
+    await wait_for(lambda: len(got) == 4)
+    assert sorted(d.body for d in got) == [b"0", b"1", b"2", b"3"]
 
 
 async def test_unroutable_messages_are_not_lost(harness):

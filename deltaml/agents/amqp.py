@@ -20,7 +20,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
 from . import topology as t
-from .bus import MAX_ATTEMPTS, Delivery, Handler, Verdict
+from .bus import MAX_ATTEMPTS, Delivery, Handler, QueueBusy, Verdict
 
 ATTEMPTS_HEADER = "x-deltaml-attempts"
 
@@ -96,7 +96,11 @@ class AmqpBus:
                 if not self.in_flight:
                     self.idle.set()
 
-        tag = await queue.consume(on_message)
+        try:
+            # exclusive: a second daemon of the same name is refused instead of taking half the messages
+            tag = await queue.consume(on_message, exclusive=True)
+        except aiormq.exceptions.ChannelAccessRefused:
+            raise QueueBusy(queue_name, role, name) from None
         # aio-pika restores a robust queue's consumer after a reconnect only while the queue object
         # lives (it keeps weak references): hold it for the bus's lifetime
         self.consuming.append((queue, tag))

@@ -44,6 +44,18 @@ Handler = Callable[[Delivery], Awaitable[Outcome]]
 MAX_ATTEMPTS = 3
 
 
+class QueueBusy(RuntimeError):
+    """An agent's queue already has a consumer: another daemon of that role and name is running.
+
+    Two consumers of one queue would each get part of its messages, each missing what the other
+    took (a job would stall or fail, a ledger would send transactions twice), so a bus consumes
+    exclusively and the second daemon is refused."""
+
+    def __init__(self, queue: str, role: str, name: str) -> None:
+        hint = "stop it first" if role == "ledger" else "stop it, or give this one another --name"
+        super().__init__(f"queue {queue} already has a consumer: {role} {name!r} is running on this broker; {hint}")
+
+
 class Bus(Protocol):
     """What agents need from a transport."""
 
@@ -72,6 +84,7 @@ class MemoryBus:
     dead: list[DeadLetter] = field(default_factory=list)
     progress: list[bytes] = field(default_factory=list)
     tasks: list[asyncio.Task] = field(default_factory=list)
+    consumed: set[str] = field(default_factory=set)
 
     def declare(self, role: str, name: str) -> str:
         """Create an agent's queue and its bindings (as the definitions do)."""
@@ -94,6 +107,9 @@ class MemoryBus:
 
     async def consume(self, role: str, name: str, handler: Handler) -> None:
         queue = self.declare(role, name)
+        if queue in self.consumed:
+            raise QueueBusy(queue, role, name)
+        self.consumed.add(queue)
         self.tasks.append(asyncio.create_task(self._pump(queue, handler)))
 
     async def _pump(self, queue: str, handler: Handler) -> None:
@@ -116,3 +132,4 @@ class MemoryBus:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.consumed.clear()
