@@ -267,6 +267,7 @@ def cmd_buyer_train(args) -> int:
     from .agents.runtime import buyer_report, configure_logging, escrow_outcome, run_buyer_job
     from .protocol import messages as m
     from .protocol.buyer import BuyerPhase
+    from .protocol.chain import LEDGER
 
     check_key_bits(args.key_bits)
     _check_writable(report=args.report, model_out=args.model_out)
@@ -299,7 +300,8 @@ def cmd_buyer_train(args) -> int:
         agent = Agent("buyer", args.name, core, bus, trace, pinned=_pinned(args), precompute=args.precompute)
         await agent.start()
         try:
-            return await run_buyer_job(agent, spec, on_progress=_progress, job_id=job_id)
+            await _note_absent(bus, [("aggregator", args.aggregator), ("ledger", LEDGER)])
+            return await run_buyer_job(agent, spec, aggregator=args.aggregator, on_progress=_progress, job_id=job_id)
         finally:
             await bus.close()
 
@@ -308,9 +310,13 @@ def cmd_buyer_train(args) -> int:
     try:
         job = asyncio.run(main())
     except KeyboardInterrupt:
-        print(f"deltaml: interrupted: job {job_id} goes on without its buyer and fails once it needs it "
-              f"(within {spec.round_timeout:g} s); its escrow is then refunded to {core.wallet.address}: "
-              f"`deltaml buyer withdraw --key {args.key}` takes it back", file=sys.stderr)
+        if job_id in core.jobs and core.jobs[job_id].deposit in ("sent", "made"):
+            print(f"deltaml: interrupted: job {job_id} goes on without its buyer and fails once it needs it "
+                  f"(within {spec.round_timeout:g} s); its escrow is then refunded to {core.wallet.address}: "
+                  f"`deltaml buyer withdraw --key {args.key}` takes it back", file=sys.stderr)
+        else:
+            print(f"deltaml: interrupted before any deposit: job {job_id} is given up and costs nothing",
+                  file=sys.stderr)
         raise
     finally:
         if workers is not None:
@@ -329,6 +335,24 @@ def cmd_buyer_train(args) -> int:
     return 0
 
 
+async def _note_absent(bus, parties: list[tuple[str, str]]) -> None:
+    """Refuse to start if one of these parties has no queue on this broker (what the buyer sent it
+    would be dead-lettered and the buyer wait for ever); one line naming those no daemon serves
+    now (what is sent waits in their queues, and the buyer would otherwise wait without a word)."""
+    from .agents.topology import queue_name
+
+    counts = {(role, name): await bus.consumers(role, name) for role, name in parties}
+    for (role, name), count in counts.items():
+        if count is None:
+            raise CliError(f"no {role} named {name!r} has run on this broker (no queue {queue_name(role, name)}: "
+                           f"what is sent there would be dead-lettered); start `deltaml {role}` first"
+                           + (" or name it with --aggregator" if role == "aggregator" else ""))
+    absent = [f"{role} {name!r}" for (role, name), count in counts.items() if count == 0]
+    if absent:
+        print(f"deltaml: note: nothing serves {' or '.join(absent)} on this broker yet; what is sent there "
+              f"waits in the queue until a daemon starts (Ctrl-C gives up)", file=sys.stderr)
+
+
 def cmd_buyer_withdraw(args) -> int:
     """Take back what the escrow credits this key: a refund left behind (a buyer that stopped before
     its job was settled), after settling the job first if the contract lets anyone do so now."""
@@ -336,7 +360,7 @@ def cmd_buyer_withdraw(args) -> int:
     from .agents.amqp import AmqpBus
     from .agents.parties import context
     from .agents.runtime import collect, configure_logging
-    from .protocol.chain import Collector
+    from .protocol.chain import LEDGER, Collector
 
     if (args.settle is None) != (args.owners is None):
         raise CliError("--settle JOB and --owners N go together (the settle's gas grows with the owners)")
@@ -350,6 +374,7 @@ def cmd_buyer_withdraw(args) -> int:
         try:
             agent = Agent("buyer", args.name, core, bus, pinned=_pinned(args))
             await agent.start()
+            await _note_absent(bus, [("ledger", LEDGER)])
             return await collect(agent, args.settle, args.owners, wait=args.wait)
         finally:
             await bus.close()
@@ -471,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="the column to predict")
     _job_shape(p, owners=None, validators=None, rounds=None, lr=None, key_bits=settings.key_bits)
     p.add_argument("--name", default="buyer", help="the party's name on the bus (its queue)")
+    p.add_argument("--aggregator", default="aggregator", help="the name the aggregator daemon runs under")
     _workers_option(p, settings, "the refreshes and masked products of several models")
     p.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     p.add_argument("--model-out", type=Path, default=None,

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 import uuid
@@ -263,6 +264,48 @@ async def test_a_second_daemon_under_a_running_daemons_name_is_refused_in_one_li
         first.wait(30)
         with contextlib.suppress(Exception):
             await (await bus.declare("owner", name)).delete(if_unused=False, if_empty=False)
+        await bus.close()
+
+
+BUYER_TRAIN = ["buyer", "train", "--features", "age,sex,bmi,bp,s1,s2,s3,s4,s5,s6", "--target", "progression",
+               "--owners", "5", "--validators", "1", "--rounds", "10", "--lr", "1.5"]
+
+
+def test_a_buyer_naming_an_aggregator_the_broker_never_saw_is_refused_before_sending(tmp_path):
+    """Its job request would be unroutable (dead-lettered) and the buyer wait for ever."""
+    name = f"nobody-{uuid.uuid4().hex[:6]}"
+    proc = run_cli(*BUYER_TRAIN, "--key", str(tmp_path / "buyer.key"), "--aggregator", name, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0] == (f"deltaml: error: no aggregator named {name!r} has run on this broker (no queue "
+                        f"deltaml.aggregator.{name}: what is sent there would be dead-lettered); start "
+                        f"`deltaml aggregator` first or name it with --aggregator")
+
+
+async def test_a_buyer_whose_aggregator_is_not_running_says_so_and_ctrl_c_costs_nothing(tmp_path):
+    """The request waits in the aggregator's queue: the buyer says so at once (it used to wait
+    without a word), and Ctrl-C before any deposit says nothing was paid (not "refunded")."""
+    name = f"stopped-{uuid.uuid4().hex[:6]}"
+    bus = await AmqpBus(AMQP_URL).connect()
+    queue = await bus.declare("aggregator", name)  # an aggregator that ran here once and stopped
+    await bus.declare("ledger", LEDGER)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "deltaml.cli", *BUYER_TRAIN, "--key",
+                                 str(tmp_path / "buyer.key"), "--aggregator", name],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(600):  # the request is in the queue: the buyer is waiting
+            if (await bus.declare("aggregator", name)).declaration_result.message_count:
+                break
+            await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+        assert proc.returncode == 130, err
+        assert f"deltaml: note: nothing serves aggregator {name!r}" in err
+        assert "waits in the queue until a daemon starts (Ctrl-C gives up)" in err
+        assert err.strip().splitlines()[-1].startswith("deltaml: interrupted before any deposit: job ")
+        assert "Traceback" not in err and "refunded" not in err
+    finally:
+        await queue.delete(if_unused=False, if_empty=False)
         await bus.close()
 
 

@@ -149,6 +149,19 @@ async def test_a_second_consumer_of_a_queue_is_refused_and_the_first_keeps_every
     assert sorted(d.body for d in got) == [b"0", b"1", b"2", b"3"]
 
 
+async def test_the_bus_says_whether_a_queue_exists_and_is_consumed(harness):
+    """What `buyer train` asks before it sends: no queue (a message would be unroutable), a queue
+    nobody consumes (it waits there), a consumed one."""
+    name = unique("o")
+    assert await harness.bus.consumers("owner", name) is None
+    declared = harness.bus.declare("owner", name)  # the memory bus declares at once, the broker's is awaited
+    if asyncio.iscoroutine(declared):
+        await declared
+    assert await harness.bus.consumers("owner", name) == 0
+    await collect(harness.bus, "owner", name)
+    assert await harness.bus.consumers("owner", name) == 1
+
+
 async def test_unroutable_messages_are_not_lost(harness):
     body = uuid.uuid4().hex.encode()
     await harness.bus.publish(unique("nobody"), body, "m5")

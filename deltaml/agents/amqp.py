@@ -82,6 +82,21 @@ class AmqpBus:
             await queue.bind(self.protocol, key)
         return queue
 
+    async def consumers(self, role: str, name: str) -> int | None:
+        """How many consume an agent's queue; None if there is no such queue (what is sent there is
+        dead-lettered as unroutable). On a throwaway channel: a refused passive declare closes it."""
+        channel = await self.connection.channel()
+        try:
+            queue = await channel.declare_queue(t.queue_name(role, name), passive=True)
+            return queue.declaration_result.consumer_count
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return None
+        except aiormq.exceptions.ChannelAccessRefused:
+            return 1  # a broker user that may not look is told nothing is amiss, as before the question
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
     async def consume(self, role: str, name: str, handler: Handler) -> None:
         queue_name = t.queue_name(role, name)
         queue = await self.declare(role, name)

@@ -63,6 +63,8 @@ class Bus(Protocol):
 
     async def consume(self, role: str, name: str, handler: Handler) -> None: ...
 
+    async def consumers(self, role: str, name: str) -> int | None: ...
+
     async def close(self) -> None: ...
 
 
@@ -111,6 +113,11 @@ class MemoryBus:
             raise QueueBusy(queue, role, name)
         self.consumed.add(queue)
         self.tasks.append(asyncio.create_task(self._pump(queue, handler)))
+
+    async def consumers(self, role: str, name: str) -> int | None:
+        """How many consume an agent's queue (0 or 1); None if there is no such queue."""
+        queue = t.queue_name(role, name)
+        return int(queue in self.consumed) if queue in self.queues else None
 
     async def _pump(self, queue: str, handler: Handler) -> None:
         q = self.queues[queue]
