@@ -237,13 +237,38 @@ def cmd_ledger(args) -> int:
     from .agents.parties import context
     from .protocol.chain import LEDGER
 
+    contract = args.contract
+    if args.state_dir is not None:
+        contract = _saved_contract(args)
     try:
-        chain = Chain(args.chain, contract=args.contract)
+        chain = Chain(args.chain, contract=contract)
     except ChainUnavailable as exc:
         raise CliError(str(exc)) from None
     print(f"ledger: escrow contract {chain.address} on chain {chain.chain_id} ({args.chain})", file=sys.stderr)
     return _serve("ledger", LEDGER, LedgerCore(context(LEDGER), chain), args, {"chain": args.chain},
                   key=_wallet(args).private_key)
+
+
+def _saved_contract(args) -> str | None:
+    """The escrow a ledger's state directory belongs to (None for a new one): a restarted ledger
+    goes on with it rather than deploying another, which would orphan every job of the first."""
+    from .agents.checkpoint import Checkpoint
+    from .agents.ledger import saved_contract
+
+    if args.chain == "embedded":
+        raise CliError("--state-dir needs --chain URL: the embedded chain lives in the ledger's process and "
+                       "ends with it, so there would be nothing to resume on")
+    checkpoint = Checkpoint(args.state_dir)
+    try:
+        saved = checkpoint.load()
+    finally:
+        checkpoint.close()
+    if saved is None:
+        return args.contract
+    contract = saved_contract(saved[0])["contract"]
+    if args.contract is not None and args.contract.lower() != contract.lower():
+        raise CliError(f"--contract {args.contract}: the state in {args.state_dir} is of escrow {contract}")
+    return contract
 
 
 def cmd_owner(args) -> int:
@@ -475,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ledger", help="run the ledger daemon, the only chain client", formatter_class=HELP)
     p.add_argument("--chain", default=settings.chain, help="embedded (an in-process EVM) or a JSON-RPC URL")
     p.add_argument("--contract", default=None, help="use this deployed escrow instead of deploying one")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="checkpoint who is who and each job's parties here (SQLite) and resume from it, on the "
+                        "same escrow, after a crash (with --chain URL: the embedded chain ends with the process)")
     _common(p, settings)
     _key(p)
     p.set_defaults(func=cmd_ledger)

@@ -4,24 +4,33 @@ Then the whole job against a real anvil node started here (npm @foundry-rs/anvil
 contract's balances read back from that node rather than from the report.
 """
 
+import asyncio
 import shutil
 import socket
 import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from web3 import Web3
 
+from deltaml.agents.agent import Agent
+from deltaml.agents.amqp import AmqpBus
 from deltaml.agents.ledger import Chain, ChainUnavailable, LedgerCore
-from deltaml.agents.parties import load_wallet
-from deltaml.marketplace import DemoConfig, run_demo
+from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
+from deltaml.agents.runtime import run_buyer_job
+from deltaml.marketplace import DemoConfig, baselines, make_spec, prepare_parts, run_demo
+from deltaml.protocol.buyer import BuyerPhase
+from deltaml.protocol.owner import OwnerCore, OwnerData
 from deltaml.protocol import messages as m
 from deltaml.protocol.chain import LEDGER, METRICS_PER_TX, artifact, job_key, key_hash, metric_args
 from deltaml.protocol.errors import ProtocolError
 from deltaml.protocol.machine import Context
 
 ROOT = Path(__file__).resolve().parents[1]
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 class Party:
@@ -359,3 +368,99 @@ def test_a_refund_left_behind_is_settled_and_withdrawn_by_the_buyers_key_alone(l
         env = pending.pop(0)
         pending += ledger.handle(env) if env.recipient == LEDGER else again.handle(env)
     assert not again.receipts["withdraw"].ok and "NothingToWithdraw" in again.receipts["withdraw"].reason
+
+
+# ---- a ledger daemon killed mid-job and restarted (real broker, real anvil) ------------------
+
+def _ledger_daemon(tmp_path, *args):
+    """``deltaml ledger`` as its own process; its stderr in ledger.log."""
+    log = open(tmp_path / "ledger.log", "ab")  # the child keeps its own descriptor
+    try:
+        return subprocess.Popen([sys.executable, "-m", "deltaml.cli", "ledger", "--key", str(tmp_path / "ledger.key"),
+                                 "--log-level", "warning", *args], cwd=ROOT, stderr=log, stdout=log)
+    finally:
+        log.close()
+
+
+async def test_a_ledger_killed_mid_job_resumes_from_its_state_dir_on_the_same_escrow(anvil, keypair, tmp_path):
+    """A restarted ledger knew none of the parties that had greeted it ("has not greeted the
+    ledger": every later transaction dead-lettered, the job stuck in settlement) and deployed a
+    new escrow besides. With ``--state-dir`` it goes on with the same escrow and the same parties."""
+    url, w3 = anvil
+    pub, priv = keypair
+    config = DemoConfig(rounds=4, eval_every=1)
+    data, parts = prepare_parts(config)
+    tag = uuid.uuid4().hex[:6]
+    agg_name, buyer_name = f"aggregator-{tag}", f"buyer-{tag}"
+    ledger_address = load_wallet(tmp_path / "ledger.key").address
+    state = ["--chain", url, "--state-dir", str(tmp_path / "ledger-state")]
+    daemon = _ledger_daemon(tmp_path, *state)
+    bus = await AmqpBus(AMQP_URL).connect()
+    agents = []
+    try:
+        while not await bus.consumers("ledger", LEDGER):
+            assert daemon.poll() is None, (tmp_path / "ledger.log").read_text()
+            await asyncio.sleep(0.1)
+        pinned = {LEDGER: ledger_address}
+        aggregator = Agent("aggregator", agg_name, aggregator_core(agg_name, wallet=load_wallet(None)), bus,
+                           pinned=pinned, tick_seconds=0.1)
+        pinned = {**pinned, agg_name: aggregator.address}
+        agents.append(aggregator)
+        for i, part in enumerate(parts, 1):
+            name = f"owner-{i}-{tag}"
+            core = OwnerCore(context(name, wallet=load_wallet(None)), OwnerData(part.columns, part.table()))
+            agents.append(Agent("owner", name, core, bus, pinned=pinned))
+        buyer = Agent("buyer", buyer_name, buyer_core(buyer_name, priv, wallet=load_wallet(None)), bus, pinned=pinned)
+        agents.append(buyer)
+        for agent in agents:
+            await agent.start()
+        job_id = uuid.uuid4().hex
+        task = asyncio.create_task(run_buyer_job(buyer, make_spec(config, data, pub.to_hex(), buyer_name),
+                                                 aggregator=agg_name, job_id=job_id))
+        while job_id not in buyer.core.jobs or 1 not in buyer.core.jobs[job_id].published:
+            assert not task.done(), task.result().reason  # (by round 1 the deposit and metrics are on chain)
+            await asyncio.sleep(0.05)
+        daemon.kill()
+        daemon.wait(10)
+        daemon = _ledger_daemon(tmp_path, *state)
+        job = await asyncio.wait_for(task, timeout=300)
+        assert job.phase is BuyerPhase.FINISHED, job.reason
+        assert job.settled and job.withdrawn
+        assert sum(job.payments_wei.values()) + job.refund_wei == job.spec.deposit_wei
+        expected = baselines(parts, config)["centralized_gd_mse"]
+        assert abs(job.published[config.rounds]["all"] - expected) / expected < 1e-6
+        started = [line for line in (tmp_path / "ledger.log").read_text().splitlines()
+                   if line.startswith("ledger: escrow contract")]
+        assert len(started) == 2 and started[0] == started[1]  # the same escrow, not a second one
+        escrow = w3.eth.contract(address=started[0].split()[3], abi=artifact()["abi"])
+        assert escrow.functions.credit(job.buyer_address).call() == 0  # the refund came back out
+    finally:
+        for agent in agents:
+            await agent.stop()
+        daemon.terminate()
+        daemon.wait(10)
+        await bus.close()
+
+
+def test_a_ledger_state_dir_is_refused_where_it_could_not_resume(anvil, tmp_path):
+    """The embedded chain ends with the process; a state directory belongs to one escrow."""
+    proc = subprocess.run([sys.executable, "-m", "deltaml.cli", "ledger", "--state-dir", str(tmp_path / "s")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "deltaml: error: --state-dir needs --chain URL: the embedded chain lives in the ledger's process and "
+        "ends with it, so there would be nothing to resume on"]
+    url, _ = anvil
+    chain = Chain(url)
+    ledger = LedgerCore(context(LEDGER), chain)
+    from deltaml.agents.checkpoint import Checkpoint
+    checkpoint = Checkpoint(tmp_path / "s")
+    checkpoint.save(ledger.snapshot(), {}, None, [])
+    checkpoint.close()
+    other = Chain(url).address
+    proc = subprocess.run([sys.executable, "-m", "deltaml.cli", "ledger", "--chain", url, "--state-dir",
+                           str(tmp_path / "s"), "--contract", other, "--key", str(tmp_path / "k")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"deltaml: error: --contract {other}: the state in {tmp_path / 's'} is of escrow {chain.address}"]
+    with pytest.raises(ChainUnavailable, match=f"the saved state is of escrow {chain.address}"):
+        LedgerCore(context(LEDGER), Chain(url, contract=other)).restore(ledger.snapshot())

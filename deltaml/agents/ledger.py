@@ -21,6 +21,7 @@ is a JSON-RPC URL (anvil, a testnet node).
 from __future__ import annotations
 
 import ast
+import pickle
 import re
 from collections import defaultdict
 from typing import Any
@@ -194,6 +195,16 @@ class Chain:
         return out
 
 
+def saved_chain(chain_id: int, contract: str) -> dict:
+    """Where a ledger's saved state belongs."""
+    return {"chain_id": chain_id, "contract": to_checksum_address(contract)}
+
+
+def saved_contract(blob: bytes) -> dict:
+    """The chain and contract a ledger's :meth:`LedgerCore.snapshot` belongs to."""
+    return pickle.loads(blob)["chain"]
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, (bytes, bytearray)):
         return "0x" + bytes(v).hex()
@@ -214,6 +225,30 @@ class LedgerCore:
         self.parties: dict[str, set[str]] = defaultdict(set)  # job id → addresses (lower)
         self.gas: dict[str, list[int]] = defaultdict(list)
         self.withdrawn: dict[str, int] = defaultdict(int)  # address → wei withdrawn
+
+    def snapshot(self) -> bytes:
+        """Who is who and each job's parties, for ``--state-dir``: a ledger restarted on the same
+        chain and contract goes on relaying for parties that greeted the one before it."""
+        return pickle.dumps({"chain": saved_chain(self.chain.chain_id, self.chain.address),
+                             "addresses": self.addresses, "names": dict(self.names), "jobs": self.jobs,
+                             "parties": dict(self.parties), "gas": dict(self.gas), "withdrawn": dict(self.withdrawn),
+                             "rng": self.ctx.rng.getstate()})
+
+    def restore(self, blob: bytes) -> None:
+        """Go on from a :meth:`snapshot` taken on this chain and contract (and no other: the
+        greetings and jobs it holds mean nothing elsewhere)."""
+        state = pickle.loads(blob)
+        here = saved_chain(self.chain.chain_id, self.chain.address)
+        if state["chain"] != here:
+            raise ChainUnavailable(f"the saved state is of escrow {state['chain']['contract']} on chain "
+                                   f"{state['chain']['chain_id']}, not {here['contract']} on chain {here['chain_id']}")
+        self.addresses = state["addresses"]
+        self.names = defaultdict(set, state["names"])
+        self.jobs = state["jobs"]
+        self.parties = defaultdict(set, state["parties"])
+        self.gas = defaultdict(list, state["gas"])
+        self.withdrawn = defaultdict(int, state["withdrawn"])
+        self.ctx.rng.setstate(state["rng"])
 
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
         if env.type == "chain_hello":
