@@ -244,7 +244,8 @@ def cmd_ledger(args) -> int:
         chain = Chain(args.chain, contract=contract)
     except ChainUnavailable as exc:
         raise CliError(str(exc)) from None
-    print(f"ledger: escrow contract {chain.address} on chain {chain.chain_id} ({args.chain})", file=sys.stderr)
+    where = "embedded: this process's own chain, gone when it stops" if args.chain == "embedded" else args.chain
+    print(f"ledger: escrow contract {chain.address} on chain {chain.chain_id} ({where})", file=sys.stderr)
     return _serve("ledger", LEDGER, LedgerCore(context(LEDGER), chain), args, {"chain": args.chain},
                   key=_wallet(args).private_key)
 
