@@ -34,7 +34,7 @@ R = TypeVar("R")
 PR_SET_PDEATHSIG = 1
 
 
-def _stop_with_parent() -> None:
+def _stop_with_parent(started) -> None:
     # Ctrl-C reaches the whole process group: the parent stops its pool, a worker must not die of
     # it mid-task (each printed a KeyboardInterrupt traceback under the buyer's last line)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -42,6 +42,7 @@ def _stop_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
+    started.wait(timeout=60)  # no task runs before every worker is this far (see Workers)
 
 
 def _ready(_: int) -> bool:
@@ -73,8 +74,12 @@ class Workers:
 
     def __init__(self, count: int) -> None:
         self.count = count
-        self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"),
-                                        initializer=_stop_with_parent)
+        fork = multiprocessing.get_context("fork")
+        # the barrier holds every worker in its initializer until all have set their signals: the first
+        # tasks return only then, so none is left that a Ctrl-C at start would kill (one worker
+        # could take every ready task while another had not yet reached its initializer)
+        self.pool = ProcessPoolExecutor(count, mp_context=fork, initializer=_stop_with_parent,
+                                        initargs=(fork.Barrier(count),))
         list(self.pool.map(_ready, range(count)))  # fork them all now, while this process has one thread
 
     def warm(self, pub) -> None:
