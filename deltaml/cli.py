@@ -326,7 +326,7 @@ def cmd_buyer_train(args) -> int:
         agent = Agent("buyer", args.name, core, bus, trace, pinned=_pinned(args), precompute=args.precompute)
         await agent.start()
         try:
-            await _note_absent(bus, [("aggregator", args.aggregator), ("ledger", LEDGER)])
+            await _check_served(bus, [("aggregator", args.aggregator), ("ledger", LEDGER)])
             return await run_buyer_job(agent, spec, aggregator=args.aggregator, on_progress=_progress, job_id=job_id)
         finally:
             await bus.close()
@@ -361,7 +361,7 @@ def cmd_buyer_train(args) -> int:
     return 0
 
 
-async def _note_absent(bus, parties: list[tuple[str, str]]) -> None:
+async def _check_served(bus, parties: list[tuple[str, str]]) -> None:
     """Refuse to start if one of these parties has no queue on this broker (what the buyer sent it
     would be dead-lettered and the buyer wait for ever); one line naming those no daemon serves
     now (what is sent waits in their queues, and the buyer would otherwise wait without a word)."""
@@ -400,7 +400,7 @@ def cmd_buyer_withdraw(args) -> int:
         try:
             agent = Agent("buyer", args.name, core, bus, pinned=_pinned(args))
             await agent.start()
-            await _note_absent(bus, [("ledger", LEDGER)])
+            await _check_served(bus, [("ledger", LEDGER)])
             return await collect(agent, args.settle, args.owners, wait=args.wait)
         finally:
             await bus.close()
