@@ -261,12 +261,12 @@ def _saved_contract(args) -> str | None:
                        "ends with it, so there would be nothing to resume on")
     checkpoint = Checkpoint(args.state_dir)
     try:
-        saved = checkpoint.load()
+        saved = checkpoint.core()
     finally:
         checkpoint.close()
     if saved is None:
         return args.contract
-    contract = saved_contract(saved[0])["contract"]
+    contract = saved_contract(saved)
     if args.contract is not None and args.contract.lower() != contract.lower():
         raise CliError(f"--contract {args.contract}: the state in {args.state_dir} is of escrow {contract}")
     return contract

@@ -319,12 +319,12 @@ async def fresh_queues(bus, queues: list[tuple[str, str]]) -> None:
     emptying it and consuming beside it would break both."""
     from .agents.amqp import BrokerUnavailable
 
-    declared = [(await bus.declare(role, name), name) for role, name in queues]
-    busy = [queue.name for queue, _ in declared if queue.declaration_result.consumer_count]
+    declared = [await bus.declare(role, name) for role, name in queues]
+    busy = [queue.name for queue in declared if queue.declaration_result.consumer_count]
     if busy:
         raise BrokerUnavailable(f"queue {busy[0]} has a consumer: another marketplace's daemons run on this "
                                 f"broker under the same names; stop them first")
-    for queue, _ in declared:
+    for queue in declared:
         await queue.purge()
 
 

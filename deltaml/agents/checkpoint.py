@@ -58,6 +58,12 @@ class Checkpoint:
             self.db.execute("ROLLBACK")
             raise
 
+    def core(self) -> bytes | None:
+        """The last saved snapshot of the core alone (not the answers: a ledger reads which escrow it
+        belongs to before its agent loads the rest), or None for a fresh agent."""
+        row = self.db.execute("SELECT core FROM state WHERE id = 1").fetchone()
+        return None if row is None else row[0]
+
     def load(self) -> tuple[bytes, dict, dict[str, list[m.Envelope]]] | None:
         """The last saved state, keyring and answers, or None for a fresh agent."""
         row = self.db.execute("SELECT core, keys FROM state WHERE id = 1").fetchone()

@@ -200,9 +200,9 @@ def saved_chain(chain_id: int, contract: str) -> dict:
     return {"chain_id": chain_id, "contract": to_checksum_address(contract)}
 
 
-def saved_contract(blob: bytes) -> dict:
-    """The chain and contract a ledger's :meth:`LedgerCore.snapshot` belongs to."""
-    return pickle.loads(blob)["chain"]
+def saved_contract(blob: bytes) -> str:
+    """The escrow a ledger's :meth:`LedgerCore.snapshot` belongs to."""
+    return pickle.loads(blob)["chain"]["contract"]
 
 
 def _jsonable(v: Any) -> Any:
