@@ -309,6 +309,21 @@ async def test_a_buyer_whose_aggregator_is_not_running_says_so_and_ctrl_c_costs_
         await bus.close()
 
 
+@pytest.mark.parametrize("role", ["aggregator", "ledger"])
+def test_a_state_directory_holding_another_file_is_one_line_and_left_as_it_was(tmp_path, role):
+    """A state.sqlite that is not a database was an sqlite3 traceback."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "state.sqlite").write_bytes(b"not a database, and not ours to overwrite")
+    chain = ["--chain", "http://127.0.0.1:1"] if role == "ledger" else []
+    proc = run_cli(role, *chain, "--state-dir", str(state), "--key", str(tmp_path / "k.key"), timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0] == (f"deltaml: error: {state / 'state.sqlite'}: not a state database (file is not a "
+                        f"database); move it aside to start afresh")
+    assert (state / "state.sqlite").read_bytes() == b"not a database, and not ours to overwrite"
+
+
 def test_dataset_split_writes_the_design_split(tmp_path):
     proc = run_cli("dataset", "split", "diabetes", "--parts", "5", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr

@@ -23,6 +23,10 @@ from ..protocol import messages as m
 KEEP_ANSWERS = 10_000
 
 
+class CheckpointError(RuntimeError):
+    """A state directory whose database cannot be used."""
+
+
 class Checkpoint:
     """``state.sqlite`` in an agent's state directory."""
 
@@ -33,11 +37,16 @@ class Checkpoint:
         if not path.exists():
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 1), core BLOB, keys BLOB)")
-        self.db.execute("CREATE TABLE IF NOT EXISTS answers (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
-                        "message_id TEXT UNIQUE, envelopes TEXT)")
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 1), "
+                            "core BLOB, keys BLOB)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS answers (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                            "message_id TEXT UNIQUE, envelopes TEXT)")
+        except sqlite3.DatabaseError as exc:  # a file that is not ours: left as it is, for its owner to look at
+            self.db.close()
+            raise CheckpointError(f"{path}: not a state database ({exc}); move it aside to start afresh") from None
 
     def save(self, core: bytes, keys: dict, handled: str | None, answers: list[m.Envelope]) -> None:
         """The state after one step, and that step's answers (under the handled message's
