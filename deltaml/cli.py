@@ -336,13 +336,7 @@ def cmd_buyer_train(args) -> int:
     try:
         job = asyncio.run(main())
     except KeyboardInterrupt:
-        if job_id in core.jobs and core.jobs[job_id].deposit in ("sent", "made"):
-            print(f"deltaml: interrupted: job {job_id} goes on without its buyer and fails once it needs it "
-                  f"(within {spec.round_timeout:g} s); its escrow is then refunded to {core.wallet.address}: "
-                  f"`deltaml buyer withdraw --key {args.key}` takes it back", file=sys.stderr)
-        else:
-            print(f"deltaml: interrupted before any deposit: job {job_id} is given up and costs nothing",
-                  file=sys.stderr)
+        print(f"deltaml: interrupted: {_left(core.jobs.get(job_id), job_id, args.key)}", file=sys.stderr)
         raise
     finally:
         if workers is not None:
@@ -377,6 +371,26 @@ async def _check_served(bus, parties: list[tuple[str, str]]) -> None:
     if absent:
         print(f"deltaml: note: nothing serves {' or '.join(absent)} on this broker yet; what is sent there "
               f"waits in the queue until a daemon starts (Ctrl-C gives up)", file=sys.stderr)
+
+
+def _left(job, job_id: str, key: Path) -> str:
+    """What became of a job its buyer left on Ctrl-C, and of its deposit."""
+    from .agents.runtime import GAVE_UP, escrow_outcome
+    from .protocol.buyer import BuyerPhase
+
+    if job is None or job.deposit in ("", "refused"):
+        return f"job {job_id} is given up before any deposit and costs nothing"
+    withdraw = f"`deltaml buyer withdraw --key {key}` takes it back"
+    if job.reason == GAVE_UP:
+        return (f"job {job_id} is given up and its aggregator told: it gives the escrow up and the "
+                f"deposit is refunded to {job.buyer_address} (at the latest at the escrow's deadline); {withdraw}")
+    if job.reason.startswith(GAVE_UP):
+        return (f"job {job_id} is given up, but its aggregator was not told: the job fails when it next needs "
+                f"its buyer (within {job.spec.round_timeout:g} s) and the deposit is then refunded to "
+                f"{job.buyer_address}; {withdraw}")
+    ended = "finished" if job.phase is not BuyerPhase.FAILED else f"failed ({job.reason})"
+    return f"job {job_id} had {ended}, and its report is not written; {escrow_outcome(job)}" + \
+        (f"; {withdraw}" if job.escrow_open or job.withdraw_error else "")
 
 
 def cmd_buyer_withdraw(args) -> int:

@@ -227,7 +227,7 @@ class Market:
                 if "message" not in record:
                     continue
                 msg = record["message"]
-                if record["dir"] in ("out", "open") and msg["recipient"] != t.PROGRESS:
+                if record["dir"] in ("out", "open", "give_up") and msg["recipient"] != t.PROGRESS:
                     sent[msg["message_id"]] = msg
                 elif record["dir"] in ("in", "refused"):
                     handled.add(msg["message_id"])

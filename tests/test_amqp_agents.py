@@ -20,10 +20,10 @@ from deltaml.agents.amqp import AmqpBus, BrokerUnavailable
 from deltaml.agents.ledger import Chain, LedgerCore
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.protocol.chain import LEDGER
-from deltaml.agents.runtime import run_buyer_job
+from deltaml.agents.runtime import GAVE_UP, run_buyer_job
 from deltaml.marketplace import DemoConfig, baselines, make_spec, owner_names, prepare_parts
 from deltaml.protocol import messages as m
-from deltaml.protocol.auth import sign
+from deltaml.protocol.auth import sign, signer
 from deltaml.protocol.buyer import BuyerPhase
 from deltaml.protocol.owner import OwnerCore, OwnerData
 
@@ -302,8 +302,19 @@ async def test_a_buyer_whose_aggregator_is_not_running_says_so_and_ctrl_c_costs_
         assert proc.returncode == 130, err
         assert f"deltaml: note: nothing serves aggregator {name!r}" in err
         assert "waits in the queue until a daemon starts (Ctrl-C gives up)" in err
-        assert err.strip().splitlines()[-1].startswith("deltaml: interrupted before any deposit: job ")
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("deltaml: interrupted: job ") and last.endswith(
+            " is given up before any deposit and costs nothing"), err
         assert "Traceback" not in err and "refunded" not in err
+        # behind its request, the word that it is given up: an aggregator started later drops the job
+        # at once instead of recruiting owners for a buyer that is gone
+        waiting = []
+        while (message := await queue.get(fail=False, timeout=5)) is not None:
+            await message.ack()
+            waiting.append(m.decode(message.body))
+        assert [w.type for w in waiting] == ["job_request", "failure"]
+        assert waiting[1].job_id == waiting[0].job_id and waiting[1].payload.reason == GAVE_UP
+        assert signer(waiting[1]) == signer(waiting[0])
     finally:
         await queue.delete(if_unused=False, if_empty=False)
         await bus.close()

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from deltaml.agents.runtime import GAVE_UP, run_buyer_job
 from deltaml.marketplace import DemoConfig, baselines
 from deltaml.protocol.aggregator import AggPhase
 from deltaml.protocol.buyer import BuyerPhase
@@ -102,6 +103,26 @@ async def test_the_buyer_offline_during_a_refresh_fails_the_job_with_the_escrow_
     assert job.settled and job.refund_wei == mk.config.variable_pool_wei  # fixed rewards were earned
     assert sum(job.payments_wei.values()) + job.refund_wei == job.spec.deposit_wei
     await assert_books_clean(mk, "buyer offline during a refresh", 1, job)
+
+
+async def test_the_buyer_interrupted_mid_job_ends_it_at_once_and_gets_its_deposit_back(market):
+    """Ctrl-C cancels the buyer's job task: the buyer tells its aggregator, which fails the job and
+    gives the escrow up there and then, not when the job next needs the buyer (``round_timeout``,
+    600 s here, is far beyond the wait)."""
+    mk = await market(DemoConfig(rounds=40, eval_every=4))
+    await mk.start()
+    task = asyncio.create_task(run_buyer_job(mk.buyer, mk.spec(), aggregator=mk.aggregator, job_id=mk.job_id))
+    await mk.wait_for(lambda: in_round(mk, 2), what="round 2")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await mk.wait_for(lambda: aggregator_job(mk).phase is AggPhase.FAILED, timeout=60, what="the job to fail")
+    assert aggregator_job(mk).reason == f"{mk.buyer_name}: {GAVE_UP}"
+    job = await mk.settled()
+    assert job.phase is BuyerPhase.FAILED and job.reason == GAVE_UP
+    assert job.settled and job.refund_wei > 0 and job.withdrawn
+    assert sum(job.payments_wei.values()) + job.refund_wei == job.spec.deposit_wei
+    await assert_books_clean(mk, "buyer Ctrl-C mid-job", 1, job)
 
 
 class Twice:

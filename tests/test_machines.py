@@ -171,6 +171,31 @@ def test_aggregator_rejects_undefined_and_duplicate_messages(keypair):
     assert core.jobs["j"] is job  # a refused message leaves the state untouched
 
 
+def test_a_buyer_that_gives_a_job_up_tells_its_aggregator_who_releases_the_owners(keypair):
+    """A buyer that left (Ctrl-C) used to say nothing: its job went on recruiting and computing
+    until it next needed the buyer, up to ``round_timeout`` later, owners and escrow held meanwhile."""
+    pub, priv = keypair
+    buyer = BuyerCore(Context("buyer"), priv)
+    (request,) = buyer.open_job("j", spec(pub))
+    (told,) = buyer.give_up("j", "the buyer gave the job up (interrupted)")
+    assert told.type == "failure" and told.recipient == "aggregator" and told.job_id == "j"
+    assert buyer.jobs["j"].phase is BuyerPhase.FAILED
+    assert buyer.give_up("j", "again") == [] and buyer.give_up("other", "unknown") == []
+    aggregator = AggregatorCore(Context("aggregator"))
+    aggregator.handle(sign(request, key_of("buyer")))
+    aggregator.handle(env(m.JoinRequest(rows=10), sender="owner-2"))
+    out = aggregator.handle(sign(told, key_of("buyer")))
+    assert aggregator.jobs["j"].phase is AggPhase.FAILED
+    assert {(o.recipient, o.type, o.payload.ok) for o in out} == {("buyer", "job_finished", False),
+                                                               ("owner-2", "job_finished", False)}
+    assert out[1].payload.reason == "buyer: the buyer gave the job up (interrupted)"
+
+
+def test_a_finished_job_is_not_given_up(buyer, keypair):
+    buyer.jobs["j"].phase = BuyerPhase.FINISHED
+    assert buyer.give_up("j", "late Ctrl-C") == [] and buyer.jobs["j"].phase is BuyerPhase.FINISHED
+
+
 def test_aggregator_job_request_must_come_from_its_buyer(keypair):
     pub, _ = keypair
     core = AggregatorCore(Context("aggregator"))

@@ -7,6 +7,7 @@ proofs of the same rules.
 import pytest
 
 from deltaml.marketplace import DemoConfig, baselines, make_spec, memory_job, prepare_parts
+from deltaml.agents.runtime import GAVE_UP
 from deltaml.protocol.buyer import BuyerPhase
 
 
@@ -213,21 +214,28 @@ def test_a_quorum_above_the_trainers_is_refused(quorum, keypair):
         aggregator_core().handle(request)
 
 
-class Twice:
-    """A core that hears every chain event twice, the second time under a new message id: what a
-    party sees when the ledger publishes a transaction's events again (a redelivered request)."""
+class After:
+    """A core that does one thing more after each message of type ``kind``: ``then(core, env)``,
+    whose outputs follow the message's own."""
 
-    def __init__(self, core) -> None:
-        self.core = core
+    def __init__(self, core, kind: str, then) -> None:
+        self.core, self.kind, self.then = core, kind, then
 
     def __getattr__(self, name):
         return getattr(self.core, name)
 
     def handle(self, env):
         out = self.core.handle(env)
-        if env.type == "chain_event":
-            out += self.core.handle(env.model_copy(update={"message_id": env.message_id + "-again"}))
+        if env.type == self.kind:
+            out += self.then(self.core, env)
         return out
+
+
+def hears_chain_events_twice(core) -> After:
+    """Every chain event a second time, under a new message id: what a party sees when the ledger
+    publishes a transaction's events again (a redelivered request)."""
+    return After(core, "chain_event",
+                 lambda c, env: c.handle(env.model_copy(update={"message_id": env.message_id + "-again"})))
 
 
 async def test_chain_events_heard_twice_change_nothing(keypair):
@@ -240,7 +248,7 @@ async def test_chain_events_heard_twice_change_nothing(keypair):
 
     def wrap(name, core):
         cores[name] = core
-        return Twice(core)
+        return hears_chain_events_twice(core)
 
     job, job_id, dead, ledger, _ = await memory_job(config, parts, spec, keypair[1], wrap=wrap)
     assert job.phase is BuyerPhase.FINISHED, job.reason
@@ -253,3 +261,21 @@ async def test_chain_events_heard_twice_change_nothing(keypair):
             assert owner.paid_wei == job.payments_wei[core.ctx.wallet.address]
     assert len(ledger.gas["setParticipants"]) == 1 and len(ledger.gas["withdraw"]) == config.owners + 1
 
+
+
+async def test_a_deposit_that_lands_after_the_buyer_gave_up_is_refunded_at_once(keypair):
+    """The escrow was created after its job had failed: nobody gave it up, and the deposit sat in
+    it until the deadline (hours). The aggregator now abandons and settles it when it appears."""
+    config = DemoConfig(rounds=3, eval_every=3)
+    data, parts = prepare_parts(config)
+    spec = make_spec(config, data, keypair[0].to_hex(), "buyer")
+
+    def wrap(name, core):  # the buyer gives the job up just after sending its deposit (Ctrl-C then)
+        return After(core, "participants", lambda c, env: c.give_up(env.job_id, GAVE_UP)) if name == "buyer" else core
+
+    job, job_id, dead, ledger, _ = await memory_job(config, parts, spec, keypair[1], wrap=wrap)
+    assert job.phase is BuyerPhase.FAILED and job.reason == GAVE_UP
+    assert job.deposit == "made" and job.settled and job.withdrawn
+    deposit, credited, balance = chain_totals(ledger, job)
+    assert job.refund_wei == deposit == credited and job.payments_wei == {} and balance == 0
+    assert len(ledger.gas["abandon"]) == 1 and "setParticipants" not in ledger.gas  # nothing staffed

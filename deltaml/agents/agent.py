@@ -15,7 +15,7 @@ import asyncio
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 from eth_account import Account
@@ -116,8 +116,18 @@ class Agent:
             await asyncio.gather(self.ticker, return_exceptions=True)
             self.ticker = None
 
+    async def act(self, step: Callable[[], list[m.Envelope]], direction: str) -> list[m.Envelope]:
+        """Step the core on a decision of its own, outside any delivery (a buyer opening or giving up
+        a job), and publish what it says. It waits for a delivery being handled: those step the
+        core under the same lock, in another thread. The trace names the decision by ``direction``
+        so a replay can take it again."""
+        async with self.policy.lock:
+            outgoing = step()
+        await self.send_all(outgoing, direction)
+        return outgoing
+
     async def send_all(self, envelopes: list[m.Envelope], direction: str = "out") -> None:
-        """Publish messages the core produced outside a delivery (a buyer opening a job)."""
+        """Publish messages the core produced outside a delivery."""
         for env in envelopes:
             if self.trace:
                 self.trace.record(direction, env)

@@ -85,8 +85,11 @@ def _replay(path: Path) -> tuple[int, list[str]]:
                 continue
             env = m.Envelope.model_validate(record["message"])
             where = f"{env.type} {env.message_id} (round {env.round})"
-            if record["dir"] == "open":
+            if record["dir"] == "open":  # the buyer's own decisions, each with its first output
                 got = core.open_job(env.job_id, env.payload.spec, env.recipient)
+                expected = [env, *expected]
+            elif record["dir"] == "give_up":
+                got = core.give_up(env.job_id, env.payload.reason)
                 expected = [env, *expected]
             elif record["dir"] == "refused":
                 try:

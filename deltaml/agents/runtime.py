@@ -59,19 +59,42 @@ async def run_buyer_job(agent: Agent, spec: m.JobSpec, aggregator: str = "aggreg
     core: BuyerCore = agent.core
     job_id = job_id or uuid.uuid4().hex
     started = time.perf_counter()
-    await agent.send_all(core.open_job(job_id, spec, aggregator), direction="open")
+    await agent.act(lambda: core.open_job(job_id, spec, aggregator), direction="open")
     log.info("job requested", job=job_id, owners=spec.owners, rounds=spec.rounds)
     shown: set[int] = set()
-    while True:
-        job = core.jobs[job_id]
-        for round_ in sorted(set(job.published) - shown):
-            shown.add(round_)
-            on_progress(round_, job.published[round_]["all"], time.perf_counter() - started)
-        if job.phase in (BuyerPhase.FINISHED, BuyerPhase.FAILED):
-            break
-        await asyncio.sleep(poll)
+    try:
+        while True:
+            job = core.jobs[job_id]
+            for round_ in sorted(set(job.published) - shown):
+                shown.add(round_)
+                on_progress(round_, job.published[round_]["all"], time.perf_counter() - started)
+            if job.phase in (BuyerPhase.FINISHED, BuyerPhase.FAILED):
+                break
+            await asyncio.sleep(poll)
+    except asyncio.CancelledError:  # Ctrl-C: the job cannot go on without its buyer
+        await give_up(agent, job_id, GAVE_UP)
+        raise
     await _wait_until(lambda: not core.jobs[job_id].escrow_open, refund_wait, poll)
     return core.jobs[job_id]
+
+
+GAVE_UP = "the buyer gave the job up (interrupted)"
+
+
+async def give_up(agent: Agent, job_id: str, reason: str, wait: float = 10.0) -> bool:
+    """Tell the aggregator the buyer leaves ``job_id`` (see :meth:`BuyerCore.give_up`), waiting at
+    most ``wait`` seconds for a delivery in hand and the broker; whether the word went out. If it
+    did not, the job still fails, later: when it next needs the buyer."""
+    try:
+        await asyncio.wait_for(agent.act(lambda: agent.core.give_up(job_id, reason), direction="give_up"), wait)
+        return True
+    except Exception as exc:  # the broker gone, say: leaving must not turn into a traceback
+        log.warning("the aggregator was not told the job is given up", job=job_id,
+                    reason=f"{type(exc).__name__}: {exc}")
+        job = agent.core.jobs.get(job_id)
+        if job is not None and job.reason == reason:  # what the buyer's last line will say
+            job.reason = f"{reason}, but its aggregator was not told"
+        return False
 
 
 async def collect(agent: Agent, job_id: str | None = None, owners: int | None = None,

@@ -403,9 +403,14 @@ def _fail(job: AggJob, ctx: Context, job_id: str, reason: str) -> list[m.Envelop
     owners = [*job.trainers, *job.validators] or sorted(job.joined, key=natural_key)
     out = [ctx.message(job_id, job.round, p, end) for p in [job.buyer, *owners]]
     if job.on_chain and not job.settled:
-        out += ctx.wallet.call(ctx, job_id, job.round, "abandon", [job_key(job_id), job.round])
-        out += _settle(job, ctx, job_id)
+        out += _give_escrow_up(job, ctx, job_id)
     return out
+
+
+def _give_escrow_up(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
+    """Abandon a failed job's escrow and settle it at once: the buyer is refunded (less the fixed
+    rewards, if training had verified progress) without waiting for the deadline."""
+    return ctx.wallet.call(ctx, job_id, job.round, "abandon", [job_key(job_id), job.round]) + _settle(job, ctx, job_id)
 
 
 def _drop(job: AggJob, ctx: Context, job_id: str, silent: list[str], waited: float) -> list[m.Envelope]:
@@ -466,6 +471,8 @@ def _on_chain_event(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelo
     """The escrow drives the start: post the participants once funded, train once all confirmed."""
     require(env.sender == LEDGER, "chain events come from the ledger")
     ev, spec = env.payload, job.spec
+    if ev.event == "JobCreated" and job.phase == AggPhase.FAILED and not job.on_chain:
+        return _give_up_late_escrow(job, ctx, env)
     if ev.event == "JobCreated" and job.phase == AggPhase.STARTING and not job.on_chain:
         a = ev.args
         expected = (ctx.wallet.address, spec.deposit_wei, spec.owners, spec.rounds, spec.fixed_reward_wei,
@@ -484,6 +491,16 @@ def _on_chain_event(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelo
     if ev.event == "Settled":
         return _settled(job, ctx, env.job_id)
     return []
+
+
+def _give_up_late_escrow(job: AggJob, ctx: Context, env: m.Envelope) -> list[m.Envelope]:
+    """The buyer's deposit landed after the job failed (it was in flight when the buyer gave up, or
+    an owner failed the job): the escrow is given up and settled now, so the deposit comes back at
+    once instead of at its deadline. Only an escrow naming this aggregator can be given up by it."""
+    if not same_address(env.payload.args["aggregator"], ctx.wallet.address):
+        return []
+    job.on_chain = True
+    return _give_escrow_up(job, ctx, env.job_id)
 
 
 def _on_receipt(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:

@@ -357,6 +357,16 @@ class BuyerCore(ChainParty):
         self.jobs[job_id] = BuyerJob(phase=BuyerPhase.REQUESTED, spec=spec, aggregator=aggregator)
         return [self.ctx.message(job_id, 0, aggregator, m.JobRequest(spec=spec, initial_model=zero))]
 
+    def give_up(self, job_id: str, reason: str) -> list[m.Envelope]:
+        """Leave a job before its result: the aggregator is told, so the job ends now for everyone
+        (its owners are released, a funded escrow is given up and refunded at once) rather than
+        when it next needs the buyer. A job already over, or unknown, is left as it is."""
+        job = self.jobs.get(job_id)
+        if job is None or job.phase not in (BuyerPhase.REQUESTED, BuyerPhase.TRAINING):
+            return []
+        job.phase, job.reason = BuyerPhase.FAILED, reason
+        return [self.ctx.message(job_id, 0, job.aggregator, m.Failure(reason=reason))]
+
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
         """Apply one message to its job."""
         out = self.chain_prelude(env, self.ctx)
