@@ -335,6 +335,21 @@ def test_a_state_directory_holding_another_file_is_one_line_and_left_as_it_was(t
     assert (state / "state.sqlite").read_bytes() == b"not a database, and not ours to overwrite"
 
 
+@pytest.mark.parametrize("role", ["aggregator", "owner"])
+def test_a_state_directory_that_is_a_file_is_one_line_in_our_words(tmp_path, role):
+    """It was "[Errno 17] File exists", which names neither the flag nor the fix."""
+    state = tmp_path / "state"
+    state.write_text("a file, not a directory")
+    csv = tmp_path / "owner.csv"
+    csv.write_text("a,b,y\n" + "".join(f"{i},{i % 3},{2 * i}\n" for i in range(10)))
+    data = ["--data", str(csv), "--auto-accept"] if role == "owner" else []
+    proc = run_cli(role, *data, "--state-dir", str(state), "--key", str(tmp_path / "k.key"), timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1] == (f"deltaml: error: {state}: not a directory; give --state-dir "
+                                                  f"a directory (created if missing)"), proc.stderr
+    assert len(lines) == 1 and state.read_text() == "a file, not a directory"
+
+
 def test_dataset_split_writes_the_design_split(tmp_path):
     proc = run_cli("dataset", "split", "diabetes", "--parts", "5", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr

@@ -262,7 +262,6 @@ async def test_chain_events_heard_twice_change_nothing(keypair):
     assert len(ledger.gas["setParticipants"]) == 1 and len(ledger.gas["withdraw"]) == config.owners + 1
 
 
-
 async def test_a_deposit_that_lands_after_the_buyer_gave_up_is_refunded_at_once(keypair):
     """The escrow was created after its job had failed: nobody gave it up, and the deposit sat in
     it until the deadline (hours). The aggregator now abandons and settles it when it appears."""

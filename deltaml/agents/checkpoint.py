@@ -32,11 +32,18 @@ class Checkpoint:
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.directory / "state.sqlite"
-        if not path.exists():
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not path.exists():
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except FileExistsError:  # mkdir's word for a file (or a link to one) where the directory should be
+            raise CheckpointError(f"{self.directory}: not a directory; give --state-dir a directory "
+                                  f"(created if missing)") from None
+        except (OSError, sqlite3.Error) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise CheckpointError(f"{path}: cannot be opened as a state database ({why})") from None
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
