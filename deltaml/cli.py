@@ -240,6 +240,7 @@ def cmd_ledger(args) -> int:
     contract = args.contract
     if args.state_dir is not None:
         contract = _saved_contract(args)
+    _refuse_a_second_ledger(args.amqp_url)
     try:
         chain = Chain(args.chain, contract=contract)
     except ChainUnavailable as exc:
@@ -248,6 +249,26 @@ def cmd_ledger(args) -> int:
     print(f"ledger: escrow contract {chain.address} on chain {chain.chain_id} ({where})", file=sys.stderr)
     return _serve("ledger", LEDGER, LedgerCore(context(LEDGER), chain), args, {"chain": args.chain},
                   key=_wallet(args).private_key)
+
+
+def _refuse_a_second_ledger(amqp_url: str) -> None:
+    """Before deploying an escrow: the broker answers and no ledger is running on it. A second
+    ledger was refused only at its exclusive consume, after deploying an escrow nobody would use
+    (on a real chain, gas spent and a contract orphaned), and so was a ledger whose broker was down."""
+    from .agents.amqp import AmqpBus
+    from .agents.bus import QueueBusy
+    from .agents.topology import queue_name
+    from .protocol.chain import LEDGER
+
+    async def running() -> bool:
+        bus = await AmqpBus(amqp_url).connect()
+        try:
+            return bool(await bus.consumers("ledger", LEDGER, refused=0))  # may not look: the consume decides
+        finally:
+            await bus.close()
+
+    if asyncio.run(running()):
+        raise QueueBusy(queue_name("ledger", LEDGER), "ledger", LEDGER)
 
 
 def _saved_contract(args) -> str | None:

@@ -267,6 +267,33 @@ async def test_a_second_daemon_under_a_running_daemons_name_is_refused_in_one_li
         await bus.close()
 
 
+async def test_a_second_ledger_is_refused_before_it_deploys_an_escrow(tmp_path):
+    """It used to deploy its escrow (gas and an orphaned contract, on a real chain) and only then
+    meet the first ledger's exclusive consume; a ledger whose broker is down deployed one too."""
+    first = subprocess.Popen([sys.executable, "-m", "deltaml.cli", "ledger", "--key", str(tmp_path / "first.key")],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bus = await AmqpBus(AMQP_URL).connect()
+    try:
+        for _ in range(600):
+            if await bus.consumers("ledger", LEDGER):
+                break
+            await asyncio.sleep(0.1)
+        second = await asyncio.to_thread(run_cli, "ledger", "--key", str(tmp_path / "second.key"), timeout=60)
+        assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+            f"deltaml: error: queue deltaml.ledger.{LEDGER} already has a consumer: ledger {LEDGER!r} is running "
+            f"on this broker; stop it first"], second.stderr
+        assert first.poll() is None
+    finally:
+        first.terminate()
+        first.wait(30)
+        await bus.close()
+    down = await asyncio.to_thread(run_cli, "ledger", "--key", str(tmp_path / "third.key"), "--amqp-url",
+                                   "amqp://guest:guest@127.0.0.1:1/", timeout=60)
+    lines = down.stderr.strip().splitlines()
+    assert down.returncode == 2 and len(lines) == 1 and "127.0.0.1:1" in lines[0], down.stderr
+    assert "escrow contract" not in down.stderr  # nothing deployed for a ledger that cannot run
+
+
 BUYER_TRAIN = ["buyer", "train", "--features", "age,sex,bmi,bp,s1,s2,s3,s4,s5,s6", "--target", "progression",
                "--owners", "5", "--validators", "1", "--rounds", "10", "--lr", "1.5"]
 

@@ -82,9 +82,10 @@ class AmqpBus:
             await queue.bind(self.protocol, key)
         return queue
 
-    async def consumers(self, role: str, name: str) -> int | None:
+    async def consumers(self, role: str, name: str, refused: int = 1) -> int | None:
         """How many consume an agent's queue; None if there is no such queue (what is sent there is
-        dead-lettered as unroutable). On a throwaway channel: a refused passive declare closes it."""
+        dead-lettered as unroutable); ``refused`` if this broker user may not look. On a throwaway
+        channel: a refused passive declare closes it."""
         channel = await self.connection.channel()
         try:
             queue = await channel.declare_queue(t.queue_name(role, name), passive=True)
@@ -92,7 +93,7 @@ class AmqpBus:
         except aio_pika.exceptions.ChannelNotFoundEntity:
             return None
         except aiormq.exceptions.ChannelAccessRefused:
-            return 1  # a broker user that may not look is told nothing is amiss, as before the question
+            return refused  # what the caller takes as "nothing amiss", as before the question
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()

@@ -63,7 +63,7 @@ class Bus(Protocol):
 
     async def consume(self, role: str, name: str, handler: Handler) -> None: ...
 
-    async def consumers(self, role: str, name: str) -> int | None: ...
+    async def consumers(self, role: str, name: str, refused: int = 1) -> int | None: ...
 
     async def close(self) -> None: ...
 
@@ -114,8 +114,8 @@ class MemoryBus:
         self.consumed.add(queue)
         self.tasks.append(asyncio.create_task(self._pump(queue, handler)))
 
-    async def consumers(self, role: str, name: str) -> int | None:
-        """How many consume an agent's queue (0 or 1); None if there is no such queue."""
+    async def consumers(self, role: str, name: str, refused: int = 1) -> int | None:
+        """How many consume an agent's queue (0 or 1); None if there is no such queue (everyone may look)."""
         queue = t.queue_name(role, name)
         return int(queue in self.consumed) if queue in self.queues else None
 
