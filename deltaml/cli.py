@@ -128,7 +128,8 @@ def cmd_demo(args) -> int:
     _check_writable(report=args.report)
     config = DemoConfig(owners=args.owners, validators=args.validators, rounds=args.rounds, lr=args.lr,
                         eval_every=args.eval_every, key_bits=args.key_bits, dataset=args.dataset,
-                        poison_owner=args.poison_owner, chain=args.chain)
+                        poison_owner=args.poison_owner, chain=args.chain, round_timeout=args.round_timeout,
+                        quorum=args.quorum)
     report = run_demo(config, args.bus, _progress, amqp_url=args.amqp_url)
     rel = abs(report["final_mse"] - report["centralized_gd_mse"]) / report["centralized_gd_mse"]
     print(f"final MSE {report['final_mse']:.4f}  centralised GD {report['centralized_gd_mse']:.4f} "
@@ -329,7 +330,7 @@ def cmd_buyer_train(args) -> int:
         spec = m.JobSpec(buyer=args.name, features=args.features.split(","), target=args.target,
                          owners=args.owners, validators=args.validators, rounds=args.rounds, lr=args.lr,
                          eval_every=args.eval_every, key_bits=args.key_bits, public_key=key.public.to_hex(),
-                         escrow=True, deadline=int(time.time()) + args.deadline_hours * 3600,
+                         round_timeout=args.round_timeout, quorum=args.quorum, escrow=True, deadline=int(time.time()) + args.deadline_hours * 3600,
                          fixed_reward_wei=args.fixed_reward_wei, variable_pool_wei=args.variable_pool_wei)
     except ValidationError as exc:  # the job's own limits, said with the flag that broke them
         raise CliError(_spec_error(exc)) from None
@@ -503,6 +504,11 @@ def _job_shape(p: argparse.ArgumentParser, owners, validators, rounds, lr, key_b
     add("--lr", float, lr, "learning rate")
     p.add_argument("--eval-every", type=int, default=10, help="validate the model every this many rounds")
     p.add_argument("--key-bits", type=int, default=key_bits, help="Paillier modulus (2048 or more)")
+    p.add_argument("--round-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long the aggregator waits for a phase's replies before it acts on the silence")
+    p.add_argument("--quorum", type=int, default=0,
+                   help="go on without silent trainers while this many still answer (0: a silent party fails "
+                        "the job); the silent are dropped and not paid")
 
 
 def build_parser() -> argparse.ArgumentParser:

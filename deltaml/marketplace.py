@@ -85,6 +85,10 @@ def check_config(config: DemoConfig) -> None:
     trainers = config.owners - config.validators
     if config.poison_owner is not None and not 1 <= config.poison_owner <= trainers:
         raise ConfigError(f"--poison-owner must name a trainer (1..{trainers})")
+    if not 0 <= config.quorum <= trainers:
+        raise ConfigError(f"--quorum must be between 0 and the {trainers} trainers, got {config.quorum}")
+    if not (math.isfinite(config.round_timeout) and config.round_timeout > 0):
+        raise ConfigError(f"--round-timeout must be a positive number of seconds, got {config.round_timeout}")
 
 
 def prepare_parts(config: DemoConfig) -> tuple[Dataset, list[Dataset]]:

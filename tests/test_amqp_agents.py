@@ -318,7 +318,8 @@ async def test_a_buyer_whose_aggregator_is_not_running_says_so_and_ctrl_c_costs_
     await bus.declare("ledger", LEDGER)
     try:
         proc = subprocess.Popen([sys.executable, "-m", "deltaml.cli", *BUYER_TRAIN, "--key",
-                                 str(tmp_path / "buyer.key"), "--aggregator", name],
+                                 str(tmp_path / "buyer.key"), "--aggregator", name, "--quorum", "3",
+                                 "--round-timeout", "42"],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(600):  # the request is in the queue: the buyer is waiting
             if (await bus.declare("aggregator", name)).declaration_result.message_count:
@@ -340,6 +341,7 @@ async def test_a_buyer_whose_aggregator_is_not_running_says_so_and_ctrl_c_costs_
             await message.ack()
             waiting.append(m.decode(message.body))
         assert [w.type for w in waiting] == ["job_request", "failure"]
+        assert (waiting[0].payload.spec.quorum, waiting[0].payload.spec.round_timeout) == (3, 42.0)
         assert waiting[1].job_id == waiting[0].job_id and waiting[1].payload.reason == GAVE_UP
         assert signer(waiting[1]) == signer(waiting[0])
     finally:

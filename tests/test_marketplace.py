@@ -116,6 +116,8 @@ def test_cli_demo_writes_the_report(tmp_path, capsys):
     (["--lr", "inf"], "--lr must be a positive number, got inf"),
     (["--owners", "1"], "need at least one validator and one trainer"),
     (["--poison-owner", "5"], "--poison-owner must name a trainer (1..4)"),
+    (["--quorum", "5"], "--quorum must be between 0 and the 4 trainers, got 5"),
+    (["--round-timeout", "0"], "--round-timeout must be a positive number of seconds, got 0.0"),
 ])
 def test_demo_flags_a_job_cannot_run_with_are_one_line_errors(flags, message, capsys):
     assert main(["demo", "--bus", "memory", *flags]) == 2
@@ -145,6 +147,8 @@ BUYER = ["buyer", "train", "--features", "a,b", "--target", "y", "--owners", "3"
     (["--model-out", "/no-such-dir/m.json"], "--model-out /no-such-dir/m.json: no directory /no-such-dir"),
     # the contract refuses a deadline already past, but only once every owner has been recruited
     (["--deadline-hours", "0"], "--deadline-hours 0: must be at least 1"),
+    (["--quorum", "3"], "--quorum 3: more than the job's 2 trainers"),
+    (["--round-timeout", "-5"], "--round-timeout -5.0: input should be greater than 0"),
 ])
 def test_buyer_flags_a_job_cannot_run_with_are_one_line_errors(flags, message, capsys):
     """Refused before the buyer looks for a broker (the URL here has none)."""

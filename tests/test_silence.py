@@ -200,18 +200,29 @@ async def test_a_buyer_that_never_closes_its_job_keeps_no_owner_waiting(keypair)
 
 
 @pytest.mark.parametrize("quorum", [5, 9])
-def test_a_quorum_above_the_trainers_is_refused(quorum, keypair):
-    from deltaml.protocol import messages as m
-    from deltaml.agents.parties import aggregator_core
-    from deltaml.protocol.errors import ProtocolError
+def test_a_quorum_above_the_trainers_is_refused_where_the_job_is_read(quorum, keypair):
+    """By the spec itself: the buyer's command refuses it in one line, and a request carrying one
+    is dead-lettered as undecodable, before any aggregator opens a job for it."""
+    import json
 
-    config = DemoConfig(quorum=quorum)
-    data, _ = prepare_parts(config)
-    spec = make_spec(config, data, keypair[0].to_hex(), "buyer", escrow=False)
+    from pydantic import ValidationError
+
+    from deltaml.protocol import messages as m
+    from deltaml.protocol.errors import DecodeError
+
+    data, _ = prepare_parts(DemoConfig())
+    with pytest.raises(ValidationError, match="more than the job's 4 trainers"):
+        make_spec(DemoConfig(quorum=quorum), data, keypair[0].to_hex(), "buyer")
+    spec = make_spec(DemoConfig(), data, keypair[0].to_hex(), "buyer")
     request = m.Envelope(message_id="r", job_id="j", sender="buyer", recipient="aggregator",
                          payload=m.JobRequest(spec=spec, initial_model=[keypair[0].encrypt(0)] * 11))
-    with pytest.raises(ProtocolError, match="quorum"):
-        aggregator_core().handle(request)
+    raw = json.loads(m.encode(request))
+    raw["payload"]["spec"]["quorum"] = quorum
+    with pytest.raises(DecodeError, match="quorum"):
+        m.decode(json.dumps(raw))
+    raw["payload"]["spec"].update(quorum=2, leave_one_out=False)
+    with pytest.raises(DecodeError, match="needs the leave-one-out models"):
+        m.decode(json.dumps(raw))
 
 
 class After:

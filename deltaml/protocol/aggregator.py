@@ -614,10 +614,7 @@ class AggregatorCore(ChainParty):
         require(req.spec.buyer == env.sender, "a job request must come from its buyer")
         require(len(req.initial_model) == len(req.spec.features) + 1, "initial model of the wrong length")
         PublicKey.from_hex(req.spec.public_key).require_ciphertexts(req.initial_model, "initial model")
-        require(req.spec.quorum <= req.spec.trainers, "a quorum larger than the trainers")
         require(req.spec.leave_one_out or not req.spec.escrow, "a paid job needs leave-one-out contributions")
-        require(req.spec.leave_one_out or not req.spec.quorum,
-                "going on without a silent trainer needs the leave-one-out models")
         require(not req.spec.escrow or self.wallet is not None, "this aggregator takes no paid jobs (no key)")
         self.jobs[env.job_id] = AggJob(phase=AggPhase.RECRUITING, spec=req.spec, buyer=env.sender,
                                        models={FULL_MODEL: list(req.initial_model)},

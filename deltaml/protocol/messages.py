@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from .errors import DecodeError
 from .paillier import check_key_bits
@@ -82,6 +83,14 @@ class JobSpec(_Payload):
     #: dropping a silent trainer); off, a job with many trainers trains the full model only.
     leave_one_out: bool = True
 
+    @field_validator("quorum")
+    @classmethod
+    def _quorum_of_trainers(cls, quorum: int, info: ValidationInfo) -> int:
+        owners, validators = info.data.get("owners"), info.data.get("validators")
+        if owners is not None and validators is not None and quorum > owners - validators:
+            raise ValueError(f"more than the job's {owners - validators} trainers")
+        return quorum
+
     @model_validator(mode="after")
     def _trainable(self) -> "JobSpec":
         """A job some owner could train: named, distinct columns, and at least one trainer."""
@@ -92,6 +101,8 @@ class JobSpec(_Payload):
             raise ValueError("feature and target names must not be empty")
         if len(set(columns)) != len(columns):
             raise ValueError(f"features and target must be distinct columns, got {', '.join(columns)}")
+        if self.quorum and not self.leave_one_out:
+            raise ValueError("going on without a silent trainer (a quorum) needs the leave-one-out models")
         return self
 
     @model_validator(mode="after")
