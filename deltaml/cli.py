@@ -82,6 +82,8 @@ def _print_earnings(report: dict) -> None:
     for address, paid in report["payments_wei"].items():
         c = report["contributions"].get(address)
         print(f"{names.get(address, ''):<10}{address:<44}{'validator' if c is None else f'{c:.4f}':>14}{paid:>22}")
+    for name in report.get("dropped", []):  # silent in training: left out, paid nothing
+        print(f"{name:<10}{report.get('participants', {}).get(name, ''):<44}{'dropped':>14}{0:>22}")
     print(f"refund to buyer {report['refund_wei']} wei of a {report['deposit_wei']} wei deposit "
           f"(paid + refund = {sum(report['payments_wei'].values()) + report['refund_wei']})")
 

@@ -59,7 +59,7 @@ def chain_totals(ledger, job):
     return job.spec.deposit_wei, sum(job.payments_wei.values()) + job.refund_wei, c.balance(c.address)
 
 
-async def test_a_silent_trainer_is_dropped_when_the_quorum_holds_and_the_rest_is_exact(keypair):
+async def test_a_silent_trainer_is_dropped_when_the_quorum_holds_and_the_rest_is_exact(keypair, capsys):
     # A deadline is every party's, also the validator's and buyer's during an evaluation (all agents
     # share one process and its GIL here): 2 s proved too short on a loaded CI machine.
     config = DemoConfig(rounds=6, eval_every=3, round_timeout=5.0, quorum=3)
@@ -76,6 +76,17 @@ async def test_a_silent_trainer_is_dropped_when_the_quorum_holds_and_the_rest_is
     deposit, credited, balance = chain_totals(ledger, job)
     assert credited == deposit and balance == 0
     assert wrapped["owner-2"].swallowed >= 1
+    # the buyer's report and table name it (they used to leave it out without a word)
+    from deltaml.agents.runtime import buyer_report
+    from deltaml.cli import _print_earnings
+    from deltaml.protocol.buyer import BuyerCore
+
+    report = buyer_report(job, "j", 2048, 0.0)
+    assert report["dropped"] == ["owner-2"] and report["participants"]["owner-2"] == gone
+    _print_earnings(report)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["owner-2", gone, "dropped", "0"] in rows
+    assert BuyerCore.status(job)["dropped"] == ["owner-2"]  # what the buyer's log line says
 
 
 async def test_a_silent_trainer_without_a_quorum_fails_the_job_and_refunds_the_deposit(keypair):

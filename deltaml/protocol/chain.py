@@ -337,8 +337,9 @@ class ChainParty:
 
     @staticmethod
     def status(job) -> dict:
-        reason = getattr(job, "reason", "")
-        return {"phase": job.phase.name.lower(), **({"reason": reason} if reason else {})}
+        reason, dropped = getattr(job, "reason", ""), list(getattr(job, "dropped", []))
+        return {"phase": job.phase.name.lower(), **({"reason": reason} if reason else {}),
+                **({"dropped": dropped} if dropped else {})}
 
     def chain_prelude(self, env: m.Envelope, ctx) -> list[m.Envelope] | None:
         """Handle messages that belong to the wallet rather than to a job; None if not one."""
