@@ -189,6 +189,10 @@ def test_a_buyer_that_gives_a_job_up_tells_its_aggregator_who_releases_the_owner
     assert {(o.recipient, o.type, o.payload.ok) for o in out} == {("buyer", "job_finished", False),
                                                                ("owner-2", "job_finished", False)}
     assert out[1].payload.reason == "buyer: the buyer gave the job up (interrupted)"
+    # an owner whose offer crossed the failure is told, not left waiting for a role (and not refused)
+    (late,) = aggregator.handle(env(m.JoinRequest(rows=10), sender="owner-3"))
+    assert (late.recipient, late.type, late.payload.ok) == ("owner-3", "job_finished", False)
+    assert late.payload.reason == "the job failed: buyer: the buyer gave the job up (interrupted)"
 
 
 def test_a_finished_job_is_not_given_up(buyer, keypair):

@@ -249,7 +249,10 @@ def _on_join(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
 
 
 def _on_late_join(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
-    return [ctx.reply(env, m.JobFinished(ok=False, reason="job is full"))]
+    """An owner that offered its data too late is told so, rather than left waiting for a role: the
+    job is full, or it already failed (its buyer gave it up while the offer was on its way, say)."""
+    reason = f"the job failed: {job.reason}" if job.phase is AggPhase.FAILED else "job is full"
+    return [ctx.reply(env, m.JobFinished(ok=False, reason=reason))]
 
 
 def _on_accepted(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
@@ -545,8 +548,7 @@ NEXT = (A.TRAINING, A.REFRESHING, A.EVALUATING, A.VERIFYING, A.SETTLING, A.CLOSI
 EVALUATION_GOES_ON = (A.TRAINING, A.REFRESHING, A.EVALUATING, A.VERIFYING)
 AGGREGATOR_TABLE = table(
     (A.RECRUITING, "join_request", _on_join, (A.RECRUITING, A.STARTING)),
-    ((A.STARTING, A.TRAINING, A.REFRESHING, A.EVALUATING, A.VERIFYING), "join_request", _on_late_join,
-     (A.STARTING, A.TRAINING, A.REFRESHING, A.EVALUATING, A.VERIFYING)),
+    ((*RUNNING[1:], A.FAILED), "join_request", _on_late_join, (*RUNNING[1:], A.FAILED)),
     (A.STARTING, "role_accepted", _on_accepted, (A.STARTING, *NEXT)),
     (A.TRAINING, "gradient_reply", _on_gradient, (A.TRAINING, *NEXT)),
     (A.REFRESHING, "refresh_reply", _on_refreshed, NEXT),
