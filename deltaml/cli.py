@@ -329,10 +329,12 @@ def cmd_buyer_train(args) -> int:
     configure_logging(args.log_format, args.log_level)
     key = new_key(args.key_bits)
     try:
-        spec = m.JobSpec(buyer=args.name, features=args.features.split(","), target=args.target,
-                         owners=args.owners, validators=args.validators, rounds=args.rounds, lr=args.lr,
+        # names as an owner's CSV header gives them: "age, sex" asks for "sex", which an owner has
+        spec = m.JobSpec(buyer=args.name, features=[f.strip() for f in args.features.split(",")],
+                         target=args.target.strip(), owners=args.owners, validators=args.validators, rounds=args.rounds, lr=args.lr,
                          eval_every=args.eval_every, key_bits=args.key_bits, public_key=key.public.to_hex(),
-                         round_timeout=args.round_timeout, quorum=args.quorum, escrow=True, deadline=int(time.time()) + args.deadline_hours * 3600,
+                         round_timeout=args.round_timeout, quorum=args.quorum, escrow=True,
+                         deadline=int(time.time()) + args.deadline_hours * 3600,
                          fixed_reward_wei=args.fixed_reward_wei, variable_pool_wei=args.variable_pool_wei)
     except ValidationError as exc:  # the job's own limits, said with the flag that broke them
         raise CliError(_spec_error(exc)) from None

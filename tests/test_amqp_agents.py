@@ -317,8 +317,9 @@ async def test_a_buyer_whose_aggregator_is_not_running_says_so_and_ctrl_c_costs_
     queue = await bus.declare("aggregator", name)  # an aggregator that ran here once and stopped
     await bus.declare("ledger", LEDGER)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "deltaml.cli", *BUYER_TRAIN, "--key",
-                                 str(tmp_path / "buyer.key"), "--aggregator", name, "--quorum", "3",
+        spaced = [" age, sex" if a == "age,sex,bmi,bp,s1,s2,s3,s4,s5,s6" else a for a in BUYER_TRAIN]
+        proc = subprocess.Popen([sys.executable, "-m", "deltaml.cli", *spaced, "--key",
+                                 str(tmp_path / "buyer.key"), "--aggregator", name, "--quorum", "1",
                                  "--round-timeout", "42"],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(600):  # the request is in the queue: the buyer is waiting
@@ -341,7 +342,8 @@ async def test_a_buyer_whose_aggregator_is_not_running_says_so_and_ctrl_c_costs_
             await message.ack()
             waiting.append(m.decode(message.body))
         assert [w.type for w in waiting] == ["job_request", "failure"]
-        assert (waiting[0].payload.spec.quorum, waiting[0].payload.spec.round_timeout) == (3, 42.0)
+        spec = waiting[0].payload.spec  # the flags as asked, names as an owner's CSV header gives them
+        assert (spec.quorum, spec.round_timeout, spec.features) == (1, 42.0, ["age", "sex"])
         assert waiting[1].job_id == waiting[0].job_id and waiting[1].payload.reason == GAVE_UP
         assert signer(waiting[1]) == signer(waiting[0])
     finally:
