@@ -351,18 +351,25 @@ def cmd_buyer_train(args) -> int:
                                        "seed": core.ctx.rng.seed_bytes.hex(), "key": str(key_path.resolve())})
         agent = Agent("buyer", args.name, core, bus, trace, pinned=_pinned(args), precompute=args.precompute)
         await agent.start()
+        parties = [("aggregator", args.aggregator), ("ledger", LEDGER)]
+        watch = None
         try:
-            await _check_served(bus, [("aggregator", args.aggregator), ("ledger", LEDGER)])
+            served.update(await _check_served(bus, parties))
+            watch = asyncio.create_task(_watch_served(bus, served))
             return await run_buyer_job(agent, spec, aggregator=args.aggregator, on_progress=_progress, job_id=job_id)
         finally:
+            if watch is not None:
+                watch.cancel()
             await bus.close()
 
     started = time.perf_counter()
     job_id = uuid.uuid4().hex
+    served: dict[tuple[str, str], bool] = {}  # who consumes its queue, as last seen
     try:
         job = asyncio.run(main())
     except KeyboardInterrupt:
-        print(f"deltaml: interrupted: {_left(core.jobs.get(job_id), job_id, args.key)}", file=sys.stderr)
+        running = served.get(("aggregator", args.aggregator), True)
+        print(f"deltaml: interrupted: {_left(core.jobs.get(job_id), job_id, args.key, running)}", file=sys.stderr)
         raise
     finally:
         if workers is not None:
@@ -381,10 +388,11 @@ def cmd_buyer_train(args) -> int:
     return 0
 
 
-async def _check_served(bus, parties: list[tuple[str, str]]) -> None:
+async def _check_served(bus, parties: list[tuple[str, str]]) -> dict[tuple[str, str], bool]:
     """Refuse to start if one of these parties has no queue on this broker (what the buyer sent it
     would be dead-lettered and the buyer wait for ever); one line naming those no daemon serves
-    now (what is sent waits in their queues, and the buyer would otherwise wait without a word)."""
+    now (what is sent waits in their queues, and the buyer would otherwise wait without a word).
+    Which of them are served now, for :func:`_watch_served` to go on from."""
     from .agents.topology import queue_name
 
     counts = {(role, name): await bus.consumers(role, name) for role, name in parties}
@@ -397,9 +405,33 @@ async def _check_served(bus, parties: list[tuple[str, str]]) -> None:
     if absent:
         print(f"deltaml: note: nothing serves {' or '.join(absent)} on this broker yet; what is sent there "
               f"waits in the queue until a daemon starts (Ctrl-C gives up)", file=sys.stderr)
+    return {party: bool(count) for party, count in counts.items()}
 
 
-def _left(job, job_id: str, key: Path) -> str:
+async def _watch_served(bus, served: dict[tuple[str, str], bool], every: float = 5.0) -> None:
+    """While a job runs, one note line when a party it waits on stops consuming its queue (a daemon
+    that died: the job would wait without a word) and one when it is back. ``served`` is what was
+    said at the start; a broker that does not answer is asked again at the next look."""
+    while True:
+        await asyncio.sleep(every)
+        for (role, name), was in list(served.items()):
+            try:
+                now = bool(await bus.consumers(role, name))
+            except Exception:  # a dropped connection: the robust one comes back, and so does the question
+                continue
+            if now == was:
+                continue
+            served[(role, name)] = now
+            when = time.strftime("%H:%M:%S")
+            print(f"deltaml: note: {role} {name!r} " + (
+                f"is serving its queue again ({when})" if now else
+                f"stopped serving its queue ({when}); the job waits for it: "
+                + ("one restarted with its --state-dir resumes it, " if role != "ledger" else "a restarted ledger "
+                   "with its --state-dir goes on, ")
+                + "Ctrl-C gives the job up"), file=sys.stderr)
+
+
+def _left(job, job_id: str, key: Path, aggregator_running: bool = True) -> str:
     """What became of a job its buyer left on Ctrl-C, and of its deposit."""
     from .agents.runtime import GAVE_UP, escrow_outcome
     from .protocol.buyer import BuyerPhase
@@ -407,6 +439,12 @@ def _left(job, job_id: str, key: Path) -> str:
     if job is None or job.deposit in ("", "refused"):
         return f"job {job_id} is given up before any deposit and costs nothing"
     withdraw = f"`deltaml buyer withdraw --key {key}` takes it back"
+    if job.reason == GAVE_UP and not aggregator_running:
+        deadline = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(job.spec.deadline))
+        return (f"job {job_id} is given up; its aggregator is not running and hears it when it starts (one "
+                f"restarted with its --state-dir then gives the escrow up); else the escrow may be settled after "
+                f"its deadline, {deadline}: `deltaml buyer withdraw --key {key} --settle {job_id} --owners "
+                f"{job.spec.owners}` then refunds the deposit to {job.buyer_address}")
     if job.reason == GAVE_UP:
         return (f"job {job_id} is given up and its aggregator told: it gives the escrow up and the "
                 f"deposit is refunded to {job.buyer_address} (at the latest at the escrow's deadline); {withdraw}")

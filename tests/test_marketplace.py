@@ -9,7 +9,7 @@ import pytest
 
 from deltaml.cli import build_parser, main
 from deltaml.data import load_diabetes, write_csv
-from deltaml.marketplace import DemoConfig, run_memory
+from deltaml.marketplace import DemoConfig, make_spec, prepare_parts, run_memory
 from deltaml.protocol.fixedpoint import SLACK_BITS
 from deltaml.protocol.paillier import PrivateKey
 
@@ -296,3 +296,61 @@ def test_a_paid_job_needs_leave_one_out(keypair):
     with pytest.raises(ProtocolError, match="leave-one-out"):
         core.handle(m.Envelope(message_id="i", job_id="j", round=0, sender="buyer", recipient="aggregator",
                                payload=request))
+
+
+async def test_a_buyer_says_when_a_party_it_waits_on_stops_and_when_it_is_back(capsys):
+    """An aggregator killed mid-job (and not restarted) left the buyer waiting without a word."""
+    import asyncio
+
+    from deltaml.agents.bus import MemoryBus
+    from deltaml.cli import _watch_served
+
+    bus = MemoryBus()
+    queue = bus.declare("aggregator", "agg")
+    bus.consumed.update([queue, bus.declare("ledger", "ledger")])
+    watch = asyncio.create_task(_watch_served(bus, {("aggregator", "agg"): True, ("ledger", "ledger"): True},
+                                              every=0.01))
+    said = []
+
+    async def until_said(count):
+        for _ in range(500):
+            said.extend(capsys.readouterr().err.splitlines())
+            if len(said) >= count:
+                return
+            await asyncio.sleep(0.01)
+
+    try:
+        bus.consumed.discard(queue)  # the aggregator died; the ledger runs on
+        await until_said(1)
+        bus.consumed.add(queue)
+        await until_said(2)
+    finally:
+        watch.cancel()
+    assert len(said) == 2 and said[0].startswith("deltaml: note: aggregator 'agg' stopped serving its queue (")
+    assert said[0].endswith("); the job waits for it: one restarted with its --state-dir resumes it, "
+                            "Ctrl-C gives the job up")
+    assert said[1].startswith("deltaml: note: aggregator 'agg' is serving its queue again (")
+
+
+def test_a_buyer_interrupted_says_where_its_deposit_goes_whether_or_not_its_aggregator_runs(keypair):
+    """Told a stopped aggregator "gives the escrow up" and the deposit comes back at once: it only
+    hears the word when it starts again, so the last line now says so and how to settle later."""
+    from pathlib import Path
+
+    from deltaml.agents.runtime import GAVE_UP
+    from deltaml.cli import _left
+    from deltaml.protocol.buyer import BuyerJob, BuyerPhase
+
+    data, _ = prepare_parts(DemoConfig())
+    job = BuyerJob(phase=BuyerPhase.FAILED, spec=make_spec(DemoConfig(), data, keypair[0].to_hex(), "buyer"),
+                   aggregator="aggregator", deposit="made", reason=GAVE_UP, addresses={"buyer": "0xB"})
+    running = _left(job, "j", Path("b.key"), aggregator_running=True)
+    assert running == ("job j is given up and its aggregator told: it gives the escrow up and the deposit is "
+                       "refunded to 0xB (at the latest at the escrow's deadline); `deltaml buyer withdraw --key "
+                       "b.key` takes it back")
+    stopped = _left(job, "j", Path("b.key"), aggregator_running=False)
+    assert stopped.startswith("job j is given up; its aggregator is not running and hears it when it starts")
+    assert stopped.endswith("`deltaml buyer withdraw --key b.key --settle j --owners 5` then refunds the deposit "
+                            "to 0xB")
+    job.deposit = ""
+    assert _left(job, "j", Path("b.key")) == "job j is given up before any deposit and costs nothing"
