@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -292,6 +293,18 @@ async def test_a_second_ledger_is_refused_before_it_deploys_an_escrow(tmp_path):
     lines = down.stderr.strip().splitlines()
     assert down.returncode == 2 and len(lines) == 1 and "127.0.0.1:1" in lines[0], down.stderr
     assert "escrow contract" not in down.stderr  # nothing deployed for a ledger that cannot run
+
+
+def test_the_dead_letter_queue_is_bounded_on_the_broker():
+    """Every refused message was kept for ever: on a long-running broker the queue grows until the
+    disk alarm blocks every publisher. A policy (applied to the existing queue by `make broker`)
+    keeps at most a GiB of the newest dead letters, for a week."""
+    defs = json.loads((ROOT / "deploy/rabbitmq/definitions.json").read_text())
+    (policy,) = [p for p in defs["policies"] if re.fullmatch(p["pattern"], t.DEAD_LETTER_QUEUE)]
+    assert policy["definition"] == {"max-length-bytes": 2**30, "overflow": "drop-head", "message-ttl": 7 * 86400_000}
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "policy"], capture_output=True, text=True,
+                            timeout=120, check=True).stdout.splitlines()
+    assert f"{t.DEAD_LETTER_QUEUE}\t{policy['name']}" in listed
 
 
 BUYER_TRAIN = ["buyer", "train", "--features", "age,sex,bmi,bp,s1,s2,s3,s4,s5,s6", "--target", "progression",
