@@ -314,7 +314,7 @@ def cmd_buyer_train(args) -> int:
     from .agents.parties import buyer_core, new_key, save_key
     from pydantic import ValidationError
 
-    from .agents.runtime import buyer_report, configure_logging, escrow_outcome, run_buyer_job
+    from .agents.runtime import ask_aggregator, buyer_report, configure_logging, escrow_outcome, run_buyer_job
     from .protocol import messages as m
     from .protocol.buyer import BuyerPhase
     from .protocol.chain import LEDGER
@@ -352,14 +352,28 @@ def cmd_buyer_train(args) -> int:
         agent = Agent("buyer", args.name, core, bus, trace, pinned=_pinned(args), precompute=args.precompute)
         await agent.start()
         parties = [("aggregator", args.aggregator), ("ledger", LEDGER)]
-        watch = None
+        watchers = []
         try:
             served.update(await _check_served(bus, parties))
-            watch = asyncio.create_task(_watch_served(bus, served))
+
+            async def back(role: str, name: str) -> None:  # does the job go on there? one that lost it says so
+                if role == "aggregator":
+                    await ask_aggregator(agent, job_id)
+
+            async def ask_now_and_then() -> None:  # a restart quicker than a look: asked once a minute too
+                while True:
+                    await asyncio.sleep(60)
+                    try:
+                        await back("aggregator", args.aggregator)
+                    except Exception:  # the broker away: asked again in a minute
+                        pass
+
+            watchers = [asyncio.create_task(_watch_served(bus, served, on_back=back)),
+                        asyncio.create_task(ask_now_and_then())]
             return await run_buyer_job(agent, spec, aggregator=args.aggregator, on_progress=_progress, job_id=job_id)
         finally:
-            if watch is not None:
-                watch.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             await bus.close()
 
     started = time.perf_counter()
@@ -408,10 +422,11 @@ async def _check_served(bus, parties: list[tuple[str, str]]) -> dict[tuple[str, 
     return {party: bool(count) for party, count in counts.items()}
 
 
-async def _watch_served(bus, served: dict[tuple[str, str], bool], every: float = 5.0) -> None:
+async def _watch_served(bus, served: dict[tuple[str, str], bool], every: float = 5.0, on_back=None) -> None:
     """While a job runs, one note line when a party it waits on stops consuming its queue (a daemon
-    that died: the job would wait without a word) and one when it is back. ``served`` is what was
-    said at the start; a broker that does not answer is asked again at the next look."""
+    that died: the job would wait without a word) and one when it is back, then ``on_back(role,
+    name)``. ``served`` is what was said at the start; a broker that does not answer is asked again
+    at the next look."""
     while True:
         await asyncio.sleep(every)
         for (role, name), was in list(served.items()):
@@ -424,11 +439,16 @@ async def _watch_served(bus, served: dict[tuple[str, str], bool], every: float =
             served[(role, name)] = now
             when = time.strftime("%H:%M:%S")
             print(f"deltaml: note: {role} {name!r} " + (
-                f"is serving its queue again ({when})" if now else
+                f"is serving its queue again ({when}); a job it ran goes on if it kept its --state-dir" if now else
                 f"stopped serving its queue ({when}); the job waits for it: "
                 + ("one restarted with its --state-dir resumes it, " if role != "ledger" else "a restarted ledger "
                    "with its --state-dir goes on, ")
                 + "Ctrl-C gives the job up"), file=sys.stderr)
+            if now and on_back is not None:
+                try:
+                    await on_back(role, name)
+                except Exception:  # asked again only at its next return; the job's own messages go on
+                    pass
 
 
 def _left(job, job_id: str, key: Path, aggregator_running: bool = True) -> str:

@@ -28,6 +28,7 @@ from deltaml.agents import topology as t
 from deltaml.agents.agent import Agent, Trace
 from deltaml.agents.amqp import AmqpBus
 from deltaml.agents.ledger import Chain, LedgerCore
+from deltaml.agents.replay import DECISIONS
 from deltaml.agents.parties import buyer_core, context, load_wallet
 from deltaml.agents.runtime import run_buyer_job
 from deltaml.data import write_csv
@@ -227,7 +228,7 @@ class Market:
                 if "message" not in record:
                     continue
                 msg = record["message"]
-                if record["dir"] in ("out", "open", "give_up") and msg["recipient"] != t.PROGRESS:
+                if (record["dir"] == "out" or record["dir"] in DECISIONS) and msg["recipient"] != t.PROGRESS:
                     sent[msg["message_id"]] = msg
                 elif record["dir"] in ("in", "refused"):
                     handled.add(msg["message_id"])

@@ -3,11 +3,12 @@ duplicated messages and a restarted broker. Every job finishes or fails cleanly;
 for every message and every wei (tests/fault_harness.py). ``make faults`` prints the table."""
 
 import asyncio
+import json
 import subprocess
 
 import pytest
 
-from deltaml.agents.runtime import GAVE_UP, run_buyer_job
+from deltaml.agents.runtime import GAVE_UP, ask_aggregator, run_buyer_job
 from deltaml.marketplace import DemoConfig, baselines
 from deltaml.protocol.aggregator import AggPhase
 from deltaml.protocol.buyer import BuyerPhase
@@ -177,6 +178,35 @@ async def test_the_aggregator_killed_and_restarted_resumes_from_its_checkpoint(m
     assert job.model == pytest.approx(expected["centralized_gd_model"], rel=1e-6, abs=1e-6)
     assert abs(job.published[8]["all"] - expected["centralized_gd_mse"]) / expected["centralized_gd_mse"] < 1e-6
     await assert_books_clean(mk, "aggregator SIGKILL and restart", kills, job)
+
+
+async def test_an_aggregator_restarted_without_its_state_ends_the_job_for_its_buyer_and_owners(market):
+    """It used to refuse every message of the job it had lost as for an unknown one: owners and buyer
+    waited for ever. Now each party still working on it is told once (the owners through their
+    replies in its queue, the buyer through its question when `buyer train` sees the daemon back);
+    the escrow is left to its deadline (giving it up on anyone's word would cost gas)."""
+    import shutil
+
+    mk = await market(DemoConfig(rounds=8, eval_every=4), aggregator_process=True)
+    await mk.start()
+    task = asyncio.create_task(run_buyer_job(mk.buyer, mk.spec(), aggregator=mk.aggregator, job_id=mk.job_id))
+    await mk.wait_for(lambda: mk.buyer_job() is not None and 0 in mk.buyer_job().published,
+                      what="the metric of round 0")
+    await asyncio.sleep(0.3)  # in the middle of the next training round
+    mk.kill(mk.aggregator)
+    shutil.rmtree(mk.tmp / "aggregator-state")
+    mk.start_aggregator()
+    await mk.until_consuming([mk.aggregator], role="aggregator")
+    await ask_aggregator(mk.buyer, mk.job_id)
+    job = await asyncio.wait_for(task, timeout=120)
+    assert job.phase is BuyerPhase.FAILED and job.lost, job.reason
+    assert job.reason.startswith(f"aggregator {mk.aggregator} does not know job {mk.job_id}")
+    assert job.escrow_open and not job.settled  # settled by anyone at its deadline, as the CLI's line says
+    told = [json.loads(line)["message"] for line in (mk.tmp / f"{mk.aggregator}.jsonl").read_text().splitlines()
+            if '"job_finished"' in line and '"dir": "out"' in line]
+    recipients = {t["recipient"] for t in told}
+    assert mk.buyer_name in recipients and recipients & set(mk.owners)  # trainers whose replies were in flight
+    assert (await mk.books()).lost == []  # (not a row of the faults table: its deposit waits for the deadline)
 
 
 def restart_broker() -> None:

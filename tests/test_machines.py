@@ -146,7 +146,10 @@ def test_aggregator_rejects_undefined_and_duplicate_messages(keypair):
     pub, _ = keypair
     core = AggregatorCore(Context("aggregator"))
     with pytest.raises(ProtocolError, match="unknown job"):
-        core.handle(env(m.JoinRequest(rows=1), sender="owner-1"))
+        core.handle(env(m.Failure(reason="?"), sender="owner-1"))
+    # a join to a job it does not know (an offer from before a restart without its state) is answered
+    (told,) = core.handle(env(m.JoinRequest(rows=1), sender="owner-1"))
+    assert (told.type, told.payload.ok) == ("job_finished", False) and core.jobs == {}
     core = started_aggregator(keypair)
     job = core.jobs["j"]
     # round 0 is being evaluated while round 1 trains
@@ -198,6 +201,54 @@ def test_a_buyer_that_gives_a_job_up_tells_its_aggregator_who_releases_the_owner
 def test_a_finished_job_is_not_given_up(buyer, keypair):
     buyer.jobs["j"].phase = BuyerPhase.FINISHED
     assert buyer.give_up("j", "late Ctrl-C") == [] and buyer.jobs["j"].phase is BuyerPhase.FINISHED
+
+
+def test_an_aggregator_that_lost_a_job_tells_each_party_once(keypair):
+    """Restarted without its --state-dir, it refused every message of the job as for an unknown one:
+    owners and buyer waited for ever. It spends nothing on chain for it: anyone may sign a message
+    for a job id of their choosing, and an abandon per made-up id would drain its gas."""
+    from deltaml.agents.parties import load_wallet
+
+    pub, _ = keypair
+    core = AggregatorCore(Context("aggregator", wallet=load_wallet(None)))
+    reply = m.GradientReply(rows=10, gradients={"all": [pub.encrypt(0)] * 3})
+    (told,) = core.handle(env(reply, sender="owner-1", round_=7))
+    assert (told.recipient, told.type, told.payload.ok, told.round) == ("owner-1", "job_finished", False, 7)
+    assert told.payload.reason == ("aggregator aggregator does not know job j (restarted without the --state-dir "
+                                   "it ran the job with?): the job cannot go on")
+    with pytest.raises(JobOver, match="which this aggregator lost"):  # said once to each, quietly after
+        core.handle(env(reply, sender="owner-1", round_=7).model_copy(update={"message_id": "again"}))
+    (to_owner_2,) = core.handle(env(reply, sender="owner-2", round_=7))
+    (to_buyer,) = core.handle(env(m.JobQuery(), sender="buyer"))
+    assert (to_owner_2.recipient, to_buyer.recipient) == ("owner-2", "buyer")
+    assert core.jobs == {} and core.wallet.queue == [] and not core.wallet.greeted  # no transaction
+
+
+def test_a_buyer_asking_after_a_job_that_goes_on_gets_no_answer(keypair):
+    core = started_aggregator(keypair)
+    job = core.jobs["j"]
+    assert core.handle(env(m.JobQuery(), sender="buyer")) == []
+    with pytest.raises(ProtocolError, match="only the buyer"):
+        core.handle(env(m.JobQuery(), sender="owner-1"))
+    assert core.jobs["j"].phase is job.phase
+
+
+def test_a_buyer_told_its_job_is_lost_stops_waiting_for_the_escrow(buyer):
+    """Only the answer to its own question marks the job lost (nobody settles its escrow before the
+    deadline, so there is no refund to wait for); an ordinary end of the job does not."""
+    buyer.handle(env(m.JobFinished(ok=False, reason="round 3: no gradient")))
+    assert buyer.jobs["j"].phase is BuyerPhase.FAILED and not buyer.jobs["j"].lost
+    assert buyer.ask("j") == []  # a job over is not asked after
+
+
+def test_a_buyer_asks_and_learns_its_job_was_lost(buyer):
+    (query,) = buyer.ask("j")
+    assert (query.type, query.recipient) == ("job_query", "aggregator")
+    lost = "aggregator aggregator does not know job j: the job cannot go on"
+    answer = env(m.JobFinished(ok=False, reason=lost)).model_copy(update={"correlation_id": query.message_id})
+    buyer.handle(sign(answer.model_copy(update={"signature": None}), key_of("aggregator")))
+    job = buyer.jobs["j"]
+    assert job.phase is BuyerPhase.FAILED and job.reason == lost and job.lost
 
 
 def test_aggregator_job_request_must_come_from_its_buyer(keypair):

@@ -308,8 +308,13 @@ async def test_a_buyer_says_when_a_party_it_waits_on_stops_and_when_it_is_back(c
     bus = MemoryBus()
     queue = bus.declare("aggregator", "agg")
     bus.consumed.update([queue, bus.declare("ledger", "ledger")])
+    back = []
+
+    async def on_back(role, name):  # the buyer then asks whether its job goes on there
+        back.append((role, name))
+
     watch = asyncio.create_task(_watch_served(bus, {("aggregator", "agg"): True, ("ledger", "ledger"): True},
-                                              every=0.01))
+                                              every=0.01, on_back=on_back))
     said = []
 
     async def until_said(count):
@@ -330,6 +335,8 @@ async def test_a_buyer_says_when_a_party_it_waits_on_stops_and_when_it_is_back(c
     assert said[0].endswith("); the job waits for it: one restarted with its --state-dir resumes it, "
                             "Ctrl-C gives the job up")
     assert said[1].startswith("deltaml: note: aggregator 'agg' is serving its queue again (")
+    assert said[1].endswith("); a job it ran goes on if it kept its --state-dir")
+    assert back == [("aggregator", "agg")]
 
 
 def test_a_buyer_interrupted_says_where_its_deposit_goes_whether_or_not_its_aggregator_runs(keypair):

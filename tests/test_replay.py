@@ -67,12 +67,13 @@ def test_a_file_that_is_not_a_trace_is_a_one_line_error(tmp_path, capsys, text, 
 
 
 async def test_a_job_the_buyer_gave_up_replays_without_difference(tmp_path, keypair):
-    """Giving a job up is the buyer's own decision, like opening it: the trace records it so a
-    replay takes it again (a bare "out" record with no input before it could not be replayed)."""
+    """Giving a job up, or asking after it, is the buyer's own decision, like opening it: the trace
+    records it so a replay takes it again (a bare "out" record with no input before it could not be
+    replayed)."""
     from deltaml.agents.agent import Agent, Trace
     from deltaml.agents.bus import MemoryBus
     from deltaml.agents.parties import buyer_core, save_key
-    from deltaml.agents.runtime import GAVE_UP, give_up
+    from deltaml.agents.runtime import GAVE_UP, ask_aggregator, give_up
     from deltaml.protocol import messages as m
 
     pub, priv = keypair
@@ -84,8 +85,9 @@ async def test_a_job_the_buyer_gave_up_replays_without_difference(tmp_path, keyp
     spec = m.JobSpec(buyer="buyer", features=["a"], target="y", owners=2, validators=1, rounds=2, lr=0.5,
                      eval_every=2, key_bits=2048, public_key=pub.to_hex())
     await agent.act(lambda: core.open_job("j", spec), direction="open")
+    await ask_aggregator(agent, "j")  # its daemon came back: does the job go on there?
     assert await give_up(agent, "j", GAVE_UP)
     trace.close()
     assert [json.loads(line)["dir"] for line in (tmp_path / "buyer.jsonl").read_text().splitlines()[1:]] == [
-        "open", "give_up"]
-    assert replay(tmp_path / "buyer.jsonl") == (2, [])
+        "open", "ask", "give_up"]
+    assert replay(tmp_path / "buyer.jsonl") == (3, [])

@@ -64,6 +64,14 @@ def replay(path: str | Path) -> tuple[int, list[str]]:
         raise TraceError(f"{path}: a malformed record ({what})") from None
 
 
+#: A buyer's steps of its own (``Agent.act``), by the trace's direction: taken again from their first output.
+DECISIONS = {
+    "open": lambda core, env: core.open_job(env.job_id, env.payload.spec, env.recipient),
+    "give_up": lambda core, env: core.give_up(env.job_id, env.payload.reason),
+    "ask": lambda core, env: core.ask(env.job_id),
+}
+
+
 def _replay(path: Path) -> tuple[int, list[str]]:
     replayed, diffs = 0, []
     for header, records in _segments(path):
@@ -85,11 +93,8 @@ def _replay(path: Path) -> tuple[int, list[str]]:
                 continue
             env = m.Envelope.model_validate(record["message"])
             where = f"{env.type} {env.message_id} (round {env.round})"
-            if record["dir"] == "open":  # the buyer's own decisions, each with its first output
-                got = core.open_job(env.job_id, env.payload.spec, env.recipient)
-                expected = [env, *expected]
-            elif record["dir"] == "give_up":
-                got = core.give_up(env.job_id, env.payload.reason)
+            if record["dir"] in DECISIONS:  # the buyer's own decisions, each recorded with its first output
+                got = DECISIONS[record["dir"]](core, env)
                 expected = [env, *expected]
             elif record["dir"] == "refused":
                 try:

@@ -74,11 +74,17 @@ async def run_buyer_job(agent: Agent, spec: m.JobSpec, aggregator: str = "aggreg
     except asyncio.CancelledError:  # Ctrl-C: the job cannot go on without its buyer
         await give_up(agent, job_id, GAVE_UP)
         raise
-    await _wait_until(lambda: not core.jobs[job_id].escrow_open, refund_wait, poll)
+    # a job its aggregator lost is settled by nobody before the escrow's deadline: no use waiting
+    await _wait_until(lambda: not core.jobs[job_id].escrow_open or core.jobs[job_id].lost, refund_wait, poll)
     return core.jobs[job_id]
 
 
 GAVE_UP = "the buyer gave the job up (interrupted)"
+
+
+async def ask_aggregator(agent: Agent, job_id: str) -> None:
+    """Ask the aggregator whether the job goes on (:meth:`BuyerCore.ask`): its daemon is back."""
+    await agent.act(lambda: agent.core.ask(job_id), direction="ask")
 
 
 async def give_up(agent: Agent, job_id: str, reason: str, wait: float = 10.0) -> bool:

@@ -52,6 +52,7 @@ from .metric import sse_scale_bits
 from .machine import (FULL_MODEL, Context, Machine, eval_models, is_eval_round, model_ids, natural_key,
                       require, table, without)
 from .chain import LEDGER, METRICS_PER_TX, ChainParty, job_key, key_hash, metric_args, model_index, same_address
+from .errors import JobOver
 from .paillier import Decryption, PublicKey, require_valid_decryption
 from .randomness import expect_obfuscators
 from .refresh import RefreshMasks, mask_for_refresh, unmask_refreshed
@@ -537,6 +538,13 @@ def _finish(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
     return [ctx.message(job_id, job.round, o, m.JobFinished(ok=True)) for o in job.trainers + job.validators]
 
 
+def _on_query(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
+    """The buyer asks whether its job goes on: it does, so nothing is said (only a job this
+    aggregator does not know is answered, :meth:`AggregatorCore._lost`)."""
+    require(env.sender == job.buyer, "only the buyer asks after its job")
+    return []
+
+
 def _on_failure(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     require(env.sender in [job.buyer, *job.trainers, *job.validators], "failure from a stranger")
     return _fail(job, ctx, env.job_id, f"{env.sender}: {env.payload.reason}")
@@ -556,10 +564,15 @@ AGGREGATOR_TABLE = table(
     (EVALUATION_GOES_ON, "metric_reply", _on_metric, (*EVALUATION_GOES_ON, A.SETTLING, A.CLOSING)),
     (A.CLOSING, "job_closed", _on_closed, (A.FINISHED,)),
     (RUNNING, "failure", _on_failure, (A.FAILED,)),
+    (tuple(A), "job_query", _on_query, tuple(A)),
     (tuple(A), "chain_event", _on_chain_event, tuple(A)),
     (tuple(A), "tx_receipt", _on_receipt, tuple(A)),
 )
 AGGREGATOR = Machine("aggregator", AGGREGATOR_TABLE)
+REMEMBERED_LOST = 10_000  # unknown jobs whose parties it remembers telling (the oldest forgotten first)
+#: What a party sends only inside a job it is working on: for a job this aggregator does not know, an answer.
+LOST_JOB_ANSWERS = {"join_request", "role_accepted", "gradient_reply", "refresh_reply", "eval_reply", "metric_reply",
+                    "job_query"}
 
 
 class AggregatorCore(ChainParty):
@@ -569,6 +582,7 @@ class AggregatorCore(ChainParty):
         self.ctx = ctx
         self.wallet = ctx.wallet
         self.jobs: dict[str, AggJob] = {}
+        self.told: dict[str, set[str]] = {}  # unknown jobs: who has been told this aggregator lost them
 
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
         """Apply one message; a job request opens a new job and offers it to the owners."""
@@ -583,6 +597,19 @@ class AggregatorCore(ChainParty):
         new.idle = 0.0
         self.jobs[env.job_id] = new
         return out
+
+    def _lost(self, env: m.Envelope) -> list[m.Envelope]:
+        """A party still working on a job this aggregator does not know: it was restarted without
+        the ``--state-dir`` it ran the job with, and the job cannot go on. Each party is told once
+        (it would otherwise wait for ever, and its later messages are refused as before)."""
+        self.told.setdefault(env.job_id, set()).add(env.sender)
+        reason = (f"aggregator {self.ctx.name} does not know job {env.job_id} (restarted without the "
+                  f"--state-dir it ran the job with?): the job cannot go on")
+        # Nothing on chain: the escrow, if any, is settled at its deadline. Giving it up here would
+        # spend gas on the word of anyone who signs a message for a job id of their choosing.
+        while len(self.told) > REMEMBERED_LOST:  # a flood of made-up job ids must not grow it for ever
+            del self.told[next(iter(self.told))]
+        return [self.ctx.reply(env, m.JobFinished(ok=False, reason=reason))]
 
     def tick(self, seconds: float) -> list[m.Envelope]:
         """``seconds`` passed: every job that has waited its ``round_timeout`` acts on the silence."""
@@ -611,6 +638,10 @@ class AggregatorCore(ChainParty):
         return out
 
     def _open(self, env: m.Envelope) -> list[m.Envelope]:
+        if env.type in LOST_JOB_ANSWERS and env.sender not in self.told.get(env.job_id, set()):
+            return self._lost(env)
+        if env.job_id in self.told and env.type != "job_request":  # its stragglers, the escrow's answers
+            raise JobOver(f"aggregator: {env.type!r} for job {env.job_id}, which this aggregator lost")
         require(env.type == "job_request", f"message for unknown job {env.job_id}")
         req: m.JobRequest = env.payload
         require(req.spec.buyer == env.sender, "a job request must come from its buyer")

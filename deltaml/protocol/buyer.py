@@ -74,6 +74,8 @@ class BuyerJob:
     deposit: str = ""  # the escrow's deposit: "" (none asked), "sent", "made" or "refused"
     withdrawn: bool = False  # the refund's withdraw went through
     withdraw_error: str = ""  # why it did not
+    queries: set[str] = field(default_factory=set)  # ids of the buyer's "does it go on?" questions
+    lost: bool = False  # the aggregator said it lost the job: nobody will settle its escrow before the deadline
 
     @property
     def escrow_open(self) -> bool:
@@ -315,6 +317,8 @@ def _on_end(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> li
     if job.phase is not BuyerPhase.FAILED:  # a job the buyer ended keeps its own reason
         job.phase = BuyerPhase.FAILED
         job.reason = env.payload.reason
+    if env.correlation_id in job.queries:  # the answer to "does it go on?": the aggregator lost the job
+        job.lost = True
     return []
 
 
@@ -366,6 +370,16 @@ class BuyerCore(ChainParty):
             return []
         job.phase, job.reason = BuyerPhase.FAILED, reason
         return [self.ctx.message(job_id, 0, job.aggregator, m.Failure(reason=reason))]
+
+    def ask(self, job_id: str) -> list[m.Envelope]:
+        """Ask the aggregator whether a job still going on here goes on there (its daemon is back
+        after a stop): one that lost it says so and the job fails, instead of waiting for ever."""
+        job = self.jobs.get(job_id)
+        if job is None or job.phase not in (BuyerPhase.REQUESTED, BuyerPhase.TRAINING):
+            return []
+        query = self.ctx.message(job_id, 0, job.aggregator, m.JobQuery())
+        job.queries.add(query.message_id)
+        return [query]
 
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
         """Apply one message to its job."""

@@ -347,6 +347,13 @@ class TrainerDropped(_Payload):
     reason: str
 
 
+class JobQuery(_Payload):
+    """Buyer → aggregator: is my job still going on? (Asked when the aggregator's daemon is back
+    after a stop: one restarted without its state answers that it lost the job.)"""
+
+    type: Literal["job_query"] = "job_query"
+
+
 class Failure(_Payload):
     """Any party → aggregator: I could not do my part, and why."""
 
@@ -424,7 +431,7 @@ Payload = Annotated[
         JobRequest, JobOffer, JoinRequest, RoleAssignment, RoleAccepted, Participants,
         GradientRequest, GradientReply, RefreshRequest, RefreshReply, EvalRequest,
         ProductRequest, ProductReply, EvalReply, MetricRequest, MetricReply,
-        JobResult, JobClosed, JobFinished, TrainerDropped, Failure, Progress,
+        JobResult, JobClosed, JobFinished, TrainerDropped, JobQuery, Failure, Progress,
         ChainHello, ChainInfo, TxRequest, TxReceipt, ChainEvent,
     ],
     Field(discriminator="type"),
