@@ -389,7 +389,9 @@ def cmd_buyer_train(args) -> int:
         if workers is not None:
             workers.close()
     if job.phase is not BuyerPhase.FINISHED:
-        raise CliError(f"job {job_id} failed: {job.reason}; {escrow_outcome(job)}")
+        settle = (f": `deltaml buyer withdraw --key {args.key} --settle {job_id} --owners {spec.owners}` settles and "
+                  f"withdraws it then" if job.escrow_open and job.deposit == "made" else "")
+        raise CliError(f"job {job_id} failed: {job.reason}; {escrow_outcome(job)}{settle}")
     if job.escrow_open or job.withdraw_error:
         print(f"deltaml: note: {escrow_outcome(job)}", file=sys.stderr)
     report = buyer_report(job, job_id, args.key_bits, time.perf_counter() - started)
