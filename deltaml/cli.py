@@ -314,7 +314,7 @@ def cmd_buyer_train(args) -> int:
     from .agents.parties import buyer_core, new_key, save_key
     from pydantic import ValidationError
 
-    from .agents.runtime import ask_aggregator, buyer_report, configure_logging, escrow_outcome, run_buyer_job
+    from .agents.runtime import buyer_report, configure_logging, escrow_outcome, run_buyer_job
     from .protocol import messages as m
     from .protocol.buyer import BuyerPhase
     from .protocol.chain import LEDGER
@@ -331,8 +331,8 @@ def cmd_buyer_train(args) -> int:
     try:
         # names as an owner's CSV header gives them: "age, sex" asks for "sex", which an owner has
         spec = m.JobSpec(buyer=args.name, features=[f.strip() for f in args.features.split(",")],
-                         target=args.target.strip(), owners=args.owners, validators=args.validators, rounds=args.rounds, lr=args.lr,
-                         eval_every=args.eval_every, key_bits=args.key_bits, public_key=key.public.to_hex(),
+                         target=args.target.strip(), owners=args.owners, validators=args.validators,
+                         rounds=args.rounds, lr=args.lr, eval_every=args.eval_every, key_bits=args.key_bits, public_key=key.public.to_hex(),
                          round_timeout=args.round_timeout, quorum=args.quorum, escrow=True,
                          deadline=int(time.time()) + args.deadline_hours * 3600,
                          fixed_reward_wei=args.fixed_reward_wei, variable_pool_wei=args.variable_pool_wei)
@@ -351,25 +351,10 @@ def cmd_buyer_train(args) -> int:
                                        "seed": core.ctx.rng.seed_bytes.hex(), "key": str(key_path.resolve())})
         agent = Agent("buyer", args.name, core, bus, trace, pinned=_pinned(args), precompute=args.precompute)
         await agent.start()
-        parties = [("aggregator", args.aggregator), ("ledger", LEDGER)]
         watchers = []
         try:
-            served.update(await _check_served(bus, parties))
-
-            async def back(role: str, name: str) -> None:  # does the job go on there? one that lost it says so
-                if role == "aggregator":
-                    await ask_aggregator(agent, job_id)
-
-            async def ask_now_and_then() -> None:  # a restart quicker than a look: asked once a minute too
-                while True:
-                    await asyncio.sleep(60)
-                    try:
-                        await back("aggregator", args.aggregator)
-                    except Exception:  # the broker away: asked again in a minute
-                        pass
-
-            watchers = [asyncio.create_task(_watch_served(bus, served, on_back=back)),
-                        asyncio.create_task(ask_now_and_then())]
+            served.update(await _check_served(bus, [("aggregator", args.aggregator), ("ledger", LEDGER)]))
+            watchers = _watch_job(agent, bus, served, job_id)
             return await run_buyer_job(agent, spec, aggregator=args.aggregator, on_progress=_progress, job_id=job_id)
         finally:
             for watcher in watchers:
@@ -422,6 +407,27 @@ async def _check_served(bus, parties: list[tuple[str, str]]) -> dict[tuple[str, 
         print(f"deltaml: note: nothing serves {' or '.join(absent)} on this broker yet; what is sent there "
               f"waits in the queue until a daemon starts (Ctrl-C gives up)", file=sys.stderr)
     return {party: bool(count) for party, count in counts.items()}
+
+
+def _watch_job(agent, bus, served: dict[tuple[str, str], bool], job_id: str) -> list[asyncio.Task]:
+    """While the buyer's job runs: say when a party it waits on stops or comes back, and ask the
+    aggregator whether the job goes on whenever its daemon is back, and once a minute besides (a
+    restart quicker than a look); one that lost the job says so and the job fails at once."""
+    from .agents.runtime import ask_aggregator
+
+    async def ask(role: str = "aggregator", name: str = "") -> None:
+        if role == "aggregator":
+            await ask_aggregator(agent, job_id)
+
+    async def ask_now_and_then() -> None:
+        while True:
+            await asyncio.sleep(60)
+            try:
+                await ask()
+            except Exception:  # the broker away: asked again in a minute
+                pass
+
+    return [asyncio.create_task(_watch_served(bus, served, on_back=ask)), asyncio.create_task(ask_now_and_then())]
 
 
 async def _watch_served(bus, served: dict[tuple[str, str], bool], every: float = 5.0, on_back=None) -> None:
