@@ -314,7 +314,7 @@ def cmd_buyer_train(args) -> int:
     from .agents.parties import buyer_core, new_key, save_key
     from pydantic import ValidationError
 
-    from .agents.runtime import buyer_report, configure_logging, escrow_outcome, run_buyer_job
+    from .agents.runtime import configure_logging, escrow_outcome, run_buyer_job
     from .protocol import messages as m
     from .protocol.buyer import BuyerPhase
     from .protocol.chain import LEDGER
@@ -367,8 +367,11 @@ def cmd_buyer_train(args) -> int:
     try:
         job = asyncio.run(main())
     except KeyboardInterrupt:
+        job = core.jobs.get(job_id)
+        if job is not None and job.model is not None:  # Ctrl-C while its escrow settled: the model is paid for
+            _keep_result(job, job_id, args, time.perf_counter() - started)
         running = served.get(("aggregator", args.aggregator), True)
-        print(f"deltaml: interrupted: {_left(core.jobs.get(job_id), job_id, args.key, running)}", file=sys.stderr)
+        print(f"deltaml: interrupted: {_left(job, job_id, args.key, running)}", file=sys.stderr)
         raise
     finally:
         if workers is not None:
@@ -379,14 +382,21 @@ def cmd_buyer_train(args) -> int:
         raise CliError(f"job {job_id} failed: {job.reason}; {escrow_outcome(job)}{settle}")
     if job.escrow_open or job.withdraw_error:
         print(f"deltaml: note: {escrow_outcome(job)}", file=sys.stderr)
-    report = buyer_report(job, job_id, args.key_bits, time.perf_counter() - started)
+    _keep_result(job, job_id, args, time.perf_counter() - started)
+    return 0
+
+
+def _keep_result(job, job_id: str, args, wall: float) -> None:
+    """Print what each owner was paid; write the report and the model where asked."""
+    from .agents.runtime import buyer_report
+
+    report = buyer_report(job, job_id, args.key_bits, wall)
     _print_earnings(report)
     _write_report(report, args.report)
     if args.model_out:
-        args.model_out.write_text(json.dumps({"features": spec.features, "target": spec.target,
+        args.model_out.write_text(json.dumps({"features": job.spec.features, "target": job.spec.target,
                                               "intercept": report["model"][0],
                                               "coefficients": report["model"][1:]}, indent=2) + "\n")
-    return 0
 
 
 async def _check_served(bus, parties: list[tuple[str, str]]) -> dict[tuple[str, str], bool]:
@@ -480,9 +490,11 @@ def _left(job, job_id: str, key: Path, aggregator_running: bool = True) -> str:
         return (f"job {job_id} is given up, but its aggregator was not told: the job fails when it next needs "
                 f"its buyer (within {job.spec.round_timeout:g} s) and the deposit is then refunded to "
                 f"{job.buyer_address}; {withdraw}")
-    ended = "finished" if job.phase is not BuyerPhase.FAILED else f"failed ({job.reason})"
-    return f"job {job_id} had {ended}, and its report is not written; {escrow_outcome(job)}" + \
-        (f"; {withdraw}" if job.escrow_open or job.withdraw_error else "")
+    if job.model is not None:  # _keep_result wrote what there was to keep
+        return f"job {job_id} had finished (its model and report are kept); {escrow_outcome(job)}" + (
+            f"; {withdraw}" if job.escrow_open or job.withdraw_error else "")
+    return f"job {job_id} had failed ({job.reason}); {escrow_outcome(job)}" + (
+        f"; {withdraw}" if job.escrow_open or job.withdraw_error else "")
 
 
 def cmd_buyer_withdraw(args) -> int:

@@ -361,3 +361,23 @@ def test_a_buyer_interrupted_says_where_its_deposit_goes_whether_or_not_its_aggr
                             "to 0xB")
     job.deposit = ""
     assert _left(job, "j", Path("b.key")) == "job j is given up before any deposit and costs nothing"
+
+
+async def test_a_buyer_interrupted_once_it_holds_the_model_keeps_the_report_and_the_model(tmp_path, keypair):
+    """Ctrl-C while the escrow settled (the model decrypted, the refund on its way) used to leave
+    without writing them: a model paid for, lost to a keystroke."""
+    from pathlib import Path
+
+    from deltaml.cli import _keep_result, _left
+    from deltaml.marketplace import memory_job
+
+    config = DemoConfig(rounds=2, eval_every=1)
+    data, parts = prepare_parts(config)
+    job, job_id, _, _, _ = await memory_job(config, parts, make_spec(config, data, keypair[0].to_hex(), "buyer"),
+                                            keypair[1])
+    args = argparse.Namespace(key_bits=2048, report=tmp_path / "r.json", model_out=tmp_path / "m.json")
+    _keep_result(job, job_id, args, 1.0)
+    assert json.loads((tmp_path / "r.json").read_text())["final_mse"] == job.published[2]["all"]
+    assert json.loads((tmp_path / "m.json").read_text())["intercept"] == job.model[0]
+    line = _left(job, job_id, Path("b.key"))
+    assert line.startswith(f"job {job_id} had finished (its model and report are kept); ")
