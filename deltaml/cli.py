@@ -332,7 +332,8 @@ def cmd_buyer_train(args) -> int:
         # names as an owner's CSV header gives them: "age, sex" asks for "sex", which an owner has
         spec = m.JobSpec(buyer=args.name, features=[f.strip() for f in args.features.split(",")],
                          target=args.target.strip(), owners=args.owners, validators=args.validators,
-                         rounds=args.rounds, lr=args.lr, eval_every=args.eval_every, key_bits=args.key_bits, public_key=key.public.to_hex(),
+                         rounds=args.rounds, lr=args.lr, eval_every=args.eval_every, key_bits=args.key_bits,
+                         public_key=key.public.to_hex(),
                          round_timeout=args.round_timeout, quorum=args.quorum, escrow=True,
                          deadline=int(time.time()) + args.deadline_hours * 3600,
                          fixed_reward_wei=args.fixed_reward_wei, variable_pool_wei=args.variable_pool_wei)
@@ -425,7 +426,7 @@ def _watch_job(agent, bus, served: dict[tuple[str, str], bool], job_id: str) -> 
     restart quicker than a look); one that lost the job says so and the job fails at once."""
     from .agents.runtime import ask_aggregator
 
-    async def ask(role: str = "aggregator", name: str = "") -> None:
+    async def back(role: str, name: str) -> None:
         if role == "aggregator":
             await ask_aggregator(agent, job_id)
 
@@ -433,11 +434,11 @@ def _watch_job(agent, bus, served: dict[tuple[str, str], bool], job_id: str) -> 
         while True:
             await asyncio.sleep(60)
             try:
-                await ask()
+                await ask_aggregator(agent, job_id)
             except Exception:  # the broker away: asked again in a minute
                 pass
 
-    return [asyncio.create_task(_watch_served(bus, served, on_back=ask)), asyncio.create_task(ask_now_and_then())]
+    return [asyncio.create_task(_watch_served(bus, served, on_back=back)), asyncio.create_task(ask_now_and_then())]
 
 
 async def _watch_served(bus, served: dict[tuple[str, str], bool], every: float = 5.0, on_back=None) -> None:
@@ -490,10 +491,9 @@ def _left(job, job_id: str, key: Path, aggregator_running: bool = True) -> str:
         return (f"job {job_id} is given up, but its aggregator was not told: the job fails when it next needs "
                 f"its buyer (within {job.spec.round_timeout:g} s) and the deposit is then refunded to "
                 f"{job.buyer_address}; {withdraw}")
-    if job.model is not None:  # _keep_result wrote what there was to keep
-        return f"job {job_id} had finished (its model and report are kept); {escrow_outcome(job)}" + (
-            f"; {withdraw}" if job.escrow_open or job.withdraw_error else "")
-    return f"job {job_id} had failed ({job.reason}); {escrow_outcome(job)}" + (
+    # a job with its model: _keep_result wrote what there was to keep
+    ended = "finished (its model and report are kept)" if job.model is not None else f"failed ({job.reason})"
+    return f"job {job_id} had {ended}; {escrow_outcome(job)}" + (
         f"; {withdraw}" if job.escrow_open or job.withdraw_error else "")
 
 

@@ -365,8 +365,8 @@ class BuyerCore(ChainParty):
         """Leave a job before its result: the aggregator is told, so the job ends now for everyone
         (its owners are released, a funded escrow is given up and refunded at once) rather than
         when it next needs the buyer. A job already over, or unknown, is left as it is."""
-        job = self.jobs.get(job_id)
-        if job is None or job.phase not in (BuyerPhase.REQUESTED, BuyerPhase.TRAINING):
+        job = self._under_way(job_id)
+        if job is None:
             return []
         job.phase, job.reason = BuyerPhase.FAILED, reason
         return [self.ctx.message(job_id, 0, job.aggregator, m.Failure(reason=reason))]
@@ -374,12 +374,17 @@ class BuyerCore(ChainParty):
     def ask(self, job_id: str) -> list[m.Envelope]:
         """Ask the aggregator whether a job still going on here goes on there (its daemon is back
         after a stop): one that lost it says so and the job fails, instead of waiting for ever."""
-        job = self.jobs.get(job_id)
-        if job is None or job.phase not in (BuyerPhase.REQUESTED, BuyerPhase.TRAINING):
+        job = self._under_way(job_id)
+        if job is None:
             return []
         query = self.ctx.message(job_id, 0, job.aggregator, m.JobQuery())
         job.queries.add(query.message_id)
         return [query]
+
+    def _under_way(self, job_id: str) -> BuyerJob | None:
+        """The job if the buyer has not yet got its result nor seen it end, else None."""
+        job = self.jobs.get(job_id)
+        return job if job is not None and job.phase in (BuyerPhase.REQUESTED, BuyerPhase.TRAINING) else None
 
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
         """Apply one message to its job."""
