@@ -361,6 +361,14 @@ contract DeltaEscrow {
         return (j.buyer, j.aggregator, j.state, j.deposit, j.deadline, j.keyHash);
     }
 
+    /// @notice What an aggregator that lost a job needs to give its escrow up: whether it still can
+    /// be (and by whom), whether it was, and how many participants a settlement pays.
+    function standing(bytes32 id) external view returns (State state, address aggregator, bool abandoned,
+                                                         uint256 enrolled) {
+        Job storage j = jobs[id];
+        return (j.state, j.aggregator, j.abandoned, j.trainers.length + j.validators.length);
+    }
+
     function participants(bytes32 id) external view returns (address[] memory, address[] memory) {
         return (jobs[id].trainers, jobs[id].validators);
     }

@@ -183,8 +183,9 @@ async def test_the_aggregator_killed_and_restarted_resumes_from_its_checkpoint(m
 async def test_an_aggregator_restarted_without_its_state_ends_the_job_for_its_buyer_and_owners(market):
     """It used to refuse every message of the job it had lost as for an unknown one: owners and buyer
     waited for ever. Now each party still working on it is told once (the owners through their
-    replies in its queue, the buyer through its question when `buyer train` sees the daemon back);
-    the escrow is left to its deadline (giving it up on anyone's word would cost gas)."""
+    replies in its queue, the buyer through its question when `buyer train` sees the daemon back),
+    and the escrow, which the aggregator finds on chain through the ledger, is given up and settled
+    at once: the buyer's refund is withdrawn (it used to wait for the escrow's deadline)."""
     import shutil
 
     mk = await market(DemoConfig(rounds=8, eval_every=4), aggregator_process=True)
@@ -201,12 +202,14 @@ async def test_an_aggregator_restarted_without_its_state_ends_the_job_for_its_bu
     job = await asyncio.wait_for(task, timeout=120)
     assert job.phase is BuyerPhase.FAILED and job.lost, job.reason
     assert job.reason.startswith(f"aggregator {mk.aggregator} does not know job {mk.job_id}")
-    assert job.escrow_open and not job.settled  # settled by anyone at its deadline, as the CLI's line says
+    assert job.settled and job.withdrawn and not job.escrow_open
+    spec = job.spec  # all back, or less the fixed rewards if a metric after round 0 was on chain
+    assert job.refund_wei in (spec.deposit_wei, spec.deposit_wei - spec.fixed_reward_wei * spec.owners)
     told = [json.loads(line)["message"] for line in (mk.tmp / f"{mk.aggregator}.jsonl").read_text().splitlines()
             if '"job_finished"' in line and '"dir": "out"' in line]
     recipients = {t["recipient"] for t in told}
     assert mk.buyer_name in recipients and recipients & set(mk.owners)  # trainers whose replies were in flight
-    assert (await mk.books()).lost == []  # (not a row of the faults table: its deposit waits for the deadline)
+    await assert_books_clean(mk, "aggregator restarted without its state", 1, job)
 
 
 def restart_broker() -> None:

@@ -241,7 +241,7 @@ def test_a_call_whose_gas_depends_on_the_participants_must_name_them():
     assert gas_limit("setParticipants", [b"k", ["a"] * 39, ["b"]]) > gas_limit("setParticipants", [b"k", ["a"] * 4, ["b"]])
 
 
-def test_the_ledger_takes_only_its_two_messages(ledger):
+def test_the_ledger_takes_only_its_messages(ledger):
     env = m.Envelope(message_id="x", job_id="j", sender="buyer", recipient=LEDGER, payload=m.Failure(reason="?"))
     with pytest.raises(ProtocolError):
         ledger.handle(env)
@@ -368,6 +368,49 @@ def test_a_refund_left_behind_is_settled_and_withdrawn_by_the_buyers_key_alone(l
         env = pending.pop(0)
         pending += ledger.handle(env) if env.recipient == LEDGER else again.handle(env)
     assert not again.receipts["withdraw"].ok and "NothingToWithdraw" in again.receipts["withdraw"].reason
+
+
+def test_an_aggregator_that_lost_a_job_gives_its_escrow_up_and_settles_it_after_asking(ledger, training, keypair):
+    """Restarted without its --state-dir, the aggregator hears of a job it lost from a trainer's
+    reply; it asks the ledger where the escrow stands (a view: no gas, no nonce) and, since the
+    escrow names it and is training, abandons and settles it: the buyer's deposit comes back at
+    once, less the fixed rewards only if training had verified progress (here none). A made-up job
+    id is asked about too and costs nothing: the aggregator signs nothing for it."""
+    from deltaml.protocol.aggregator import AggregatorCore
+    from deltaml.protocol.chain import Wallet
+
+    pub, _ = keypair
+    job, buyer, agg, owners = training
+    restarted = AggregatorCore(Context(agg.ctx.name, wallet=Wallet(private_key=agg.ctx.wallet.private_key)))
+    reply = m.GradientReply(rows=10, gradients={"all": [pub.encrypt(0)] * 3})
+    pending = [m.Envelope(message_id=f"late-{i}", job_id=j, round=3, sender=owners[0].ctx.name,
+                          recipient=agg.ctx.name, payload=reply) for i, j in enumerate([job, "made-up"])]
+    sent, others = [], []
+    while pending:  # the bus, by hand
+        env = pending.pop(0)
+        if env.recipient == LEDGER:
+            sent.append(env)
+            pending += ledger.handle(env)
+        elif env.recipient == agg.ctx.name:
+            pending += restarted.handle(env)
+        else:
+            others.append(env)
+    asked = {e.job_id for e in sent if e.type == "escrow_query"}
+    signed = [(e.job_id, e.payload.function) for e in sent if e.type == "tx_request"]
+    assert asked == {job, "made-up"} and signed == [(job, "abandon"), (job, "settle")]
+    told = {e.recipient for e in others if e.type == "job_finished"}
+    assert told == {owners[0].ctx.name}  # once each: the trainer's two jobs (one made up) are two answers
+    buyer.deliver(others)
+    events = [e.payload.event for e in buyer.events if e.job_id == job]
+    assert events[-2:] == ["Abandoned", "Settled"]
+    assert ledger.chain.credit(buyer.address) == 130  # the whole deposit: no verified progress yet
+    assert restarted.asked == {} and restarted.wallet.sent == {}  # every answer and receipt taken
+    # the ledger says the same of every job it has not seen, and of one settled already
+    for job_id, state in [("made-up", "None"), (job, "Settled")]:
+        query = m.Envelope(message_id=f"q-{job_id}", job_id=job_id, sender="anyone", recipient=LEDGER,
+                           payload=m.EscrowQuery())
+        (answer,) = ledger.handle(query)
+        assert (answer.recipient, answer.correlation_id, answer.payload.state) == ("anyone", query.message_id, state)
 
 
 # ---- a ledger daemon killed mid-job and restarted (real broker, real anvil) ------------------

@@ -11,6 +11,7 @@ from deltaml.protocol import messages as m
 from deltaml.protocol.auth import sign
 from deltaml.protocol.aggregator import AggPhase, AggregatorCore
 from deltaml.protocol.buyer import BuyerCore, BuyerPhase
+from deltaml.protocol.chain import LEDGER
 from deltaml.protocol.errors import DecryptionRefused, InvalidTransition, JobOver, NotACiphertext, ProtocolError
 from deltaml.protocol.machine import Context, table
 from deltaml.protocol.owner import OwnerCore, OwnerData, OwnerPhase
@@ -205,23 +206,53 @@ def test_a_finished_job_is_not_given_up(buyer, keypair):
 
 def test_an_aggregator_that_lost_a_job_tells_each_party_once(keypair):
     """Restarted without its --state-dir, it refused every message of the job as for an unknown one:
-    owners and buyer waited for ever. It spends nothing on chain for it: anyone may sign a message
-    for a job id of their choosing, and an abandon per made-up id would drain its gas."""
+    owners and buyer waited for ever. It signs nothing on anyone's word (anyone may sign a message
+    for a job id of their choosing, and a refused abandon per made-up id would drain its gas and
+    leave gaps in its nonces): it asks the ledger, once per job, where the escrow stands."""
     from deltaml.agents.parties import load_wallet
 
     pub, _ = keypair
     core = AggregatorCore(Context("aggregator", wallet=load_wallet(None)))
     reply = m.GradientReply(rows=10, gradients={"all": [pub.encrypt(0)] * 3})
-    (told,) = core.handle(env(reply, sender="owner-1", round_=7))
+    told, query = core.handle(env(reply, sender="owner-1", round_=7))
     assert (told.recipient, told.type, told.payload.ok, told.round) == ("owner-1", "job_finished", False, 7)
     assert told.payload.reason == ("aggregator aggregator does not know job j (restarted without the --state-dir "
                                    "it ran the job with?): the job cannot go on")
+    assert (query.recipient, query.type, query.job_id) == (LEDGER, "escrow_query", "j")
     with pytest.raises(JobOver, match="which this aggregator lost"):  # said once to each, quietly after
         core.handle(env(reply, sender="owner-1", round_=7).model_copy(update={"message_id": "again"}))
-    (to_owner_2,) = core.handle(env(reply, sender="owner-2", round_=7))
+    (to_owner_2,) = core.handle(env(reply, sender="owner-2", round_=7))  # the ledger asked once per job
     (to_buyer,) = core.handle(env(m.JobQuery(), sender="buyer"))
     assert (to_owner_2.recipient, to_buyer.recipient) == ("owner-2", "buyer")
     assert core.jobs == {} and core.wallet.queue == [] and not core.wallet.greeted  # no transaction
+
+
+@pytest.mark.parametrize("standing, signs", [
+    (dict(state="Training", abandoned=False), ["abandon", "settle"]),
+    (dict(state="Open", abandoned=True), ["settle"]),  # given up before the restart, never settled
+    (dict(state="Settled", abandoned=True), []),
+    (dict(state="None", abandoned=False, aggregator="0x" + "00" * 20), []),  # a made-up job id
+    (dict(state="Training", abandoned=False, aggregator=address_of("mallory")), []),  # another's escrow
+])
+def test_a_lost_jobs_escrow_is_given_up_only_as_the_ledger_reads_it(keypair, standing, signs):
+    from deltaml.agents.parties import load_wallet
+
+    pub, _ = keypair
+    core = AggregatorCore(Context("aggregator", wallet=load_wallet(None)))
+    reply = m.GradientReply(rows=10, gradients={"all": [pub.encrypt(0)] * 3})
+    _, query = core.handle(env(reply, sender="owner-1"))
+    core.wallet.on_info(core.ctx, m.ChainInfo(chain_id=1, contract=address_of("escrow"), nonce=0, gas_price=1))
+    answer = m.EscrowStanding(**{"aggregator": core.wallet.address, "enrolled": 3, **standing})
+    stranger = env(answer, sender="owner-1").model_copy(update={"correlation_id": query.message_id})
+    with pytest.raises(ProtocolError, match="from the ledger"):
+        core.handle(stranger)
+    with pytest.raises(ProtocolError, match="nobody asked for"):
+        core.handle(env(answer, sender=LEDGER))
+    out = core.handle(env(answer, sender=LEDGER).model_copy(update={"correlation_id": query.message_id}))
+    assert [e.payload.function for e in out] == signs and all(e.recipient == LEDGER for e in out)
+    with pytest.raises(ProtocolError, match="nobody asked for"):  # acted on once
+        core.handle(env(answer, sender=LEDGER).model_copy(update={"correlation_id": query.message_id,
+                                                                   "message_id": "again"}))
 
 
 def test_a_buyer_asking_after_a_job_that_goes_on_gets_no_answer(keypair):
@@ -234,8 +265,8 @@ def test_a_buyer_asking_after_a_job_that_goes_on_gets_no_answer(keypair):
 
 
 def test_a_buyer_told_its_job_is_lost_stops_waiting_for_the_escrow(buyer):
-    """Only the answer to its own question marks the job lost (nobody settles its escrow before the
-    deadline, so there is no refund to wait for); an ordinary end of the job does not."""
+    """Only the answer to its own question marks the job lost (its escrow is given up at once or
+    only at its deadline: the buyer waits for a refund less long); an ordinary end does not."""
     buyer.handle(env(m.JobFinished(ok=False, reason="round 3: no gradient")))
     assert buyer.jobs["j"].phase is BuyerPhase.FAILED and not buyer.jobs["j"].lost
     assert buyer.ask("j") == []  # a job over is not asked after

@@ -12,7 +12,9 @@ the transaction. The signer gets a ``TxReceipt``; every party of the job and
 the progress exchange get each event the contract emitted (``ChainEvent``).
 A request delivered again (the ledger stopped before it acknowledged it) is
 answered from the chain: the receipt and events of the transaction already
-mined, not a second send. It decides nothing: the contract does.
+mined, not a second send. An ``EscrowQuery`` is answered with where the job's
+escrow stands (``EscrowStanding``), read from the contract. It decides
+nothing: the contract does.
 
 ``embedded`` is an in-process EVM (eth-tester with py-evm); any other value
 is a JSON-RPC URL (anvil, a testnet node).
@@ -127,6 +129,12 @@ class Chain:
             if any(known):
                 self._key_hashes[job] = known
         return known
+
+    def standing(self, job: bytes) -> m.EscrowStanding:
+        """Where a job's escrow stands now (a view call: no transaction, no gas)."""
+        state, aggregator, abandoned, enrolled = self.contract.functions.standing(job).call()
+        return m.EscrowStanding(state=chain.JOB_STATES[state], aggregator=aggregator, abandoned=abandoned,
+                                enrolled=enrolled)
 
     def credit(self, address: str) -> int:
         return self.contract.functions.credit(to_checksum_address(address)).call()
@@ -255,7 +263,9 @@ class LedgerCore:
             return self._hello(env)
         if env.type == "tx_request":
             return self._relay(env)
-        raise ProtocolError(f"the ledger takes chain_hello and tx_request, not {env.type}")
+        if env.type == "escrow_query":
+            return [self.ctx.reply(env, self.chain.standing(chain.job_key(env.job_id)))]
+        raise ProtocolError(f"the ledger takes chain_hello, tx_request and escrow_query, not {env.type}")
 
     def _hello(self, env: m.Envelope) -> list[m.Envelope]:
         address = env.payload.address

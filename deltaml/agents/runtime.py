@@ -55,7 +55,8 @@ async def run_buyer_job(agent: Agent, spec: m.JobSpec, aggregator: str = "aggreg
                         job_id: str | None = None, poll: float = 0.05, refund_wait: float = 120.0) -> BuyerJob:
     """Open a job, report each published metric, return the job when it ends and, if it holds a
     deposit, once the escrow is settled and the refund withdrawn (up to ``refund_wait`` seconds:
-    a failed job's escrow is settled by the aggregator at once, else at its deadline)."""
+    a failed job's escrow is settled by the aggregator at once, else at its deadline; a job the
+    aggregator lost, up to ``LOST_REFUND_WAIT``)."""
     core: BuyerCore = agent.core
     job_id = job_id or uuid.uuid4().hex
     started = time.perf_counter()
@@ -74,9 +75,14 @@ async def run_buyer_job(agent: Agent, spec: m.JobSpec, aggregator: str = "aggreg
     except asyncio.CancelledError:  # Ctrl-C: the job cannot go on without its buyer
         await give_up(agent, job_id, GAVE_UP)
         raise
-    # a job its aggregator lost is settled by nobody before the escrow's deadline: no use waiting
-    await _wait_until(lambda: not core.jobs[job_id].escrow_open or core.jobs[job_id].lost, refund_wait, poll)
+    # a job its aggregator lost: it gives an escrow naming it up at once (a view on the chain, two
+    # transactions); if none comes, nobody settles it before the deadline, and the whole wait is waste
+    wait = min(refund_wait, LOST_REFUND_WAIT) if core.jobs[job_id].lost else refund_wait
+    await _wait_until(lambda: not core.jobs[job_id].escrow_open, wait, poll)
     return core.jobs[job_id]
+
+
+LOST_REFUND_WAIT = 30.0
 
 
 GAVE_UP = "the buyer gave the job up (interrupted)"

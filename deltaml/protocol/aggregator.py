@@ -583,6 +583,7 @@ class AggregatorCore(ChainParty):
         self.wallet = ctx.wallet
         self.jobs: dict[str, AggJob] = {}
         self.told: dict[str, set[str]] = {}  # unknown jobs: who has been told this aggregator lost them
+        self.asked: dict[str, str] = {}  # the ledger's word awaited on a lost job's escrow: query id → job id
 
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
         """Apply one message; a job request opens a new job and offers it to the owners."""
@@ -590,6 +591,8 @@ class AggregatorCore(ChainParty):
         return out if out is not None else self.guarded(self._step, env)
 
     def _step(self, env: m.Envelope) -> list[m.Envelope]:
+        if env.type == "escrow_standing":
+            return self._give_lost_escrow_up(env)
         job = self.jobs.get(env.job_id)
         if job is None:
             return self._open(env)
@@ -602,14 +605,35 @@ class AggregatorCore(ChainParty):
         """A party still working on a job this aggregator does not know: it was restarted without
         the ``--state-dir`` it ran the job with, and the job cannot go on. Each party is told once
         (it would otherwise wait for ever, and its later messages are refused as before)."""
+        out = []
+        if env.job_id not in self.told and self.wallet is not None:
+            query = self.ctx.message(env.job_id, 0, LEDGER, m.EscrowQuery())
+            self.asked[query.message_id] = env.job_id
+            out.append(query)
         self.told.setdefault(env.job_id, set()).add(env.sender)
         reason = (f"aggregator {self.ctx.name} does not know job {env.job_id} (restarted without the "
                   f"--state-dir it ran the job with?): the job cannot go on")
-        # Nothing on chain: the escrow, if any, is settled at its deadline. Giving it up here would
-        # spend gas on the word of anyone who signs a message for a job id of their choosing.
-        while len(self.told) > REMEMBERED_LOST:  # a flood of made-up job ids must not grow it for ever
-            del self.told[next(iter(self.told))]
-        return [self.ctx.reply(env, m.JobFinished(ok=False, reason=reason))]
+        for memory in (self.told, self.asked):  # a flood of made-up job ids must not grow them for ever
+            while len(memory) > REMEMBERED_LOST:
+                del memory[next(iter(memory))]
+        return [self.ctx.reply(env, m.JobFinished(ok=False, reason=reason)), *out]
+
+    def _give_lost_escrow_up(self, env: m.Envelope) -> list[m.Envelope]:
+        """The ledger's word on a lost job's escrow (:meth:`_lost` asked, as a view on the chain,
+        before signing anything): one that names this aggregator and is not settled yet is given up
+        and settled now, so the buyer is refunded (less the fixed rewards if training had verified
+        progress) at once rather than at the deadline. Asking first keeps a made-up job id from
+        costing gas, or a nonce whose gap would fail what the aggregator signs next."""
+        require(env.sender == LEDGER, "an escrow's standing comes from the ledger")
+        require(self.asked.pop(env.correlation_id or "", None) == env.job_id,
+                "an escrow's standing nobody asked for (stale?)")
+        standing: m.EscrowStanding = env.payload
+        if standing.state not in ("Open", "Staffed", "Training") or not same_address(standing.aggregator,
+                                                                                     self.wallet.address):
+            return []
+        key = job_key(env.job_id)
+        abandon = [] if standing.abandoned else self.wallet.call(self.ctx, env.job_id, 0, "abandon", [key, 0])
+        return abandon + self.wallet.call(self.ctx, env.job_id, 0, "settle", [key], participants=standing.enrolled)
 
     def tick(self, seconds: float) -> list[m.Envelope]:
         """``seconds`` passed: every job that has waited its ``round_timeout`` acts on the silence."""
@@ -640,7 +664,9 @@ class AggregatorCore(ChainParty):
     def _open(self, env: m.Envelope) -> list[m.Envelope]:
         if env.type in LOST_JOB_ANSWERS and env.sender not in self.told.get(env.job_id, set()):
             return self._lost(env)
-        if env.job_id in self.told and env.type != "job_request":  # its stragglers, the escrow's answers
+        if env.job_id in self.told and env.type in ("tx_receipt", "chain_event"):
+            return []  # its escrow given up (the wallet took the receipt; the ledger logs the outcome)
+        if env.job_id in self.told and env.type != "job_request":  # its stragglers
             raise JobOver(f"aggregator: {env.type!r} for job {env.job_id}, which this aggregator lost")
         require(env.type == "job_request", f"message for unknown job {env.job_id}")
         req: m.JobRequest = env.payload

@@ -75,7 +75,7 @@ class BuyerJob:
     withdrawn: bool = False  # the refund's withdraw went through
     withdraw_error: str = ""  # why it did not
     queries: set[str] = field(default_factory=set)  # ids of the buyer's "does it go on?" questions
-    lost: bool = False  # the aggregator said it lost the job: nobody will settle its escrow before the deadline
+    lost: bool = False  # the aggregator said it lost the job: an escrow naming it is given up at once
 
     @property
     def escrow_open(self) -> bool:

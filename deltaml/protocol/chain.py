@@ -22,7 +22,7 @@ import pickle
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, get_args
 
 import eth_abi
 import rlp
@@ -93,9 +93,7 @@ def signature(entry: Mapping[str, Any]) -> str:
     return f"{entry['name']}({','.join(_abi_type(i) for i in entry['inputs'])})"
 
 
-#: The escrow's ``enum State``, in order (the ABI carries an enum as a bare uint8; a test reads the
-#: names from the Solidity source).
-JOB_STATES = ("None", "Open", "Staffed", "Training", "Settled", "Cancelled")
+JOB_STATES = get_args(m.JobState)  # the escrow's ``enum State``, in order
 
 
 def error_text(entry: Mapping[str, Any], data: bytes) -> str:

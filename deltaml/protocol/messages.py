@@ -386,6 +386,30 @@ class ChainInfo(_Payload):
     gas_price: int
 
 
+#: The escrow's ``enum State``, in order (the ABI carries an enum as a bare uint8; a test reads the
+#: names from the Solidity source).
+JobState = Literal["None", "Open", "Staffed", "Training", "Settled", "Cancelled"]
+
+
+class EscrowQuery(_Payload):
+    """Aggregator → ledger: where does the escrow of the envelope's job stand? (Asked for a job the
+    aggregator lost, before it signs anything: a transaction the contract refuses would still
+    take a nonce, and what the aggregator signed after it would then fail too.)"""
+
+    type: Literal["escrow_query"] = "escrow_query"
+
+
+class EscrowStanding(_Payload):
+    """Ledger → the asker: the escrow's state as the contract reads now (``None`` for a job never
+    created), the aggregator it names, whether it was given up, and how many it enrolled."""
+
+    type: Literal["escrow_standing"] = "escrow_standing"
+    state: JobState
+    aggregator: str
+    abandoned: bool
+    enrolled: int = Field(ge=0)
+
+
 class MetricProof(_Payload):
     """The ciphertext a metric decrypts and the key it is under, for the ledger to check the proof."""
 
@@ -432,7 +456,7 @@ Payload = Annotated[
         GradientRequest, GradientReply, RefreshRequest, RefreshReply, EvalRequest,
         ProductRequest, ProductReply, EvalReply, MetricRequest, MetricReply,
         JobResult, JobClosed, JobFinished, TrainerDropped, JobQuery, Failure, Progress,
-        ChainHello, ChainInfo, TxRequest, TxReceipt, ChainEvent,
+        ChainHello, ChainInfo, EscrowQuery, EscrowStanding, TxRequest, TxReceipt, ChainEvent,
     ],
     Field(discriminator="type"),
 ]
