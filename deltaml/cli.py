@@ -132,7 +132,14 @@ def cmd_demo(args) -> int:
                         eval_every=args.eval_every, key_bits=args.key_bits, dataset=args.dataset,
                         poison_owner=args.poison_owner, chain=args.chain, round_timeout=args.round_timeout,
                         quorum=args.quorum)
-    report = run_demo(config, args.bus, _progress, amqp_url=args.amqp_url)
+    try:
+        report = run_demo(config, args.bus, _progress, amqp_url=args.amqp_url)
+    except KeyboardInterrupt:
+        kept = ("" if args.chain == "embedded" else
+                f"; its throw-away buyer key leaves the deposit in the escrow on {args.chain}")
+        print(f"deltaml: interrupted: the demo's job is dropped and its daemons are stopped; nothing is "
+              f"kept{kept}", file=sys.stderr)
+        raise
     rel = abs(report["final_mse"] - report["centralized_gd_mse"]) / report["centralized_gd_mse"]
     print(f"final MSE {report['final_mse']:.4f}  centralised GD {report['centralized_gd_mse']:.4f} "
           f"(relative difference {rel:.1e})  least squares {report['closed_form_mse']:.4f}")

@@ -295,6 +295,25 @@ async def test_a_second_ledger_is_refused_before_it_deploys_an_escrow(tmp_path):
     assert "escrow contract" not in down.stderr  # nothing deployed for a ledger that cannot run
 
 
+async def test_ctrl_c_of_the_demo_says_what_became_of_it_and_stops_its_daemons():
+    """It used to leave without a word (exit 130, the round lines its last output)."""
+    proc = subprocess.Popen([sys.executable, "-m", "deltaml.cli", "demo", "--bus", "amqp", "--rounds", "200"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = await asyncio.to_thread(proc.stdout.readline)  # round 0's metric: the daemons are at work
+    assert first.startswith("round     0"), first
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == ("deltaml: interrupted: the demo's job is dropped and its daemons are "
+                                            "stopped; nothing is kept")
+    bus = await AmqpBus(AMQP_URL).connect()
+    try:
+        assert [await bus.consumers(role, name) for role, name in [("aggregator", "aggregator"),
+                                                                   ("owner", "owner-1")]] == [0, 0]
+    finally:
+        await bus.close()
+
+
 def test_the_dead_letter_queue_is_bounded_on_the_broker():
     """Every refused message was kept for ever: on a long-running broker the queue grows until the
     disk alarm blocks every publisher. A policy (applied to the existing queue by `make broker`)
