@@ -10,6 +10,7 @@ computed on the same split, so a run proves itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import multiprocessing
@@ -208,7 +209,8 @@ async def _withdrawals(ledger: LedgerCore, buyer, job_id: str, timeout: float = 
         await asyncio.sleep(0.05)
     job = buyer.jobs[job_id]
     payees = [a for a in [*job.payments_wei, *([job.buyer_address] if job.refund_wei else [])] if a not in absent]
-    while any(ledger.chain.credit(a) for a in payees):
+    # the chain first, then the buyer's own receipt of its refund (it follows the block by a message)
+    while any(ledger.chain.credit(a) for a in payees) or buyer.jobs[job_id].escrow_open:
         if time.monotonic() > deadline:
             raise RuntimeError("payments were credited but not withdrawn in time")
         await asyncio.sleep(0.05)
@@ -271,7 +273,7 @@ class DemoDaemons:
                                          "--key", str(tmp / f"{name}.key"), *_trust_args(self.trust)]))
         self.children: list = []
 
-    async def _fresh(self) -> None:
+    async def empty_queues(self) -> None:
         from .agents.amqp import AmqpBus
 
         bus = await AmqpBus(self.url).connect()
@@ -282,7 +284,7 @@ class DemoDaemons:
 
     def start(self) -> None:
         """Empty the job's queues, then fork the daemons (call while this process has one thread)."""
-        asyncio.run(self._fresh())
+        asyncio.run(self.empty_queues())
         # a caller that already runs threads gets the preloaded fork server instead (safe, slower)
         forked = threading.active_count() == 1
         context_ = multiprocessing.get_context("fork") if forked else _launcher()
@@ -393,6 +395,11 @@ def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = la
             try:
                 public, (job, job_id, refused, ledger, timings) = asyncio.run(
                     _amqp_job(config, data, daemons, make_key, on_progress, amqp_url, workers))
+            except BaseException:  # Ctrl-C, a failure: what was on its way to the stopped agents goes too
+                daemons.stop()
+                with contextlib.suppress(Exception):
+                    asyncio.run(daemons.empty_queues())
+                raise
             finally:
                 daemons.stop()  # idempotent; here for a failure before the job ran
                 if workers is not None:

@@ -296,7 +296,9 @@ async def test_a_second_ledger_is_refused_before_it_deploys_an_escrow(tmp_path):
 
 
 async def test_ctrl_c_of_the_demo_says_what_became_of_it_and_stops_its_daemons():
-    """It used to leave without a word (exit 130, the round lines its last output)."""
+    """It used to leave without a word (exit 130, the round lines its last output), and what was on
+    its way to its stopped agents stayed in their queues: a `buyer train` under the default name
+    then met the interrupted demo's chain events."""
     proc = subprocess.Popen([sys.executable, "-m", "deltaml.cli", "demo", "--bus", "amqp", "--rounds", "200"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = await asyncio.to_thread(proc.stdout.readline)  # round 0's metric: the daemons are at work
@@ -308,8 +310,10 @@ async def test_ctrl_c_of_the_demo_says_what_became_of_it_and_stops_its_daemons()
                                             "stopped; nothing is kept")
     bus = await AmqpBus(AMQP_URL).connect()
     try:
-        assert [await bus.consumers(role, name) for role, name in [("aggregator", "aggregator"),
-                                                                   ("owner", "owner-1")]] == [0, 0]
+        queues = [("aggregator", "aggregator"), ("buyer", "buyer"), ("owner", "owner-1"), ("ledger", LEDGER)]
+        assert [await bus.consumers(role, name) for role, name in queues] == [0, 0, 0, 0]
+        declared = [await bus.declare(role, name) for role, name in queues]
+        assert [q.declaration_result.message_count for q in declared] == [0, 0, 0, 0]
     finally:
         await bus.close()
 

@@ -183,12 +183,13 @@ async def test_the_aggregator_killed_and_restarted_resumes_from_its_checkpoint(m
 async def test_an_aggregator_restarted_without_its_state_ends_the_job_for_its_buyer_and_owners(market):
     """It used to refuse every message of the job it had lost as for an unknown one: owners and buyer
     waited for ever. Now each party still working on it is told once (the owners through their
-    replies in its queue, the buyer through its question when `buyer train` sees the daemon back),
-    and the escrow, which the aggregator finds on chain through the ledger, is given up and settled
-    at once: the buyer's refund is withdrawn (it used to wait for the escrow's deadline)."""
+    replies in its queue, the buyer through its question when `buyer train` sees the daemon back, the
+    validator through its own after a silence of the round timeout), and the escrow, which the
+    aggregator finds on chain through the ledger, is given up and settled at once: the buyer's
+    refund is withdrawn (it used to wait for the escrow's deadline)."""
     import shutil
 
-    mk = await market(DemoConfig(rounds=8, eval_every=4), aggregator_process=True)
+    mk = await market(DemoConfig(rounds=8, eval_every=4, round_timeout=10.0), aggregator_process=True)
     await mk.start()
     task = asyncio.create_task(run_buyer_job(mk.buyer, mk.spec(), aggregator=mk.aggregator, job_id=mk.job_id))
     await mk.wait_for(lambda: mk.buyer_job() is not None and 0 in mk.buyer_job().published,
@@ -205,10 +206,13 @@ async def test_an_aggregator_restarted_without_its_state_ends_the_job_for_its_bu
     assert job.settled and job.withdrawn and not job.escrow_open
     spec = job.spec  # all back, or less the fixed rewards if a metric after round 0 was on chain
     assert job.refund_wei in (spec.deposit_wei, spec.deposit_wei - spec.fixed_reward_wei * spec.owners)
-    told = [json.loads(line)["message"] for line in (mk.tmp / f"{mk.aggregator}.jsonl").read_text().splitlines()
-            if '"job_finished"' in line and '"dir": "out"' in line]
-    recipients = {t["recipient"] for t in told}
-    assert mk.buyer_name in recipients and recipients & set(mk.owners)  # trainers whose replies were in flight
+    def told() -> set[str]:
+        trace = (mk.tmp / f"{mk.aggregator}.jsonl").read_text().splitlines()
+        return {json.loads(line)["message"]["recipient"] for line in trace
+                if '"job_finished"' in line and '"dir": "out"' in line}
+
+    assert mk.buyer_name in told() and told() & set(mk.owners)  # trainers whose replies were in flight
+    await mk.wait_for(lambda: told() >= set(mk.owners), timeout=60, what="every owner told, the validator too")
     await assert_books_clean(mk, "aggregator restarted without its state", 1, job)
 
 

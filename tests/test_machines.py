@@ -255,13 +255,50 @@ def test_a_lost_jobs_escrow_is_given_up_only_as_the_ledger_reads_it(keypair, sta
                                                                    "message_id": "again"}))
 
 
-def test_a_buyer_asking_after_a_job_that_goes_on_gets_no_answer(keypair):
+def test_a_party_asking_after_a_job_that_goes_on_gets_no_answer_and_an_owner_one_over_its_end(keypair):
     core = started_aggregator(keypair)
     job = core.jobs["j"]
     assert core.handle(env(m.JobQuery(), sender="buyer")) == []
-    with pytest.raises(ProtocolError, match="only the buyer"):
-        core.handle(env(m.JobQuery(), sender="owner-1"))
+    assert core.handle(env(m.JobQuery(), sender="owner-3")) == []  # the validator, between evaluations
+    with pytest.raises(ProtocolError, match="only the buyer or an owner"):
+        core.handle(env(m.JobQuery(), sender="mallory"))
     assert core.jobs["j"].phase is job.phase
+    core.handle(env(m.Failure(reason="out of memory"), sender="owner-2"))
+    (told,) = core.handle(env(m.JobQuery(), sender="owner-3"))
+    assert (told.recipient, told.type, told.payload.ok) == ("owner-3", "job_finished", False)
+    assert told.payload.reason == "owner-2: out of memory"
+    assert core.handle(env(m.JobQuery(), sender="buyer")) == []  # the buyer was told, and asks only under way
+
+
+def test_a_question_does_not_keep_a_silent_job_alive(keypair):
+    """The buyer asks once a minute and owners after each silence: when a question counted as a
+    sign of life, a silent trainer (or buyer) in a job whose round_timeout exceeded that was never
+    acted on and the job waited for ever."""
+    core = started_aggregator(keypair)
+    timeout = core.jobs["j"].spec.round_timeout
+    for _ in range(3):
+        core.tick(timeout * 0.6)
+        assert core.handle(env(m.JobQuery(), sender="buyer")) == []
+        assert core.handle(env(m.JobQuery(), sender="owner-3")) == [] or core.jobs["j"].phase is AggPhase.FAILED
+    assert core.jobs["j"].phase is AggPhase.FAILED and "no gradient from owner-1, owner-2" in core.jobs["j"].reason
+
+
+def test_an_owner_that_hears_nothing_of_its_job_for_a_round_timeout_asks_its_aggregator(keypair):
+    """A validator between evaluations of a job its aggregator lost (restarted without its state)
+    heard nothing and kept the job for ever: owners did not keep time."""
+    pub, _ = keypair
+    core = owner()
+    core.handle(env(m.JobOffer(spec=spec(pub, round_timeout=30.0))))
+    core.handle(env(m.RoleAssignment(role="validator", models=["all"])))
+    assert core.tick(29.0) == []
+    (query,) = core.tick(1.0)
+    assert (query.recipient, query.type, query.job_id) == ("aggregator", "job_query", "j")
+    assert core.tick(29.0) == [] and len(core.tick(1.0)) == 1  # again after each such silence
+    core.tick(29.0)
+    core.handle(env(m.ChainEvent(event="Confirmed", args={}, tx_hash="0x", block=1), sender=LEDGER))
+    assert core.tick(1.0) == []  # any message of the job starts the silence again
+    core.handle(env(m.JobFinished(ok=False, reason="aggregator aggregator does not know job j")))
+    assert core.jobs["j"].phase is OwnerPhase.FINISHED and core.tick(3600.0) == []  # a job over is not asked
 
 
 def test_a_buyer_told_its_job_is_lost_stops_waiting_for_the_escrow(buyer):

@@ -539,10 +539,18 @@ def _finish(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
 
 
 def _on_query(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
-    """The buyer asks whether its job goes on: it does, so nothing is said (only a job this
-    aggregator does not know is answered, :meth:`AggregatorCore._lost`)."""
-    require(env.sender == job.buyer, "only the buyer asks after its job")
-    return []
+    """The buyer or an owner of the job asks whether it goes on: while it does, nothing is said (a
+    job this aggregator does not know is answered, :meth:`AggregatorCore._lost`); an owner asking
+    after one that is over, or that dropped it, is told so again (the buyer has its own word)."""
+    owners = {*job.trainers, *job.validators, *job.dropped, *job.joined}
+    require(env.sender == job.buyer or env.sender in owners, "only the buyer or an owner asks after a job")
+    if env.sender == job.buyer:
+        return []
+    if env.sender in job.dropped:
+        return [ctx.reply(env, m.JobFinished(ok=False, reason="dropped: it fell silent in a training round"))]
+    if job.phase not in (AggPhase.FAILED, AggPhase.FINISHED):
+        return []
+    return [ctx.reply(env, m.JobFinished(ok=job.phase is AggPhase.FINISHED, reason=job.reason))]
 
 
 def _on_failure(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
@@ -569,6 +577,7 @@ AGGREGATOR_TABLE = table(
     (tuple(A), "tx_receipt", _on_receipt, tuple(A)),
 )
 AGGREGATOR = Machine("aggregator", AGGREGATOR_TABLE)
+QUESTIONS = {"job_query"}
 REMEMBERED_LOST = 10_000  # unknown jobs whose parties it remembers telling (the oldest forgotten first)
 #: What a party sends only inside a job it is working on: for a job this aggregator does not know, an answer.
 LOST_JOB_ANSWERS = {"join_request", "role_accepted", "gradient_reply", "refresh_reply", "eval_reply", "metric_reply",
@@ -597,7 +606,8 @@ class AggregatorCore(ChainParty):
         if job is None:
             return self._open(env)
         new, out = AGGREGATOR.step(job, env, self.ctx)
-        new.idle = 0.0
+        if env.type not in QUESTIONS:  # a party asking whether the job goes on is no sign that it does
+            new.idle = 0.0
         self.jobs[env.job_id] = new
         return out
 

@@ -348,8 +348,9 @@ class TrainerDropped(_Payload):
 
 
 class JobQuery(_Payload):
-    """Buyer → aggregator: is my job still going on? (Asked when the aggregator's daemon is back
-    after a stop: one restarted without its state answers that it lost the job.)"""
+    """Buyer or participant → aggregator: is my job still going on? (The buyer asks when the
+    aggregator's daemon is back after a stop, an owner after a silence of ``round_timeout``: one
+    restarted without its state answers that it lost the job; to an owner, one over says so.)"""
 
     type: Literal["job_query"] = "job_query"
 

@@ -9,6 +9,8 @@ once (INITIATED). A trainer then answers each gradient request with
 evaluation with the masked metric protocol, one product request to the
 buyer and one ``[SSE_v]`` per model to the aggregator (IN_PROGRESS). The
 job's end, good or bad, makes it FINISHED. It only ever sees ciphertexts.
+An owner that has heard nothing of a job it takes part in for the job's
+``round_timeout`` asks the aggregator whether it goes on (:meth:`OwnerCore.tick`).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class OwnerJob:
     credited: bool = False  # the escrow's Credited event for me was taken (a copy may come again)
     declined: str = ""  # why this owner's data does not fit the offer
     reason: str = ""  # why the job ended badly, as the aggregator said
+    idle: float = 0.0  # seconds since the job's last message (or this owner's last question about it)
 
     @property
     def public_key(self) -> PublicKey:
@@ -269,5 +272,22 @@ class OwnerCore(ChainParty):
             job = OwnerJob(phase=OwnerPhase.WAITING, spec=env.payload.spec, aggregator=env.sender)
             job.public_key  # refuses a key that is too short before anything else
         new, out = self.machine.step(job, env, self.ctx)
+        new.idle = 0.0
         self.jobs[env.job_id] = new
+        return out
+
+    def tick(self, seconds: float) -> list[m.Envelope]:
+        """``seconds`` passed: an owner taking part in a job that heard nothing of it for the job's
+        ``round_timeout`` asks its aggregator whether the job goes on, and again after each such
+        silence. The aggregator answers only a job it lost (restarted without its state) or one
+        over: a validator between evaluations, or an owner waiting for its role, would otherwise
+        keep the job for ever; silence in a job going on is the aggregator's to act on."""
+        out = []
+        for job_id, job in self.jobs.items():
+            if job.phase not in ACTIVE:
+                continue
+            job.idle += seconds
+            if job.idle >= job.spec.round_timeout:
+                job.idle = 0.0
+                out.append(self.ctx.message(job_id, 0, job.aggregator, m.JobQuery()))
         return out
