@@ -309,6 +309,30 @@ def test_a_buyer_told_its_job_is_lost_stops_waiting_for_the_escrow(buyer):
     assert buyer.ask("j") == []  # a job over is not asked after
 
 
+def abandoned(sender=LEDGER):
+    return env(m.ChainEvent(event="Abandoned", args={"job": "0x00", "round": 0}, tx_hash="0x", block=9), sender=sender)
+
+
+def test_a_job_given_up_on_chain_is_over_for_its_buyer_and_owners(buyer, keypair):
+    """The aggregator that lost a job gives its escrow up at the first word of it, but the buyer heard
+    only at its next question (a minute) and a validator between evaluations at its next silence.
+    Only the job's aggregator can abandon its escrow, and only when the job cannot go on."""
+    from deltaml.protocol.buyer import ABANDONED
+
+    buyer.handle(abandoned())
+    assert buyer.jobs["j"].phase is BuyerPhase.FAILED and buyer.jobs["j"].reason == ABANDONED
+    buyer.handle(env(m.JobFinished(ok=False, reason="round 3: no gradient")))  # the aggregator's word says more
+    assert buyer.jobs["j"].reason == "round 3: no gradient"
+    buyer.handle(abandoned().model_copy(update={"message_id": "again"}))
+    assert buyer.jobs["j"].reason == "round 3: no gradient"
+    pub, _ = keypair
+    validator = owner_as(pub, "validator")
+    validator.handle(abandoned())
+    assert validator.jobs["j"].phase is OwnerPhase.FINISHED and "gave the job's escrow up" in validator.jobs["j"].reason
+    with pytest.raises(ProtocolError, match="from the ledger"):
+        owner_as(pub, "trainer").handle(abandoned(sender="aggregator"))
+
+
 def test_a_buyer_asks_and_learns_its_job_was_lost(buyer):
     (query,) = buyer.ask("j")
     assert (query.type, query.recipient) == ("job_query", "aggregator")

@@ -280,11 +280,19 @@ def _on_dropped(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -
     return []
 
 
+#: Only the job's aggregator can abandon its escrow, and only once the job cannot go on: its word
+#: is on its way (or lost with it, restarted without its state), and the chain's is enough.
+ABANDONED = "the aggregator gave the job's escrow up on chain: the job cannot go on"
+
+
 def _on_chain_event(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
-    """Follow the escrow: what each participant is credited, the refund, and take the refund back."""
+    """Follow the escrow: a job given up on it is over; what each participant is credited, the
+    refund, and take the refund back."""
     refuse_unless(env.sender == LEDGER, "chain events come from the ledger")
     ev = env.payload
-    if ev.event == "Credited":  # once per payee and job on chain; a copy the ledger sends again changes nothing
+    if ev.event == "Abandoned" and job.phase in (BuyerPhase.REQUESTED, BuyerPhase.TRAINING):
+        job.phase, job.reason = BuyerPhase.FAILED, ABANDONED
+    elif ev.event == "Credited":  # once per payee and job on chain; a copy the ledger sends again changes nothing
         job.payments_wei[ev.args["payee"]] = ev.args["amount"]
         job.chain_contributions[ev.args["payee"]] = ev.args["contribution"]
     elif ev.event == "Settled" and not job.settled:
@@ -314,7 +322,7 @@ def _on_receipt(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -
 
 def _on_end(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:
     refuse_unless(env.sender == job.aggregator, "job end from a party that is not the aggregator")
-    if job.phase is not BuyerPhase.FAILED:  # a job the buyer ended keeps its own reason
+    if job.phase is not BuyerPhase.FAILED or job.reason == ABANDONED:  # the buyer's own reason stays
         job.phase = BuyerPhase.FAILED
         job.reason = env.payload.reason
     if env.correlation_id in job.queries:  # the answer to "does it go on?": the aggregator lost the job

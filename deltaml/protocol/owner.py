@@ -201,9 +201,12 @@ def _on_finished(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) 
 
 
 def _on_chain_event(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:
-    """Confirm my own participation once named on chain; withdraw what I am credited."""
+    """A job given up on chain is over; confirm my own participation once named on chain; withdraw
+    what I am credited (a job given up after verified work pays the fixed reward)."""
     require(env.sender == LEDGER, "chain events come from the ledger")
     ev, me = env.payload, ctx.wallet.address if ctx.wallet else None
+    if ev.event == "Abandoned" and job.phase in ACTIVE:  # only the aggregator gives it up, when it cannot go on
+        job.phase, job.reason = OwnerPhase.FINISHED, "the aggregator gave the job's escrow up on chain"
     if ev.event == "ParticipantsSet" and not job.confirmed:
         if any(same_address(a, me) for a in [*ev.args["trainers"], *ev.args["validators"]]):
             job.confirmed = True
