@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 
 from deltaml.agents.bus import MemoryBus
 from deltaml.marketplace import DemoConfig, baselines, make_spec, memory_job, prepare_parts
-from deltaml.protocol.aggregator import LOST_JOB_ANSWERS
+from deltaml.protocol.lost import ANSWERED as LOST_JOB_ANSWERS
 from deltaml.protocol import messages as m
 from deltaml.protocol.buyer import BuyerPhase
 

@@ -404,7 +404,7 @@ def test_an_aggregator_that_lost_a_job_gives_its_escrow_up_and_settles_it_after_
     events = [e.payload.event for e in buyer.events if e.job_id == job]
     assert events[-2:] == ["Abandoned", "Settled"]
     assert ledger.chain.credit(buyer.address) == 130  # the whole deposit: no verified progress yet
-    assert restarted.asked == {} and restarted.wallet.sent == {}  # every answer and receipt taken
+    assert restarted.lost.asked == {} and restarted.wallet.sent == {}  # every answer and receipt taken
     # the ledger says the same of every job it has not seen, and of one settled already
     for job_id, state in [("made-up", "None"), (job, "Settled")]:
         query = m.Envelope(message_id=f"q-{job_id}", job_id=job_id, sender="anyone", recipient=LEDGER,

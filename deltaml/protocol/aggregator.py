@@ -34,7 +34,9 @@ centralised training on the rows that stayed. (Leave-one-out models of the
 others keep the dropped trainer's early rounds.) Any other silence — too few
 owners, a validator, the buyer during a refresh or a metric — fails the job;
 a paid job is then abandoned on chain and settled at once, so the escrow is
-refunded without waiting for its deadline.
+refunded without waiting for its deadline. A question (``JobQuery``) is no
+sign of life: it does not restart the silence. Messages of a job it does not
+know (restarted without its state) are :mod:`.lost`'s to answer.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from .metric import sse_scale_bits
 from .machine import (FULL_MODEL, Context, Machine, eval_models, is_eval_round, model_ids, natural_key,
                       require, table, without)
 from .chain import LEDGER, METRICS_PER_TX, ChainParty, job_key, key_hash, metric_args, model_index, same_address
-from .errors import JobOver
+from .lost import LostJobs
 from .paillier import Decryption, PublicKey, require_valid_decryption
 from .randomness import expect_obfuscators
 from .refresh import RefreshMasks, mask_for_refresh, unmask_refreshed
@@ -540,7 +542,7 @@ def _finish(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
 
 def _on_query(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     """The buyer or an owner of the job asks whether it goes on: while it does, nothing is said (a
-    job this aggregator does not know is answered, :meth:`AggregatorCore._lost`); an owner asking
+    job this aggregator does not know is answered, :class:`~.lost.LostJobs`); an owner asking
     after one that is over, or that dropped it, is told so again (the buyer has its own word)."""
     owners = {*job.trainers, *job.validators, *job.dropped, *job.joined}
     require(env.sender == job.buyer or env.sender in owners, "only the buyer or an owner asks after a job")
@@ -578,10 +580,6 @@ AGGREGATOR_TABLE = table(
 )
 AGGREGATOR = Machine("aggregator", AGGREGATOR_TABLE)
 QUESTIONS = {"job_query"}
-REMEMBERED_LOST = 10_000  # unknown jobs whose parties it remembers telling (the oldest forgotten first)
-#: What a party sends only inside a job it is working on: for a job this aggregator does not know, an answer.
-LOST_JOB_ANSWERS = {"join_request", "role_accepted", "gradient_reply", "refresh_reply", "eval_reply", "metric_reply",
-                    "job_query"}
 
 
 class AggregatorCore(ChainParty):
@@ -591,8 +589,7 @@ class AggregatorCore(ChainParty):
         self.ctx = ctx
         self.wallet = ctx.wallet
         self.jobs: dict[str, AggJob] = {}
-        self.told: dict[str, set[str]] = {}  # unknown jobs: who has been told this aggregator lost them
-        self.asked: dict[str, str] = {}  # the ledger's word awaited on a lost job's escrow: query id → job id
+        self.lost = LostJobs(ctx)  # jobs it does not know that parties still work on (a restart without state)
 
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
         """Apply one message; a job request opens a new job and offers it to the owners."""
@@ -600,8 +597,6 @@ class AggregatorCore(ChainParty):
         return out if out is not None else self.guarded(self._step, env)
 
     def _step(self, env: m.Envelope) -> list[m.Envelope]:
-        if env.type == "escrow_standing":
-            return self._give_lost_escrow_up(env)
         job = self.jobs.get(env.job_id)
         if job is None:
             return self._open(env)
@@ -610,40 +605,6 @@ class AggregatorCore(ChainParty):
             new.idle = 0.0
         self.jobs[env.job_id] = new
         return out
-
-    def _lost(self, env: m.Envelope) -> list[m.Envelope]:
-        """A party still working on a job this aggregator does not know: it was restarted without
-        the ``--state-dir`` it ran the job with, and the job cannot go on. Each party is told once
-        (it would otherwise wait for ever, and its later messages are refused as before)."""
-        out = []
-        if env.job_id not in self.told and self.wallet is not None:
-            query = self.ctx.message(env.job_id, 0, LEDGER, m.EscrowQuery())
-            self.asked[query.message_id] = env.job_id
-            out.append(query)
-        self.told.setdefault(env.job_id, set()).add(env.sender)
-        reason = (f"aggregator {self.ctx.name} does not know job {env.job_id} (restarted without the "
-                  f"--state-dir it ran the job with?): the job cannot go on")
-        for memory in (self.told, self.asked):  # a flood of made-up job ids must not grow them for ever
-            while len(memory) > REMEMBERED_LOST:
-                del memory[next(iter(memory))]
-        return [self.ctx.reply(env, m.JobFinished(ok=False, reason=reason)), *out]
-
-    def _give_lost_escrow_up(self, env: m.Envelope) -> list[m.Envelope]:
-        """The ledger's word on a lost job's escrow (:meth:`_lost` asked, as a view on the chain,
-        before signing anything): one that names this aggregator and is not settled yet is given up
-        and settled now, so the buyer is refunded (less the fixed rewards if training had verified
-        progress) at once rather than at the deadline. Asking first keeps a made-up job id from
-        costing gas, or a nonce whose gap would fail what the aggregator signs next."""
-        require(env.sender == LEDGER, "an escrow's standing comes from the ledger")
-        require(self.asked.pop(env.correlation_id or "", None) == env.job_id,
-                "an escrow's standing nobody asked for (stale?)")
-        standing: m.EscrowStanding = env.payload
-        if standing.state not in ("Open", "Staffed", "Training") or not same_address(standing.aggregator,
-                                                                                     self.wallet.address):
-            return []
-        key = job_key(env.job_id)
-        abandon = [] if standing.abandoned else self.wallet.call(self.ctx, env.job_id, 0, "abandon", [key, 0])
-        return abandon + self.wallet.call(self.ctx, env.job_id, 0, "settle", [key], participants=standing.enrolled)
 
     def tick(self, seconds: float) -> list[m.Envelope]:
         """``seconds`` passed: every job that has waited its ``round_timeout`` acts on the silence."""
@@ -672,12 +633,9 @@ class AggregatorCore(ChainParty):
         return out
 
     def _open(self, env: m.Envelope) -> list[m.Envelope]:
-        if env.type in LOST_JOB_ANSWERS and env.sender not in self.told.get(env.job_id, set()):
-            return self._lost(env)
-        if env.job_id in self.told and env.type in ("tx_receipt", "chain_event"):
-            return []  # its escrow given up (the wallet took the receipt; the ledger logs the outcome)
-        if env.job_id in self.told and env.type != "job_request":  # its stragglers
-            raise JobOver(f"aggregator: {env.type!r} for job {env.job_id}, which this aggregator lost")
+        answer = self.lost.handle(env)
+        if answer is not None:
+            return answer
         require(env.type == "job_request", f"message for unknown job {env.job_id}")
         req: m.JobRequest = env.payload
         require(req.spec.buyer == env.sender, "a job request must come from its buyer")
