@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -21,6 +22,22 @@ from .settings import LOG_LEVELS, ConfigError, Settings
 
 class CliError(Exception):
     """A one-line error for the user."""
+
+
+def _check_names(**names: str) -> None:
+    """Party names the bus can route to one queue alone: one word of a routing key, and none of the
+    names the bus keeps for itself (the owners' fan-out, the progress feed, the ledger). A name
+    such as ``#`` bound its queue to everyone's messages; ``owners``, to every job offer twice."""
+    from .agents.topology import BROADCAST_OWNERS, PROGRESS
+    from .protocol.chain import LEDGER
+    from .protocol.messages import NAME_PATTERN
+
+    for flag, name in names.items():
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise CliError(f"--{flag} {name!r}: a party's name is 1 to 128 letters, digits, '-' or '_', "
+                           f"beginning with a letter or digit")
+        if name in (BROADCAST_OWNERS, PROGRESS, LEDGER):
+            raise CliError(f"--{flag} {name!r}: the bus keeps that name for itself; choose another")
 
 
 def _common(p: argparse.ArgumentParser, settings: Settings, daemon: bool = True) -> None:
@@ -226,6 +243,7 @@ def cmd_aggregator(args) -> int:
     from .agents.parties import aggregator_core
 
     _check_tick(args)
+    _check_names(name=args.name)
     core = aggregator_core(args.name, wallet=_wallet(args))
     return _serve("aggregator", args.name, core, args, {}, workers=_workers(args, core))
 
@@ -307,7 +325,8 @@ def cmd_owner(args) -> int:
     from .agents.parties import owner_core
 
     _check_tick(args)
-    name = args.name or Path(args.data).stem
+    name = args.name if args.name is not None else Path(args.data).stem
+    _check_names(**{"name" if args.name is not None else "name (by default the data file's)": name})
     core = owner_core(name, str(args.data), args.auto_accept, wallet=_wallet(args))
     if not args.auto_accept:
         print(f"owner {name}: without --auto-accept, job offers are logged and not joined", file=sys.stderr)
@@ -327,6 +346,7 @@ def cmd_buyer_train(args) -> int:
     from .protocol.chain import LEDGER
 
     check_key_bits(args.key_bits)
+    _check_names(name=args.name, aggregator=args.aggregator)
     _check_writable(report=args.report, model_out=args.model_out)
     if args.deadline_hours < 1:  # the contract refuses a deadline already past, after recruiting
         raise CliError(f"--deadline-hours {args.deadline_hours}: must be at least 1")
@@ -518,6 +538,7 @@ def cmd_buyer_withdraw(args) -> int:
     if args.key is None or not args.key.exists():
         raise CliError("--key FILE: the key the deposit was made with (a new key has nothing to withdraw)")
     configure_logging(args.log_format, args.log_level)
+    _check_names(name=args.name)
     core = Collector(context(args.name, wallet=_wallet(args)))
 
     async def main():

@@ -417,6 +417,29 @@ def test_a_state_directory_that_is_a_file_is_one_line_in_our_words(tmp_path, rol
     assert len(lines) == 1 and state.read_text() == "a file, not a directory"
 
 
+@pytest.mark.parametrize("args, line", [
+    (["owner", "--name", "#"], "--name '#': a party's name is 1 to 128 letters, digits, '-' or '_', beginning "
+                               "with a letter or digit"),
+    (["owner", "--name", ""], "--name '': a party's name is 1 to 128"),
+    (["owner"], "--name (by default the data file's) 'owner 1': a party's name is 1 to 128"),
+    (["owner", "--name", "owners"], "--name 'owners': the bus keeps that name for itself; choose another"),
+    (["aggregator", "--name", "agg.1"], "--name 'agg.1': a party's name is 1 to 128"),
+    ([*BUYER_TRAIN, "--aggregator", "ledger"], "--aggregator 'ledger': the bus keeps that name for itself"),
+    (["buyer", "withdraw", "--name", "*"], "--name '*': a party's name is 1 to 128"),
+])
+def test_a_party_name_the_bus_cannot_route_to_one_queue_is_one_line(tmp_path, args, line):
+    """A name such as '#' bound the daemon's queue to every message on the bus (and its refusals
+    filled the dead-letter queue); 'owners' heard every job offer twice; an empty --name silently
+    became the data file's name. Refused before anything connects."""
+    data = tmp_path / "owner 1.csv"
+    data.write_text("a,b,y\n" + "".join(f"{i},{i % 3},{2 * i}\n" for i in range(10)))
+    (tmp_path / "k.key").write_text("")  # exists: buyer withdraw looks for it before the name
+    extra = ["--data", str(data), "--auto-accept"] if args[0] == "owner" else []
+    proc = run_cli(*args, *extra, "--key", str(tmp_path / "k.key"), timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"deltaml: error: {line}"), proc.stderr
+
+
 def test_dataset_split_writes_the_design_split(tmp_path):
     proc = run_cli("dataset", "split", "diabetes", "--parts", "5", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr

@@ -37,7 +37,7 @@ def test_changing_any_field_changes_the_signer(field, value):
 
 @pytest.mark.parametrize("envelope", [
     join(),
-    join(sender='owner-"signature":null,"payload":{}'),  # the text the signature is spliced at, in a name
+    join(job='job-"signature":null,"payload":{}'),  # the text the signature is spliced at (names can't hold it)
     sign(join(job="job-3"), MALLORY),  # signed before: the new signature replaces the old one
     m.Envelope(message_id="g", job_id="j", round=4, sender="aggregator", recipient="owner-1",
                payload=m.GradientRequest(scale_bits=96, models={"all": [2**4000 + 7, 3], "without:owner-2": [5]})),

@@ -47,6 +47,9 @@ def mutate(**changes):
     (mutate(sender=""), "sender"),  # found by the fuzzer: an empty name was bound like any other
     (mutate(message_id=""), "message_id"),
     (mutate(recipient="x" * 200), "recipient"),
+    (mutate(sender="#"), "sender"),  # a routing-key wildcard: its queue would bind to everyone's messages
+    (mutate(recipient="owner.1"), "recipient"),  # two words of a routing key
+    (mutate(sender="owner 1"), "sender"),
     (mutate(extra_field=1), "extra_field"),
 ])
 def test_bad_messages_are_refused_with_a_reason(data, reason):
@@ -105,3 +108,18 @@ def test_a_job_under_a_short_or_mislabelled_key_is_refused_where_it_arrives(bits
     spec = {**SPEC, "key_bits": bits, "public_key": key if isinstance(key, str) else format(key, "x")}
     with pytest.raises(DecodeError, match=f"payload.job_offer.spec.*{reason}"):
         m.decode(job_offer(spec))
+
+
+@pytest.mark.parametrize("field, value", [("validator", "#"), ("message_id", "x" * 200), ("correlation_id", "x" * 200),
+                                          ("recipient", "a.b")])
+def test_a_forwarded_validator_part_is_held_to_the_limits_of_the_reply_it_came_from(field, value):
+    """The buyer rebuilds the validator's reply from the part to check its signature: a part out of
+    the envelope's limits was a validation error inside its step (retried, then dead-lettered as a
+    fault of ours) instead of a message refused at decode."""
+    part = {"validator": "owner-3", "rows": 10, "sse": {"all": "0a"}, "recipient": "aggregator"}
+    raw = {"message_id": "m", "job_id": "j", "round": 2, "sender": "aggregator", "recipient": "buyer",
+           "schema_version": m.SCHEMA_VERSION, "payload": {"type": "metric_request", "sse_scale_bits": 96, "totals": {"all": "0a"}, "parts": [part]}}
+    assert m.decode(json.dumps(raw)).payload.parts[0].reply("j", 2, 96).sender == "owner-3"
+    part[field] = value
+    with pytest.raises(DecodeError, match=field):
+        m.decode(json.dumps(raw))

@@ -55,6 +55,11 @@ class _Payload(BaseModel):
     __deepcopy__ = _as_value
 
 
+#: A party's name on the bus: one word of a routing key (``to.<name>``: no ``.``, and no ``*`` or
+#: ``#``, which would bind its queue to everyone's messages), 1 to 128 characters.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+
+
 class JobSpec(_Payload):
     """What a buyer asks for: the data it wants, the training it pays for."""
 
@@ -265,12 +270,14 @@ class ValidatorPart(_Payload):
     otherwise the aggregator could put any ciphertext in a part and have the buyer publish
     its plaintext."""
 
-    validator: str
+    # the fields of the reply it came from, held to the envelope's own limits at decode (rebuilt
+    # from them, a reply out of those limits was a validation error inside the buyer's step)
+    validator: str = Field(pattern=NAME_PATTERN)
     rows: int = Field(ge=1)
     sse: dict[str, Cipher]
-    message_id: str = ""
-    correlation_id: str | None = None
-    recipient: str = ""
+    message_id: str = Field(default="", max_length=128)
+    correlation_id: str | None = Field(default=None, max_length=128)
+    recipient: str = Field(default="", pattern=f"^$|{NAME_PATTERN}")
     signature: str | None = None
 
     @classmethod
@@ -283,7 +290,7 @@ class ValidatorPart(_Payload):
     def reply(self, job_id: str, round_: int, sse_scale_bits: int) -> "Envelope":
         """The evaluation reply this part says it was taken from, for checking its signature."""
         return Envelope(message_id=self.message_id or "-", correlation_id=self.correlation_id, job_id=job_id,
-                        round=round_, sender=self.validator, recipient=self.recipient or "-",
+                        round=round_, sender=self.validator, recipient=self.recipient or "none",
                         signature=self.signature,
                         payload=EvalReply(rows=self.rows, sse_scale_bits=sse_scale_bits, sse=self.sse))
 
@@ -473,8 +480,8 @@ class Envelope(BaseModel):
     correlation_id: str | None = Field(default=None, max_length=128)
     job_id: str = Field(max_length=128)  # empty for what concerns no job (a ledger greeting)
     round: int = Field(default=0, ge=0, strict=True)  # not true, not "0001": one spelling per signed value
-    sender: str = Field(min_length=1, max_length=128)
-    recipient: str = Field(min_length=1, max_length=128)
+    sender: str = Field(pattern=NAME_PATTERN)
+    recipient: str = Field(pattern=NAME_PATTERN)
     schema_version: int = Field(default=SCHEMA_VERSION, strict=True)
     signature: str | None = None
     payload: Payload
