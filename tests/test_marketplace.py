@@ -303,7 +303,7 @@ async def test_a_buyer_says_when_a_party_it_waits_on_stops_and_when_it_is_back(c
     import asyncio
 
     from deltaml.agents.bus import MemoryBus
-    from deltaml.cli import _watch_served
+    from deltaml.commands.buyer import _watch_served
 
     bus = MemoryBus()
     queue = bus.declare("aggregator", "agg")
@@ -345,7 +345,7 @@ def test_a_buyer_interrupted_says_where_its_deposit_goes_whether_or_not_its_aggr
     from pathlib import Path
 
     from deltaml.agents.runtime import GAVE_UP
-    from deltaml.cli import _left
+    from deltaml.commands.buyer import _left
     from deltaml.protocol.buyer import BuyerJob, BuyerPhase
 
     data, _ = prepare_parts(DemoConfig())
@@ -368,7 +368,7 @@ async def test_a_buyer_interrupted_once_it_holds_the_model_keeps_the_report_and_
     without writing them: a model paid for, lost to a keystroke."""
     from pathlib import Path
 
-    from deltaml.cli import _keep_result, _left
+    from deltaml.commands.buyer import _keep_result, _left
     from deltaml.marketplace import memory_job
 
     config = DemoConfig(rounds=2, eval_every=1)

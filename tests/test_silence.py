@@ -78,7 +78,7 @@ async def test_a_silent_trainer_is_dropped_when_the_quorum_holds_and_the_rest_is
     assert wrapped["owner-2"].swallowed >= 1
     # the buyer's report and table name it (they used to leave it out without a word)
     from deltaml.agents.runtime import buyer_report
-    from deltaml.cli import _print_earnings
+    from deltaml.commands.common import _print_earnings
     from deltaml.protocol.buyer import BuyerCore
 
     report = buyer_report(job, "j", 2048, 0.0)
