@@ -191,7 +191,7 @@ async def test_an_aggregator_restarted_without_its_state_ends_the_job_for_its_bu
     silence of the round timeout."""
     import shutil
 
-    from deltaml.protocol.buyer import ABANDONED
+    from deltaml.protocol.chain import ABANDONED
 
     mk = await market(DemoConfig(rounds=8, eval_every=4, round_timeout=10.0), aggregator_process=True)
     await mk.start()

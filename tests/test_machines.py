@@ -317,7 +317,7 @@ def test_a_job_given_up_on_chain_is_over_for_its_buyer_and_owners(buyer, keypair
     """The aggregator that lost a job gives its escrow up at the first word of it, but the buyer heard
     only at its next question (a minute) and a validator between evaluations at its next silence.
     Only the job's aggregator can abandon its escrow, and only when the job cannot go on."""
-    from deltaml.protocol.buyer import ABANDONED
+    from deltaml.protocol.chain import ABANDONED
 
     buyer.handle(abandoned())
     assert buyer.jobs["j"].phase is BuyerPhase.FAILED and buyer.jobs["j"].reason == ABANDONED

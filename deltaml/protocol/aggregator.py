@@ -544,8 +544,7 @@ def _on_query(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     """The buyer or an owner of the job asks whether it goes on: while it does, nothing is said (a
     job this aggregator does not know is answered, :class:`~.lost.LostJobs`); an owner asking
     after one that is over, or that dropped it, is told so again (the buyer has its own word)."""
-    owners = {*job.trainers, *job.validators, *job.dropped, *job.joined}
-    require(env.sender == job.buyer or env.sender in owners, "only the buyer or an owner asks after a job")
+    require(env.sender == job.buyer or env.sender in job.joined, "only the buyer or an owner asks after a job")
     if env.sender == job.buyer:
         return []
     if env.sender in job.dropped:

@@ -35,7 +35,8 @@ from .paillier import PrivateKey, PublicKey
 from .refresh import refresh_masked
 from .drbg import Drbg
 from .auth import AuthError, signer
-from .chain import LEDGER, ChainParty, same_address, expected_settlement, job_key, key_hash, model_index, mse_micro
+from .chain import (ABANDONED, LEDGER, ChainParty, same_address, expected_settlement, job_key, key_hash, model_index,
+                    mse_micro)
 from .settlement import Settlement, leave_one_out
 
 
@@ -278,11 +279,6 @@ def _on_dropped(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -
     job.trainers.remove(gone)
     job.dropped.append(gone)
     return []
-
-
-#: Only the job's aggregator can abandon its escrow, and only once the job cannot go on: its word
-#: is on its way (or lost with it, restarted without its state), and the chain's is enough.
-ABANDONED = "the aggregator gave the job's escrow up on chain: the job cannot go on"
 
 
 def _on_chain_event(job: BuyerJob, env: m.Envelope, ctx: Context, key: PrivateKey) -> list[m.Envelope]:

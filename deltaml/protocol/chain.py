@@ -94,6 +94,10 @@ def signature(entry: Mapping[str, Any]) -> str:
 
 
 JOB_STATES = get_args(m.JobState)  # the escrow's ``enum State``, in order
+#: Why a job ends for a party that sees its escrow's ``Abandoned`` event: only the job's aggregator
+#: can abandon it, and only once the job cannot go on (its word may be lost with it, restarted
+#: without its state), so the chain's word is enough.
+ABANDONED = "the aggregator gave the job's escrow up on chain: the job cannot go on"
 
 
 def error_text(entry: Mapping[str, Any], data: bytes) -> str:

@@ -21,7 +21,7 @@ from enum import Enum, auto
 import numpy as np
 
 from . import messages as m
-from .chain import LEDGER, ChainParty, job_key, same_address
+from .chain import ABANDONED, LEDGER, ChainParty, job_key, same_address
 from .fixedpoint import FixedPoint
 from .linear import EncodedStats, encode_stats, encrypted_gradient, sufficient_stats
 from .machine import Context, Machine, require, table
@@ -206,7 +206,7 @@ def _on_chain_event(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerDat
     require(env.sender == LEDGER, "chain events come from the ledger")
     ev, me = env.payload, ctx.wallet.address if ctx.wallet else None
     if ev.event == "Abandoned" and job.phase in ACTIVE:  # only the aggregator gives it up, when it cannot go on
-        job.phase, job.reason = OwnerPhase.FINISHED, "the aggregator gave the job's escrow up on chain"
+        job.phase, job.reason = OwnerPhase.FINISHED, ABANDONED
     if ev.event == "ParticipantsSet" and not job.confirmed:
         if any(same_address(a, me) for a in [*ev.args["trainers"], *ev.args["validators"]]):
             job.confirmed = True
