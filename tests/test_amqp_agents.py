@@ -426,6 +426,7 @@ def test_a_state_directory_that_is_a_file_is_one_line_in_our_words(tmp_path, rol
     (["aggregator", "--name", "agg.1"], "--name 'agg.1': a party's name is 1 to 128"),
     ([*BUYER_TRAIN, "--aggregator", "ledger"], "--aggregator 'ledger': the bus keeps that name for itself"),
     (["buyer", "withdraw", "--name", "*"], "--name '*': a party's name is 1 to 128"),
+    (["owner", "--name", "0x" + "Ab" * 20], f"--name '0x{'Ab' * 20}': a party's name may not be an Ethereum address"),
 ])
 def test_a_party_name_the_bus_cannot_route_to_one_queue_is_one_line(tmp_path, args, line):
     """A name such as '#' bound the daemon's queue to every message on the bus (and its refusals

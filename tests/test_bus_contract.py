@@ -104,6 +104,28 @@ async def test_messages_reach_the_named_agent_only(harness):
     assert got_a[0].body == b"for a" and got_b == []
 
 
+async def test_a_message_to_an_address_reaches_the_agent_that_signs_as_it(harness):
+    """The ledger tells a chain event to the addresses the contract names; each queue is bound to
+    its agent's address (in lower case, whatever the spelling it was given in)."""
+    bus = harness.bus
+    a, b = unique("o"), unique("b")
+    address_a, address_b = "0x" + uuid.uuid4().hex[:8] + "Ab" * 16, "0x" + uuid.uuid4().hex[:8] + "cd" * 16
+    got_a, got_b = [], []
+    for role, name, address, got in (("owner", a, address_a, got_a), ("buyer", b, address_b, got_b)):
+        async def handler(delivery, got=got):
+            got.append(delivery)
+            return Outcome(Verdict.ACK, "")
+        await bus.consume(role, name, handler, address)
+    await bus.publish(t.address_recipient(address_a), b"for a's address", "m1")
+    await bus.publish(a, b"for a's name", "m2")
+    await wait_for(lambda: len(got_a) == 2)
+    await asyncio.sleep(0.2)
+    assert [d.body for d in got_a] == [b"for a's address", b"for a's name"] and got_b == []
+    body = uuid.uuid4().hex.encode()
+    await bus.publish(address_a, body, "m3")  # no queue is bound to that spelling: one word, one key
+    assert any(b == body for b, _ in await harness.dead_letters()) and len(got_a) == 2
+
+
 async def test_owners_broadcast_reaches_every_owner(harness):
     bus = harness.bus
     owners = [unique("o") for _ in range(3)]

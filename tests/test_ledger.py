@@ -21,11 +21,13 @@ from deltaml.agents.amqp import AmqpBus
 from deltaml.agents.ledger import Chain, ChainUnavailable, LedgerCore
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.agents.runtime import run_buyer_job
+from deltaml.agents.topology import address_recipient
 from deltaml.marketplace import DemoConfig, baselines, make_spec, prepare_parts, run_demo
 from deltaml.protocol.buyer import BuyerPhase
 from deltaml.protocol.owner import OwnerCore, OwnerData
 from deltaml.protocol import messages as m
 from deltaml.protocol.chain import LEDGER, METRICS_PER_TX, artifact, job_key, key_hash, metric_args
+from deltaml.protocol.auth import sign
 from deltaml.protocol.errors import ProtocolError
 from deltaml.protocol.machine import Context
 
@@ -46,20 +48,23 @@ class Party:
         return self.ctx.wallet.address
 
     def deliver(self, envelopes):
+        """What the bus would route to this party's queue: its name's and its address's messages."""
         for env in envelopes:
-            if env.type == "chain_info" and env.recipient == self.ctx.name:
+            if env.recipient not in (self.ctx.name, address_recipient(self.address)):
+                continue
+            if env.type == "chain_info":
                 self.ctx.wallet.on_info(self.ctx, env.payload)
-            elif env.type == "tx_receipt" and env.recipient == self.ctx.name:
+            elif env.type == "tx_receipt":
                 self.ctx.wallet.on_receipt(env.payload)
                 self.receipts.append(env.payload)
-            elif env.recipient == self.ctx.name:
+            else:
                 self.events.append(env)
 
     def call(self, job_id, function, args, value=0, proof=None, everyone=(), participants=None):
         [request] = self.ctx.wallet.call(self.ctx, job_id, 0, function, args, value=value, proof=proof,
                                          participants=participants)
-        out = self.ledger.handle(request)
-        for p in (self, *everyone):
+        out = self.ledger.handle(sign(request, self.ctx.wallet.private_key))  # as its agent publishes it
+        for p in dict.fromkeys((self, *everyone)):  # each once, as a queue gets each message once
             p.deliver(out)
         return self.receipts[-1]
 
@@ -148,6 +153,31 @@ def test_a_transaction_signed_by_someone_else_is_refused(ledger, training):
     forged = request.model_copy(update={"sender": agg.ctx.name})
     with pytest.raises(ProtocolError, match="not by aggregator"):
         ledger.handle(forged)
+
+
+def test_a_ledger_restarted_without_its_state_relays_for_the_parties_and_jobs_of_the_one_before(
+        ledger, training, keypair):
+    """A fresh ledger on the same escrow knows no name and no job. It used to refuse every request
+    ("has not greeted the ledger") and could tell an event to no one; now a request is taken from
+    the address that signed it, and the job's parties are read from the contract."""
+    job, buyer, agg, owners = training
+    fresh = LedgerCore(Context(LEDGER), ledger.chain)
+    everyone = (buyer, agg, *owners)
+    for party in everyone:
+        party.ledger, party.events = fresh, []
+    [request] = owners[0].ctx.wallet.call(owners[0].ctx, job, 0, "settle", [job_key(job)], participants=3)
+    with pytest.raises(ProtocolError, match=f"not by {owners[0].ctx.name}'s address"):
+        fresh.handle(sign(request, buyer.ctx.wallet.private_key))  # someone else's envelope around it
+    assert owners[0].ctx.name not in fresh.addresses  # a refusal binds no name to an address
+
+    args, proof = metric_call(job, keypair)
+    receipt = agg.call(job, "recordMetric", args, proof=proof, everyone=everyone)
+    assert receipt.ok, receipt.reason
+    assert fresh.parties[job] == {p.address.lower() for p in everyone}  # from the contract
+    for party in everyone:
+        assert [e.payload.event for e in party.events] == ["MetricRecorded"], party.ctx.name
+        assert party.events[0].recipient == address_recipient(party.address)
+    assert fresh.addresses == {agg.ctx.name: agg.address}
 
 
 def test_a_transaction_for_another_job_than_its_envelope_is_refused(ledger, training):
@@ -425,10 +455,13 @@ def _ledger_daemon(tmp_path, *args):
         log.close()
 
 
-async def test_a_ledger_killed_mid_job_resumes_from_its_state_dir_on_the_same_escrow(anvil, keypair, tmp_path):
+@pytest.mark.parametrize("restart", ["state-dir", "contract"])
+async def test_a_ledger_killed_mid_job_goes_on_with_the_same_escrow(anvil, keypair, tmp_path, restart):
     """A restarted ledger knew none of the parties that had greeted it ("has not greeted the
     ledger": every later transaction dead-lettered, the job stuck in settlement) and deployed a
-    new escrow besides. With ``--state-dir`` it goes on with the same escrow and the same parties."""
+    new escrow besides. With ``--state-dir`` it goes on with the same escrow and the same parties;
+    given only the escrow (``--contract``), it takes each party from the address that signs its
+    requests, reads the job's parties from the contract and tells them its events by address."""
     url, w3 = anvil
     pub, priv = keypair
     config = DemoConfig(rounds=4, eval_every=1)
@@ -436,7 +469,7 @@ async def test_a_ledger_killed_mid_job_resumes_from_its_state_dir_on_the_same_es
     tag = uuid.uuid4().hex[:6]
     agg_name, buyer_name = f"aggregator-{tag}", f"buyer-{tag}"
     ledger_address = load_wallet(tmp_path / "ledger.key").address
-    state = ["--chain", url, "--state-dir", str(tmp_path / "ledger-state")]
+    state = ["--chain", url] + (["--state-dir", str(tmp_path / "ledger-state")] if restart == "state-dir" else [])
     daemon = _ledger_daemon(tmp_path, *state)
     bus = await AmqpBus(AMQP_URL).connect()
     agents = []
@@ -465,6 +498,10 @@ async def test_a_ledger_killed_mid_job_resumes_from_its_state_dir_on_the_same_es
             await asyncio.sleep(0.05)
         daemon.kill()
         daemon.wait(10)
+        if restart == "contract":
+            [first] = [line for line in (tmp_path / "ledger.log").read_text().splitlines()
+                       if line.startswith("ledger: escrow contract")]
+            state += ["--contract", first.split()[3]]
         daemon = _ledger_daemon(tmp_path, *state)
         job = await asyncio.wait_for(task, timeout=300)
         assert job.phase is BuyerPhase.FINISHED, job.reason

@@ -50,6 +50,7 @@ def mutate(**changes):
     (mutate(sender="#"), "sender"),  # a routing-key wildcard: its queue would bind to everyone's messages
     (mutate(recipient="owner.1"), "recipient"),  # two words of a routing key
     (mutate(sender="owner 1"), "sender"),
+    (mutate(sender="0x" + "aB" * 20), "sender.*may not be an Ethereum address"),  # it would hear another's events
     (mutate(extra_field=1), "extra_field"),
 ])
 def test_bad_messages_are_refused_with_a_reason(data, reason):
@@ -110,8 +111,8 @@ def test_a_job_under_a_short_or_mislabelled_key_is_refused_where_it_arrives(bits
         m.decode(job_offer(spec))
 
 
-@pytest.mark.parametrize("field, value", [("validator", "#"), ("message_id", "x" * 200), ("correlation_id", "x" * 200),
-                                          ("recipient", "a.b")])
+@pytest.mark.parametrize("field, value", [("validator", "#"), ("validator", "0x" + "1" * 40), ("message_id", "x" * 200),
+                                          ("correlation_id", "x" * 200), ("recipient", "a.b")])
 def test_a_forwarded_validator_part_is_held_to_the_limits_of_the_reply_it_came_from(field, value):
     """The buyer rebuilds the validator's reply from the part to check its signature: a part out of
     the envelope's limits was a validation error inside its step (retried, then dead-lettered as a

@@ -92,7 +92,7 @@ class Agent:
 
     async def start(self) -> None:
         """Begin consuming this agent's queue; a core that keeps deadlines is ticked every ``tick_seconds``."""
-        await self.bus.consume(self.role, self.name, self.policy)
+        await self.bus.consume(self.role, self.name, self.policy, self.address)
         if hasattr(self.core, "tick") and self.ticker is None:
             self.ticker = asyncio.create_task(self._tick_forever())
         if self.precomputer is not None and not self.precomputer.thread.is_alive():

@@ -74,11 +74,11 @@ class AmqpBus:
         else:
             await self.protocol.publish(message, routing_key=t.routing_key(recipient))
 
-    async def declare(self, role: str, name: str):
+    async def declare(self, role: str, name: str, address: str | None = None):
         """An agent's durable queue and its bindings, so messages wait for it."""
         queue = await self.channel.declare_queue(t.queue_name(role, name), durable=True,
                                                  arguments=t.QUEUE_ARGUMENTS)
-        for key in t.bindings(role, name):
+        for key in t.bindings(role, name, address):
             await queue.bind(self.protocol, key)
         return queue
 
@@ -98,9 +98,9 @@ class AmqpBus:
             with contextlib.suppress(Exception):
                 await channel.close()
 
-    async def consume(self, role: str, name: str, handler: Handler) -> None:
+    async def consume(self, role: str, name: str, handler: Handler, address: str | None = None) -> None:
         queue_name = t.queue_name(role, name)
-        queue = await self.declare(role, name)
+        queue = await self.declare(role, name, address)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             self.in_flight += 1

@@ -61,7 +61,7 @@ class Bus(Protocol):
 
     async def publish(self, recipient: str, body: bytes, message_id: str) -> None: ...
 
-    async def consume(self, role: str, name: str, handler: Handler) -> None: ...
+    async def consume(self, role: str, name: str, handler: Handler, address: str | None = None) -> None: ...
 
     async def consumers(self, role: str, name: str, refused: int = 1) -> int | None: ...
 
@@ -88,11 +88,11 @@ class MemoryBus:
     tasks: list[asyncio.Task] = field(default_factory=list)
     consumed: set[str] = field(default_factory=set)
 
-    def declare(self, role: str, name: str) -> str:
+    def declare(self, role: str, name: str, address: str | None = None) -> str:
         """Create an agent's queue and its bindings (as the definitions do)."""
         queue = t.queue_name(role, name)
         self.queues.setdefault(queue, asyncio.Queue())
-        for key in t.bindings(role, name):
+        for key in t.bindings(role, name, address):
             if queue not in self.routes.setdefault(key, []):
                 self.routes[key].append(queue)
         return queue
@@ -107,8 +107,8 @@ class MemoryBus:
         for queue in targets:
             await self.queues[queue].put(Delivery(body, {"message_id": message_id}))
 
-    async def consume(self, role: str, name: str, handler: Handler) -> None:
-        queue = self.declare(role, name)
+    async def consume(self, role: str, name: str, handler: Handler, address: str | None = None) -> None:
+        queue = self.declare(role, name, address)
         if queue in self.consumed:
             raise QueueBusy(queue, role, name)
         self.consumed.add(queue)

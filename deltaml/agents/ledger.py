@@ -9,10 +9,16 @@ the address that party registered, that it calls our contract for the job
 the envelope names, and — for a metric — that the Paillier decryption proof
 verifies against the job's key committed on chain. Only then does it send
 the transaction. The signer gets a ``TxReceipt``; every party of the job and
-the progress exchange get each event the contract emitted (``ChainEvent``).
-A request delivered again (the ledger stopped before it acknowledged it) is
-answered from the chain: the receipt and events of the transaction already
-mined, not a second send. An ``EscrowQuery`` is answered with where the job's
+the progress exchange get each event the contract emitted (``ChainEvent``),
+sent to the addresses the contract names for the job (each agent's queue is
+bound to its address as well as its name). A request delivered again (the
+ledger stopped before it acknowledged it) is answered from the chain: the
+receipt and events of the transaction already mined, not a second send.
+
+A ledger restarted without its state on the same escrow (``--contract``)
+goes on too: a request from a party that greeted the ledger before it is
+taken from the address that signed both envelope and transaction, and a job
+it never saw created has its parties read from the contract. An ``EscrowQuery`` is answered with where the job's
 escrow stands (``EscrowStanding``), read from the contract. It decides
 nothing: the contract does.
 
@@ -35,13 +41,15 @@ from web3.exceptions import TransactionNotFound
 
 from ..protocol import chain
 from ..protocol import messages as m
+from ..protocol.auth import signer
 from ..protocol.errors import ProtocolError
 from ..protocol.machine import Context, require
-from .topology import PROGRESS
+from .topology import PROGRESS, address_recipient
 
 log = structlog.get_logger()
 FAUCET_TOPUP = 100 * 10**18
-JOB_FUNCTIONS = {"createJob", "cancel", "setParticipants", "confirm", "recordMetric", "recordMetrics", "settle"}
+JOB_FUNCTIONS = {"createJob", "cancel", "setParticipants", "confirm", "drop", "recordMetric", "recordMetrics",
+                 "abandon", "settle"}
 
 
 class ChainUnavailable(RuntimeError):
@@ -136,6 +144,13 @@ class Chain:
         return m.EscrowStanding(state=chain.JOB_STATES[state], aggregator=aggregator, abandoned=abandoned,
                                 enrolled=enrolled)
 
+    def parties(self, job: bytes) -> set[str]:
+        """The addresses (lower case) the contract names for a job: its buyer, its aggregator, its
+        trainers and validators once set; none for a job it does not hold."""
+        buyer, aggregator = self.contract.functions.jobInfo(job).call()[:2]
+        trainers, validators = self.contract.functions.participants(job).call()
+        return {a.lower() for a in (buyer, aggregator, *trainers, *validators) if int(a, 16)}
+
     def credit(self, address: str) -> int:
         return self.contract.functions.credit(to_checksum_address(address)).call()
 
@@ -228,7 +243,6 @@ class LedgerCore:
         self.ctx = ctx
         self.chain = chain_
         self.addresses: dict[str, str] = {}            # party name → address
-        self.names: dict[str, set[str]] = defaultdict(set)  # address (lower) → party names
         self.jobs: dict[bytes, str] = {}               # contract job key → job id
         self.parties: dict[str, set[str]] = defaultdict(set)  # job id → addresses (lower)
         self.gas: dict[str, list[int]] = defaultdict(list)
@@ -238,7 +252,7 @@ class LedgerCore:
         """Who is who and each job's parties, for ``--state-dir``: a ledger restarted on the same
         chain and contract goes on relaying for parties that greeted the one before it."""
         return pickle.dumps({"chain": saved_chain(self.chain.chain_id, self.chain.address),
-                             "addresses": self.addresses, "names": dict(self.names), "jobs": self.jobs,
+                             "addresses": self.addresses, "jobs": self.jobs,
                              "parties": dict(self.parties), "gas": dict(self.gas), "withdrawn": dict(self.withdrawn),
                              "rng": self.ctx.rng.getstate()})
 
@@ -251,7 +265,6 @@ class LedgerCore:
             raise ChainUnavailable(f"the saved state is of escrow {state['chain']['contract']} on chain "
                                    f"{state['chain']['chain_id']}, not {here['contract']} on chain {here['chain_id']}")
         self.addresses = state["addresses"]
-        self.names = defaultdict(set, state["names"])
         self.jobs = state["jobs"]
         self.parties = defaultdict(set, state["parties"])
         self.gas = defaultdict(list, state["gas"])
@@ -274,7 +287,6 @@ class LedgerCore:
         require(known is None or known.lower() == address.lower(),
                 f"{env.sender} is already registered with another address")
         self.addresses[env.sender] = to_checksum_address(address)
-        self.names[address.lower()].add(env.sender)
         self.chain.fund(address)
         info = m.ChainInfo(chain_id=self.chain.chain_id, contract=self.chain.address,
                            nonce=self.chain.nonce(address), gas_price=self.chain.gas_price())
@@ -284,9 +296,11 @@ class LedgerCore:
         req: m.TxRequest = env.payload
         raw = bytes.fromhex(req.raw[2:])
         tx = chain.parse_tx(raw)
-        registered = self.addresses.get(env.sender)
-        require(registered is not None, f"{env.sender} has not greeted the ledger")
+        # a party that greeted the ledger before this one (restarted without its state) is taken
+        # from the address that signed its request, as a greeting would have; a refusal binds nothing
+        registered = self.addresses.get(env.sender) or signer(env)
         require(tx.sender == registered, f"transaction signed by {tx.sender}, not by {env.sender}'s address")
+        self.addresses.setdefault(env.sender, registered)
         try:
             self._check(env, req, tx)
         except ProtocolError as exc:
@@ -311,8 +325,8 @@ class LedgerCore:
             require(args[0] == key, "transaction is for another job than its envelope")
             if function == "createJob":
                 require(key not in self.jobs or self.jobs[key] == env.job_id, "job key already taken")
-                self.jobs[key] = env.job_id
                 self.parties[env.job_id].add(tx.sender.lower())
+            self.jobs[key] = env.job_id
         if function in ("recordMetric", "recordMetrics"):
             chain.check_metric_proofs(function, args, req.proof, self.chain.key_hash(args[0]))
 
@@ -328,6 +342,8 @@ class LedgerCore:
         tx_hash = "0x" + bytes(receipt.transactionHash).hex()
         for name, args in self.chain.events(receipt):
             job_id = self.jobs.get(bytes.fromhex(args["job"][2:]), env.job_id) if "job" in args else env.job_id
+            if "job" in args and job_id not in self.parties:  # created before this ledger, which kept no state
+                self.parties[job_id] = self.chain.parties(bytes.fromhex(args["job"][2:]))
             if name == "JobCreated":
                 self.parties[job_id].update((args["buyer"].lower(), args["aggregator"].lower()))
             if name == "ParticipantsSet":
@@ -335,7 +351,7 @@ class LedgerCore:
             if name == "Withdrawn":
                 self.withdrawn[args["payee"]] += args["amount"]
             event = m.ChainEvent(event=name, args=args, tx_hash=tx_hash, block=receipt.blockNumber)
-            recipients = sorted({n for a in self.parties[job_id] for n in self.names.get(a, ())})
+            recipients = sorted(address_recipient(a) for a in self.parties[job_id])
             if name == "Withdrawn":
                 recipients = [env.sender]
             out += [self.ctx.message(job_id, env.round, r, event) for r in recipients]

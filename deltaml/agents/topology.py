@@ -1,7 +1,10 @@
 """The broker layout, mirroring ``deploy/rabbitmq/definitions.json``.
 
 A topic exchange carries protocol traffic, routed by recipient
-(``to.<name>``; owners also hear ``to.owners``). Every agent consumes its own
+(``to.<name>``; owners also hear ``to.owners``). Each queue is also bound
+to its agent's address (``to.<0x… in lower case>``): the ledger sends a chain
+event to the addresses the contract names, so it reaches a job's parties
+whether or not this ledger ever learnt their names. Every agent consumes its own
 durable queue, which dead-letters into ``deltaml.dlx``/``deltaml.dead``.
 Progress goes to a fan-out exchange that anyone may watch through
 ``deltaml.progress``. A test checks the JSON against these names.
@@ -32,9 +35,16 @@ def queue_name(role: str, name: str) -> str:
     return f"deltaml.{role}.{name}"
 
 
-def bindings(role: str, name: str) -> list[str]:
-    """Routing keys bound to an agent's queue."""
+def address_recipient(address: str) -> str:
+    """The recipient that reaches whoever signs as ``address`` (one spelling: lower case)."""
+    return address.lower()
+
+
+def bindings(role: str, name: str, address: str | None = None) -> list[str]:
+    """Routing keys bound to an agent's queue: its name, its address if given, the owners' fan-out."""
     keys = [routing_key(name)]
+    if address is not None:
+        keys.append(routing_key(address_recipient(address)))
     if role == "owner":
         keys.append(routing_key(BROADCAST_OWNERS))
     return keys

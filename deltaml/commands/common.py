@@ -15,16 +15,20 @@ class CliError(Exception):
 
 def _check_names(**names: str) -> None:
     """Party names the bus can route to one queue alone: one word of a routing key, and none of the
-    names the bus keeps for itself (the owners' fan-out, the progress feed, the ledger). A name
-    such as ``#`` bound its queue to everyone's messages; ``owners``, to every job offer twice."""
+    names the bus keeps for itself (the owners' fan-out, the progress feed, the ledger), and not an
+    address (each queue is bound to its agent's). A name such as ``#`` bound its queue to everyone's
+    messages; ``owners``, to every job offer twice."""
     from ..agents.topology import BROADCAST_OWNERS, PROGRESS
     from ..protocol.chain import LEDGER
-    from ..protocol.messages import NAME_PATTERN
+    from ..protocol.messages import ADDRESS_SHAPE, NAME_PATTERN
 
     for flag, name in names.items():
         if not re.fullmatch(NAME_PATTERN, name):
             raise CliError(f"--{flag} {name!r}: a party's name is 1 to 128 letters, digits, '-' or '_', "
                            f"beginning with a letter or digit")
+        if ADDRESS_SHAPE.fullmatch(name):
+            raise CliError(f"--{flag} {name!r}: a party's name may not be an Ethereum address (the bus routes "
+                           f"an address to whoever signs as it); choose another")
         if name in (BROADCAST_OWNERS, PROGRESS, LEDGER):
             raise CliError(f"--{flag} {name!r}: the bus keeps that name for itself; choose another")
 

@@ -11,10 +11,11 @@ and upgrades older versions at this boundary so handlers see current models.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
+                      ValidationError, ValidationInfo, field_validator, model_validator)
 
 from .errors import DecodeError
 from .paillier import check_key_bits
@@ -58,6 +59,21 @@ class _Payload(BaseModel):
 #: A party's name on the bus: one word of a routing key (``to.<name>``: no ``.``, and no ``*`` or
 #: ``#``, which would bind its queue to everyone's messages), 1 to 128 characters.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+
+#: What an Ethereum address looks like: a recipient may be one (the ledger sends a chain event to
+#: the addresses the contract names, each queue bound to its agent's), a party's name may not.
+ADDRESS_SHAPE = re.compile(r"0[xX][0-9a-fA-F]{40}")
+
+
+def _not_an_address(name: str) -> str:
+    if ADDRESS_SHAPE.fullmatch(name):
+        raise ValueError("a party's name may not be an Ethereum address: the bus routes an address to "
+                         "whoever signs as it")
+    return name
+
+
+#: A party's name: a bus word that is not an address.
+PartyName = Annotated[str, Field(pattern=NAME_PATTERN), AfterValidator(_not_an_address)]
 
 
 class JobSpec(_Payload):
@@ -272,7 +288,7 @@ class ValidatorPart(_Payload):
 
     # the fields of the reply it came from, held to the envelope's own limits at decode (rebuilt
     # from them, a reply out of those limits was a validation error inside the buyer's step)
-    validator: str = Field(pattern=NAME_PATTERN)
+    validator: PartyName
     rows: int = Field(ge=1)
     sse: dict[str, Cipher]
     message_id: str = Field(default="", max_length=128)
@@ -480,8 +496,8 @@ class Envelope(BaseModel):
     correlation_id: str | None = Field(default=None, max_length=128)
     job_id: str = Field(max_length=128)  # empty for what concerns no job (a ledger greeting)
     round: int = Field(default=0, ge=0, strict=True)  # not true, not "0001": one spelling per signed value
-    sender: str = Field(pattern=NAME_PATTERN)
-    recipient: str = Field(pattern=NAME_PATTERN)
+    sender: PartyName
+    recipient: str = Field(pattern=NAME_PATTERN)  # a party's name, or an address (a chain event)
     schema_version: int = Field(default=SCHEMA_VERSION, strict=True)
     signature: str | None = None
     payload: Payload
