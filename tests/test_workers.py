@@ -10,7 +10,7 @@ import time
 
 from deltaml.agents.workers import Workers
 from deltaml.data import demo_split, load_diabetes
-from deltaml.protocol.aggregator import _update
+from deltaml.protocol.aggregator.training import update_model
 from deltaml.protocol.buyer import _products, _refresh
 from deltaml.protocol.fixedpoint import FixedPoint
 from deltaml.protocol.linear import encode_stats, step_size_q, sufficient_stats
@@ -32,7 +32,7 @@ def test_gradient_steps_in_the_pool_equal_the_loop(keypair):
         steps.append((pub, codec, w, grads, step_size_q(codec, 1.5, 300 + k)))
     workers = Workers(2)
     try:
-        assert workers.map(_update, steps) == [_update(s) for s in steps]
+        assert workers.map(update_model, steps) == [update_model(s) for s in steps]
         pids = set(workers.map(_pid, range(8)))
         assert os.getpid() not in pids and 1 <= len(pids) <= 2
     finally:
