@@ -210,7 +210,7 @@ def main() -> None:
         (f"end-to-end wall time (median of {len(walls)} runs: {', '.join(f'{w:.1f}' for w in walls)})", wall),
         *((f"  {k}", v) for k, v in path.items()),
         ("crypto floor, same work, this machine (median of 5 timings each)", floor["floor_seconds"]),
-        *((f"  timed before run 1" if i == 0 else f"  timed after run {i}", f["floor_seconds"])
+        *(("  timed before run 1" if i == 0 else f"  timed after run {i}", f["floor_seconds"])
           for i, f in enumerate(floors)),
         ("  the same from the fastest of the 5 (the machine at its best)", floor["fastest"]["floor_seconds"]),
         ("  the same without the obfuscator tables (one per party, built once)",

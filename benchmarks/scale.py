@@ -36,7 +36,7 @@ from deltaml.agents.bus import MemoryBus
 from deltaml.agents.ledger import Chain, LedgerCore
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.agents.runtime import configure_logging, run_buyer_job, until_signalled
-from deltaml.marketplace import _job_queues, _launcher, _start_quietly, _stop, fresh_queues
+from deltaml.marketplace.daemons import fresh_queues, job_queues, launcher, start_quietly, stop_all
 from deltaml.protocol import messages as m
 from deltaml.protocol.chain import DEFAULT_DEADLINE, LEDGER
 from deltaml.protocol.linear import sufficient_stats
@@ -119,13 +119,13 @@ async def many_owners(owners: int, rounds: int, key, rows: int = 1000, processes
     names = owner_names(owners)
     children: list = []
     try:
-        await fresh_queues(bus, _job_queues(owners))
+        await fresh_queues(bus, job_queues(owners))
         agents = [Agent("aggregator", "aggregator", aggregator_core(wallet=load_wallet(None)), bus)]
         groups = [list(enumerate(names))[k::processes] for k in range(processes)]
         for group in groups[1:]:  # the owners in other processes, to use every core
-            child = _launcher().Process(target=_importable(_owner_group), args=(group, rows, url),
-                                        name="deltaml-owners")
-            _start_quietly(child)
+            child = launcher().Process(target=_importable(_owner_group), args=(group, rows, url),
+                                       name="deltaml-owners")
+            start_quietly(child)
             children.append(child)
         for i, name in groups[0]:
             agents.append(Agent("owner", name, _owner_core(name, i, rows), bus))
@@ -143,7 +143,7 @@ async def many_owners(owners: int, rounds: int, key, rows: int = 1000, processes
         for a in [*agents, buyer]:
             await a.stop()
     finally:
-        _stop(children)
+        stop_all(children)
         await bus.close()
     assert finished.model is not None, finished.reason
     queues = {topology.queue_name("owner", n) for n in names}

@@ -32,7 +32,8 @@ from deltaml.agents.replay import DECISIONS
 from deltaml.agents.parties import buyer_core, context, load_wallet
 from deltaml.agents.runtime import run_buyer_job
 from deltaml.data import write_csv
-from deltaml.marketplace import DemoConfig, _trust_args, _withdrawals, make_spec, prepare_parts
+from deltaml.marketplace import DemoConfig, make_spec, prepare_parts, withdrawals
+from deltaml.marketplace.memory import trust_args
 from deltaml.protocol import messages as m
 from deltaml.protocol.buyer import BuyerPhase
 from deltaml.protocol.chain import LEDGER, job_key
@@ -129,7 +130,7 @@ class Market:
 
     def _spawn(self, role: str, name: str, args: list[str]) -> None:
         env = {**os.environ, "DELTAML_AMQP_URL": t.role_url(AMQP_URL, role), "DELTAML_LOG_LEVEL": "warning"}
-        trust = _trust_args({n: addr for n, addr in self.trust.items() if n != name})
+        trust = trust_args({n: addr for n, addr in self.trust.items() if n != name})
         with open(self.tmp / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "deltaml.cli", role, *args, "--key", str(self.tmp / f"{name}.key"),
@@ -178,7 +179,7 @@ class Market:
 
     async def settled(self, timeout: float = 60):
         """For a paid job whose escrow exists, wait for settlement and every withdrawal but the dead's."""
-        return await _withdrawals(self.ledger, self.buyer.core, self.job_id, timeout, self.dead_addresses())
+        return await withdrawals(self.ledger, self.buyer.core, self.job_id, timeout, self.dead_addresses())
 
     def dead_addresses(self) -> set[str]:
         return {json.loads((self.tmp / f"{n}.key").read_text())["address"] for n, p in self.procs.items()

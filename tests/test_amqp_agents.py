@@ -22,7 +22,8 @@ from deltaml.agents.ledger import Chain, LedgerCore
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.protocol.chain import LEDGER
 from deltaml.agents.runtime import GAVE_UP, run_buyer_job
-from deltaml.marketplace import DemoConfig, baselines, make_spec, owner_names, prepare_parts
+from deltaml.marketplace import DemoConfig, baselines, make_spec, prepare_parts
+from deltaml.protocol.machine import owner_names
 from deltaml.protocol import messages as m
 from deltaml.protocol.auth import sign, signer
 from deltaml.protocol.buyer import BuyerPhase
@@ -189,7 +190,6 @@ def test_definitions_mirror_the_topology_module():
     for perm in defs["permissions"]:
         role = perm["user"].removeprefix("deltaml-")
         others = [r for r in t.ROLES if r != role]
-        import re
         for kind in ("configure", "write", "read"):
             assert re.match(perm[kind], t.queue_name(role, "x"))
             assert not any(re.match(perm[kind], t.queue_name(o, "x")) for o in others)

@@ -3,7 +3,6 @@ duplicated messages and a restarted broker. Every job finishes or fails cleanly;
 for every message and every wei (tests/fault_harness.py). ``make faults`` prints the table."""
 
 import asyncio
-import json
 import subprocess
 
 import pytest

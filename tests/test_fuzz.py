@@ -5,6 +5,7 @@ import asyncio
 import collections
 import random
 import threading
+import time
 import uuid
 
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +14,7 @@ from deltaml.agents.bus import MemoryBus
 from deltaml.marketplace import DemoConfig, baselines, make_spec, memory_job, prepare_parts
 from deltaml.protocol.lost import ANSWERED as LOST_JOB_ANSWERS
 from deltaml.protocol import messages as m
+from deltaml.protocol.aggregator import AggPhase
 from deltaml.protocol.buyer import BuyerPhase
 
 from fault_harness import Market
@@ -35,6 +37,7 @@ class Background:
         self.injected = 0
         self.sent: collections.Counter[bytes] = collections.Counter()
         self.result = None
+        self.cores: dict = {}
         self.done_injecting = asyncio.Event()
         ready = threading.Event()
 
@@ -46,13 +49,28 @@ class Background:
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
         ready.wait()
+        # injecting starts once the aggregator has staffed the job: a newcomer's join is refused
+        # before (no such job yet; then no owner address a paid job could take) and answered after
+        # ("job is full"), so one body sent twice across that moment was refused once too often
+        while self._recruiting():
+            assert self.thread.is_alive(), "the honest job ended before it was staffed"
+            time.sleep(0.01)
+
+    def _recruiting(self) -> bool:
+        job = getattr(self.cores.get("aggregator"), "jobs", {}).get(JOB_ID)
+        return job is None or job.phase is AggPhase.RECRUITING
 
     async def _job(self, key):
         async def hold():  # every injected message handled before the agents stop
             await self.done_injecting.wait()
             await self.bus.drain()
 
-        return await memory_job(self.config, self.parts, self.spec, key, bus=self.bus, job_id=JOB_ID, hold=hold)
+        def keep(name, core):
+            self.cores[name] = core
+            return core
+
+        return await memory_job(self.config, self.parts, self.spec, key, bus=self.bus, job_id=JOB_ID, hold=hold,
+                                wrap=keep)
 
     def inject(self, body: bytes) -> None:
         async def send():

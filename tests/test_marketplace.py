@@ -235,7 +235,7 @@ def test_the_result_waits_for_the_chain_and_a_refused_metric_ends_the_job_once(k
 
     from deltaml.marketplace import make_spec, memory_job, prepare_parts
 
-    from deltaml import marketplace
+    from deltaml.marketplace import memory
     from deltaml.agents.runtime import escrow_outcome
 
     left = {}
@@ -248,7 +248,7 @@ def test_the_result_waits_for_the_chain_and_a_refused_metric_ends_the_job_once(k
                     said=escrow_outcome(job))
         return job
 
-    monkeypatch.setattr(marketplace, "_withdrawals", as_the_buyer_leaves)
+    monkeypatch.setattr(memory, "withdrawals", as_the_buyer_leaves)
     config = DemoConfig(rounds=20, eval_every=10, lr=40.0)
     data, parts = prepare_parts(config)
     spec = make_spec(config, data, keypair[0].to_hex(), "buyer")

@@ -5,7 +5,6 @@ import dataclasses
 import pytest
 
 from deltaml.marketplace import DemoConfig, make_spec, memory_job, prepare_parts
-from deltaml.protocol import messages as m
 from deltaml.protocol.buyer import BuyerPhase
 from deltaml.protocol.machine import without
 from deltaml.protocol.metric import ProductClaim, masked_products, verify_all_products, verify_products

@@ -11,7 +11,7 @@ from deltaml.agents.agent import Agent
 from deltaml.agents.bus import MemoryBus
 from deltaml.agents.parties import buyer_core, load_wallet
 from deltaml.agents.runtime import run_buyer_job
-from deltaml.marketplace import DemoConfig, _withdrawals, baselines, make_spec, memory_market, prepare_parts
+from deltaml.marketplace import DemoConfig, withdrawals, baselines, make_spec, memory_market, prepare_parts
 from deltaml.protocol.buyer import BuyerPhase
 from deltaml.protocol.paillier import generate_keypair
 
@@ -34,7 +34,7 @@ async def test_two_buyers_at_once_each_get_their_model_and_pay_exactly(keypair):
             spec = make_spec(config, data, keys[name][0].to_hex(), name)
             job_id = f"job-of-{name}"
             await run_buyer_job(buyers[name], spec, job_id=job_id)
-            return await _withdrawals(ledger, buyers[name].core, job_id)
+            return await withdrawals(ledger, buyers[name].core, job_id)
 
         jobs = dict(zip(buyers, await asyncio.gather(*(buy(name) for name in buyers))))
     finally:

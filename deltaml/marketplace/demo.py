@@ -1,0 +1,120 @@
+"""``deltaml demo``: one job end to end, on the memory bus or over RabbitMQ with the aggregator
+and each owner a process of its own, and its report (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from ..agents.agent import Agent
+from ..agents.ledger import LedgerCore
+from ..agents.parties import buyer_core, load_wallet
+from ..agents.runtime import buyer_report, run_buyer_job
+from ..agents.workers import workers_for
+from ..data import Dataset
+from ..protocol.buyer import BuyerPhase
+from ..protocol.machine import FULL_MODEL
+from ..protocol.paillier import PrivateKey, PublicKey, generate_keypair
+from .daemons import DemoDaemons
+from .job import DemoConfig, Progress, baselines, make_spec, prepare_parts
+from .memory import make_ledger, memory_job, withdrawals
+
+
+async def _amqp_job(config: DemoConfig, data: Dataset, daemons: DemoDaemons,
+                    make_key: Callable[[], tuple[PublicKey, PrivateKey]], on_progress: Progress, url: str,
+                    workers=None) -> tuple:
+    from ..agents.amqp import AmqpBus
+
+    bus = await AmqpBus(url).connect()
+    try:
+        ledger, ledger_agent = make_ledger(bus, config.chain, daemons.ledger_key)
+        await ledger_agent.start()
+        # the buyer's key is made while the daemons start (they need it only in the job request)
+        public, key = await asyncio.to_thread(make_key)
+        spec = make_spec(config, data, public.to_hex(), "buyer")
+        core = buyer_core("buyer", key, wallet=load_wallet(None))
+        if workers is not None:
+            workers.warm(public)
+            core.ctx.map = workers.map
+        buyer = Agent("buyer", "buyer", core, bus, pinned=daemons.trust)
+        await buyer.start()
+        job_id = uuid.uuid4().hex
+        job = await run_buyer_job(buyer, spec, on_progress=on_progress, job_id=job_id)
+        job = await withdrawals(ledger, buyer.core, job_id)
+    finally:
+        timings = daemons.stop()
+        await bus.close()
+    timings.update({"buyer-buyer": buyer.policy.busy, "ledger-ledger": ledger_agent.policy.busy})
+    return public, (job, job_id, [], ledger, timings)
+
+
+def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = lambda *a: None,
+             keypair: tuple[PublicKey, PrivateKey] | None = None,
+             amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/") -> dict:
+    """Run one job end to end; return the DESIGN §5 report."""
+    started = time.perf_counter()
+    data, parts = prepare_parts(config)
+
+    def make_key() -> tuple[PublicKey, PrivateKey]:
+        return keypair or generate_keypair(config.key_bits)
+
+    if bus == "memory":
+        public, private = make_key()
+        spec = make_spec(config, data, public.to_hex(), "buyer")
+        job, job_id, refused, ledger, timings = asyncio.run(memory_job(config, parts, spec, private, on_progress))
+    else:
+        with tempfile.TemporaryDirectory(prefix="deltaml-demo-") as tmp:
+            daemons = DemoDaemons(config, parts, Path(tmp), amqp_url)
+            daemons.start()  # first: forking needs a process with one thread
+            workers = workers_for(0)  # the buyer's pool, forked while that still holds
+            try:
+                public, (job, job_id, refused, ledger, timings) = asyncio.run(
+                    _amqp_job(config, data, daemons, make_key, on_progress, amqp_url, workers))
+            except BaseException:  # Ctrl-C, a failure: what was on its way to the stopped agents goes too
+                daemons.stop()
+                with contextlib.suppress(Exception):
+                    asyncio.run(daemons.empty_queues())
+                raise
+            finally:
+                daemons.stop()  # idempotent; here for a failure before the job ran
+                if workers is not None:
+                    workers.close()
+    if job.phase is not BuyerPhase.FINISHED:
+        raise RuntimeError(f"job did not finish: {job.reason or 'failed'}{_divergence(job)}")
+    report = buyer_report(job, job_id, public.bits, 0.0)
+    report.update({"bus": bus, "dataset": config.dataset, **baselines(parts, config), "messages_refused": refused})
+    report["chain"] = chain_report(ledger, job)
+    report["busy_seconds"] = timings  # per agent, per message type: where the time went
+    report["wall_seconds"] = time.perf_counter() - started
+    return report
+
+
+def _divergence(job) -> str:
+    """A hint for a failed job whose published validation MSE grew far past the zero model's:
+    gradient descent diverged, and the metric or the model outgrew what the job can hold."""
+    history = [job.published[r][FULL_MODEL] for r in sorted(job.published) if FULL_MODEL in job.published[r]]
+    if len(history) < 2 or not history[-1] > 1000 * history[0]:
+        return ""
+    return (f" (the validation MSE grew from {history[0]:.6g} to {history[-1]:.3g}: gradient descent "
+            "diverged; try a smaller --lr)")
+
+
+def chain_report(ledger: LedgerCore, job) -> dict:
+    """What the chain says: the escrow left in the contract, what each address withdrew, gas per function."""
+    c = ledger.chain
+    return {"url": c.url, "contract": c.address, "chain_id": c.chain_id,
+            "contract_balance_wei": c.balance(c.address),
+            "credit_left_wei": {a: c.credit(a) for a in [*job.payments_wei, job.buyer_address]},
+            "withdrawn_wei": dict(ledger.withdrawn), "gas": ledger.gas_report()}
+
+
+def run_memory(config: DemoConfig, on_progress: Progress = lambda *a: None,
+               keypair: tuple[PublicKey, PrivateKey] | None = None) -> dict:
+    """The demo on the memory bus."""
+    return run_demo(config, "memory", on_progress, keypair)
