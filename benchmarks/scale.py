@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -145,11 +146,24 @@ async def many_owners(owners: int, rounds: int, key, rows: int = 1000, processes
     finally:
         stop_all(children)
         await bus.close()
+        await _delete_owner_queues(url, names)
     assert finished.model is not None, finished.reason
     queues = {topology.queue_name("owner", n) for n in names}
     return {"owners": owners, "processes": processes, "rounds": rounds, "setup_seconds": times[0], "wall_seconds": wall,
             "seconds_per_round": (times[rounds] - times[0]) / rounds, "queues": len(queues),
             "final_mse": finished.published[rounds]["all"]}
+
+
+async def _delete_owner_queues(url: str, names: list[str]) -> None:
+    """Leave no owner queue behind (once nobody consumes them): a queue nobody reads would collect
+    every job offer made on this broker afterwards, for an owner of that name to find one day."""
+    bus = await AmqpBus(url).connect()
+    try:
+        for name in names:
+            with contextlib.suppress(Exception):
+                await (await bus.declare("owner", name)).delete(if_unused=False, if_empty=False)
+    finally:
+        await bus.close()
 
 
 def main() -> None:

@@ -108,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint who is who and each job's parties here (SQLite) and resume from it, on the "
                         "same escrow, after a crash (with --chain URL: the embedded chain ends with the process)")
     _common(p, settings)
-    _key(p)
+    p.add_argument("--key", type=Path, default=None,
+                   help="the key the ledger signs its messages with (parties take its word from that address "
+                        "alone), created with mode 0600 if missing; with --state-dir, by default the directory's "
+                        "ledger.key; else one for this run")
     p.set_defaults(func=cmd_ledger)
 
     p = sub.add_parser("owner", help="run a data owner daemon", formatter_class=HELP)

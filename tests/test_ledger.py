@@ -445,12 +445,12 @@ def test_an_aggregator_that_lost_a_job_gives_its_escrow_up_and_settles_it_after_
 
 # ---- a ledger daemon killed mid-job and restarted (real broker, real anvil) ------------------
 
-def _ledger_daemon(tmp_path, *args):
+def _ledger_daemon(tmp_path, *args, level="warning"):
     """``deltaml ledger`` as its own process; its stderr in ledger.log."""
     log = open(tmp_path / "ledger.log", "ab")  # the child keeps its own descriptor
     try:
-        return subprocess.Popen([sys.executable, "-m", "deltaml.cli", "ledger", "--key", str(tmp_path / "ledger.key"),
-                                 "--log-level", "warning", *args], cwd=ROOT, stderr=log, stdout=log)
+        return subprocess.Popen([sys.executable, "-m", "deltaml.cli", "ledger", "--log-level", level, *args],
+                                cwd=ROOT, stderr=log, stdout=log)
     finally:
         log.close()
 
@@ -468,8 +468,13 @@ async def test_a_ledger_killed_mid_job_goes_on_with_the_same_escrow(anvil, keypa
     data, parts = prepare_parts(config)
     tag = uuid.uuid4().hex[:6]
     agg_name, buyer_name = f"aggregator-{tag}", f"buyer-{tag}"
-    ledger_address = load_wallet(tmp_path / "ledger.key").address
-    state = ["--chain", url] + (["--state-dir", str(tmp_path / "ledger-state")] if restart == "state-dir" else [])
+    if restart == "state-dir":  # the README's way: the ledger keeps its key in its state directory
+        (tmp_path / "ledger-state").mkdir(mode=0o700)
+        ledger_address = load_wallet(tmp_path / "ledger-state" / "ledger.key").address
+        state = ["--chain", url, "--state-dir", str(tmp_path / "ledger-state")]
+    else:
+        ledger_address = load_wallet(tmp_path / "ledger.key").address
+        state = ["--chain", url, "--key", str(tmp_path / "ledger.key")]
     daemon = _ledger_daemon(tmp_path, *state)
     bus = await AmqpBus(AMQP_URL).connect()
     agents = []
@@ -520,6 +525,37 @@ async def test_a_ledger_killed_mid_job_goes_on_with_the_same_escrow(anvil, keypa
         daemon.terminate()
         daemon.wait(10)
         await bus.close()
+
+
+def test_a_ledger_signs_as_the_same_address_after_a_restart(anvil, tmp_path):
+    """The parties take the ledger's word only from the address that first signed it. Without
+    ``--key`` a restarted ledger signed with a new one, and every receipt and event it sent was
+    refused as forged: the job stalled in settlement (found by hand). With ``--state-dir`` it keeps
+    its key there; given only ``--contract`` it says in one line what a key of its own costs."""
+    url, _ = anvil
+    state = tmp_path / "ledger-state"
+    signed_as = []
+    for args in (["--state-dir", str(state)], ["--state-dir", str(state)], ["--contract", None]):
+        if args[0] == "--contract":
+            args[1] = next(line.split()[3] for line in (tmp_path / "ledger.log").read_text().splitlines()
+                           if line.startswith("ledger: escrow contract"))
+        (tmp_path / "ledger.log").unlink(missing_ok=True)
+        daemon = _ledger_daemon(tmp_path, "--chain", url, *args, level="info")
+        try:
+            for _ in range(600):
+                log = (tmp_path / "ledger.log").read_text()
+                if "agent started" in log:
+                    break
+                assert daemon.poll() is None, log
+                time.sleep(0.1)
+        finally:
+            daemon.terminate()
+            daemon.wait(10)
+        signed_as.append(log.split("signing as", 1)[1].split("address=", 1)[1].split()[0])
+    assert signed_as[0] == signed_as[1] == load_wallet(state / "ledger.key").address != signed_as[2]
+    assert (state / "ledger.key").stat().st_mode & 0o777 == 0o600
+    assert log.splitlines()[0].startswith("deltaml: note: no --key: this ledger signs with a key of its own for "
+                                          "this run;")
 
 
 def test_a_ledger_state_dir_is_refused_where_it_could_not_resume(anvil, tmp_path):

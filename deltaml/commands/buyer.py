@@ -164,12 +164,14 @@ async def _watch_served(bus, served: dict[tuple[str, str], bool], every: float =
                 continue
             served[(role, name)] = now
             when = time.strftime("%H:%M:%S")
-            print(f"deltaml: note: {role} {name!r} " + (
-                f"is serving its queue again ({when}); a job it ran goes on if it kept its --state-dir" if now else
-                f"stopped serving its queue ({when}); the job waits for it: "
-                + ("one restarted with its --state-dir resumes it, " if role != "ledger" else "a restarted ledger "
-                   "with its --state-dir goes on, ")
-                + "Ctrl-C gives the job up"), file=sys.stderr)
+            if now:  # a ledger's state is its parties' word; theirs is its key (they pin its address)
+                kept = "--state-dir" if role != "ledger" else "key"
+                line = f"is serving its queue again ({when}); a job it ran goes on if it kept its {kept}"
+            else:
+                resumes = ("one restarted with its --state-dir resumes it" if role != "ledger" else
+                           "a ledger restarted with its key and --state-dir (or --contract) goes on")
+                line = f"stopped serving its queue ({when}); the job waits for it: {resumes}, Ctrl-C gives the job up"
+            print(f"deltaml: note: {role} {name!r} {line}", file=sys.stderr)
             if now and on_back is not None:
                 try:
                     await on_back(role, name)

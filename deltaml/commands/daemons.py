@@ -123,6 +123,11 @@ def cmd_ledger(args) -> int:
     contract = args.contract
     if args.state_dir is not None:
         contract = _saved_contract(args)
+    key = _wallet(args) if args.key is not None or args.state_dir is None else _kept_key(args.state_dir)
+    if args.key is None and args.state_dir is None and args.contract is not None:
+        print("deltaml: note: no --key: this ledger signs with a key of its own for this run; the parties of "
+              "jobs an earlier ledger relayed on this escrow know that one's address and refuse this one's "
+              "word (give the earlier --key to go on with them)", file=sys.stderr)
     _refuse_a_second_ledger(args.amqp_url)
     try:
         chain = Chain(args.chain, contract=contract)
@@ -131,7 +136,20 @@ def cmd_ledger(args) -> int:
     where = "embedded: this process's own chain, gone when it stops" if args.chain == "embedded" else args.chain
     print(f"ledger: escrow contract {chain.address} on chain {chain.chain_id} ({where})", file=sys.stderr)
     return _serve("ledger", LEDGER, LedgerCore(context(LEDGER), chain), args, {"chain": args.chain},
-                  key=_wallet(args).private_key)
+                  key=key.private_key)
+
+
+def _kept_key(state_dir: Path):
+    """The ledger's key kept in its state directory (made there on first use): parties take the
+    ledger's word only from the address that first signed it, so a restarted ledger must sign as
+    the one before it — with a new key its receipts and events were refused as forged, and every
+    job it relayed stalled."""
+    from ..agents.parties import load_wallet
+
+    try:
+        return load_wallet(Path(state_dir) / "ledger.key")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _refuse_a_second_ledger(amqp_url: str) -> None:
