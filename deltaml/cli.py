@@ -31,7 +31,8 @@ def _common(p: argparse.ArgumentParser, settings: Settings, daemon: bool = True)
 
 def _state(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=None,
-                   help="checkpoint every step here (SQLite) and resume from it after a crash")
+                   help="checkpoint every step here (SQLite) and resume from it after a crash; without --key, "
+                        "the party's key is kept here too (a restart must sign as the same address)")
     p.add_argument("--tick-seconds", type=float, default=1.0, help="how often deadlines are checked, in seconds")
 
 

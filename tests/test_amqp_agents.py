@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -400,6 +401,44 @@ def test_a_state_directory_holding_another_file_is_one_line_and_left_as_it_was(t
     assert lines[0] == (f"deltaml: error: {state / 'state.sqlite'}: not a state database (file is not a "
                         f"database); move it aside to start afresh")
     assert (state / "state.sqlite").read_bytes() == b"not a database, and not ours to overwrite"
+
+
+@pytest.mark.parametrize("role", ["aggregator", "owner"])
+def test_a_daemon_restarted_from_its_state_dir_signs_as_the_same_address(tmp_path, role):
+    """Without --key a daemon signed with a key for its run alone; restarted from its state it went on
+    with its jobs under a new address, which the parties refuse and the escrow does not know (an
+    owner's pay credited to an address whose key was gone). It keeps its key in its state dir."""
+    state, csv = tmp_path / "state", tmp_path / "owner.csv"
+    csv.write_text("a,b,y\n" + "".join(f"{i},{i % 3},{2 * i}\n" for i in range(10)))
+    name = f"{role}-{uuid.uuid4().hex[:6]}"
+    args = [role, "--name", name, "--state-dir", str(state), "--log-level", "info",
+            *(["--data", str(csv), "--auto-accept"] if role == "owner" else [])]
+    signed_as = []
+    for _ in range(2):
+        log = tmp_path / "daemon.log"
+        with open(log, "wb") as out:
+            daemon = subprocess.Popen([sys.executable, "-m", "deltaml.cli", *args], cwd=ROOT, stdout=out, stderr=out)
+        try:
+            for _ in range(600):
+                if "agent started" in log.read_text():
+                    break
+                assert daemon.poll() is None, log.read_text()
+                time.sleep(0.1)
+        finally:
+            daemon.terminate()
+            daemon.wait(10)
+        signed_as.append(log.read_text().split("signing as", 1)[1].split("address=", 1)[1].split()[0])
+    assert signed_as[0] == signed_as[1] == load_wallet(state / f"{role}.key").address
+    assert (state / f"{role}.key").stat().st_mode & 0o777 == 0o600
+    asyncio.run(_delete_queue(role, name))  # an owner's queue nobody reads would collect every later offer
+
+
+async def _delete_queue(role: str, name: str) -> None:
+    bus = await AmqpBus(AMQP_URL).connect()
+    try:
+        await (await bus.declare(role, name)).delete(if_unused=False, if_empty=False)
+    finally:
+        await bus.close()
 
 
 @pytest.mark.parametrize("role", ["aggregator", "owner"])

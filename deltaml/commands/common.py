@@ -100,11 +100,21 @@ def _write_report(report: dict, path: Path | None) -> None:
         print(f"report written to {path}")
 
 
-def _wallet(args):
+def _wallet(args, role: str | None = None):
+    """The party's key: ``--key``'s file; for a daemon with ``--state-dir`` and no ``--key``, the one
+    it keeps there (``<role>.key``, made on first use); else one for this run. A daemon restarted
+    from its state must sign as the one before it: the parties take its word from that address, and
+    the escrow credits it — restarted with a new key, a ledger's messages were refused as forged,
+    and an owner's pay went to an address whose key was gone."""
+    from ..agents.checkpoint import Checkpoint
     from ..agents.parties import load_wallet
 
+    path, state_dir = args.key, getattr(args, "state_dir", None)
+    if path is None and state_dir is not None and role is not None:
+        Checkpoint(state_dir).close()  # the directory made, or refused in one line, as its checkpoint would be
+        path = Path(state_dir) / f"{role}.key"
     try:
-        return load_wallet(args.key)
+        return load_wallet(path)
     except ValueError as exc:
         raise CliError(str(exc)) from None
 

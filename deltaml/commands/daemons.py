@@ -111,7 +111,7 @@ def cmd_aggregator(args) -> int:
 
     _check_tick(args)
     _check_names(name=args.name)
-    core = aggregator_core(args.name, wallet=_wallet(args))
+    core = aggregator_core(args.name, wallet=_wallet(args, "aggregator"))
     return _serve("aggregator", args.name, core, args, {}, workers=_workers(args, core))
 
 
@@ -123,7 +123,7 @@ def cmd_ledger(args) -> int:
     contract = args.contract
     if args.state_dir is not None:
         contract = _saved_contract(args)
-    key = _wallet(args) if args.key is not None or args.state_dir is None else _kept_key(args.state_dir)
+    key = _wallet(args, "ledger")
     if args.key is None and args.state_dir is None and args.contract is not None:
         print("deltaml: note: no --key: this ledger signs with a key of its own for this run; the parties of "
               "jobs an earlier ledger relayed on this escrow know that one's address and refuse this one's "
@@ -138,18 +138,6 @@ def cmd_ledger(args) -> int:
     return _serve("ledger", LEDGER, LedgerCore(context(LEDGER), chain), args, {"chain": args.chain},
                   key=key.private_key)
 
-
-def _kept_key(state_dir: Path):
-    """The ledger's key kept in its state directory (made there on first use): parties take the
-    ledger's word only from the address that first signed it, so a restarted ledger must sign as
-    the one before it — with a new key its receipts and events were refused as forged, and every
-    job it relayed stalled."""
-    from ..agents.parties import load_wallet
-
-    try:
-        return load_wallet(Path(state_dir) / "ledger.key")
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
 
 
 def _refuse_a_second_ledger(amqp_url: str) -> None:
@@ -200,7 +188,7 @@ def cmd_owner(args) -> int:
     _check_tick(args)
     name = args.name if args.name is not None else Path(args.data).stem
     _check_names(**{"name" if args.name is not None else "name (by default the data file's)": name})
-    core = owner_core(name, str(args.data), args.auto_accept, wallet=_wallet(args))
+    core = owner_core(name, str(args.data), args.auto_accept, wallet=_wallet(args, "owner"))
     if not args.auto_accept:
         print(f"owner {name}: without --auto-accept, job offers are logged and not joined", file=sys.stderr)
     header = {"data": str(Path(args.data).resolve()), "auto_accept": args.auto_accept}
