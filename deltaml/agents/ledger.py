@@ -18,9 +18,10 @@ receipt and events of the transaction already mined, not a second send.
 A ledger restarted without its state on the same escrow (``--contract``)
 goes on too: a request from a party that greeted the ledger before it is
 taken from the address that signed both envelope and transaction, and a job
-it never saw created has its parties read from the contract. An ``EscrowQuery`` is answered with where the job's
-escrow stands (``EscrowStanding``), read from the contract. It decides
-nothing: the contract does.
+it never saw created has its parties read from the contract. An
+``EscrowQuery`` is answered with where the job's escrow stands
+(``EscrowStanding``), read from the contract. It decides nothing: the
+contract does.
 
 ``embedded`` is an in-process EVM (eth-tester with py-evm); any other value
 is a JSON-RPC URL (anvil, a testnet node).
@@ -296,8 +297,9 @@ class LedgerCore:
         req: m.TxRequest = env.payload
         raw = bytes.fromhex(req.raw[2:])
         tx = chain.parse_tx(raw)
-        # a party that greeted the ledger before this one (restarted without its state) is taken
-        # from the address that signed its request, as a greeting would have; a refusal binds nothing
+        # a party that greeted the ledger before this one (restarted without its state) is taken from
+        # the address that signed its request, as a greeting would have; envelope and transaction must
+        # be signed alike, or the name stays unbound
         registered = self.addresses.get(env.sender) or signer(env)
         require(tx.sender == registered, f"transaction signed by {tx.sender}, not by {env.sender}'s address")
         self.addresses.setdefault(env.sender, registered)

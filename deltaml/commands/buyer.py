@@ -164,7 +164,7 @@ async def _watch_served(bus, served: dict[tuple[str, str], bool], every: float =
                 continue
             served[(role, name)] = now
             when = time.strftime("%H:%M:%S")
-            if now:  # a ledger's state is its parties' word; theirs is its key (they pin its address)
+            if now:  # a restarted ledger is taken at its word only if it signs as before (its key)
                 kept = "--state-dir" if role != "ledger" else "key"
                 line = f"is serving its queue again ({when}); a job it ran goes on if it kept its {kept}"
             else:
