@@ -403,6 +403,69 @@ def test_a_state_directory_holding_another_file_is_one_line_and_left_as_it_was(t
     assert (state / "state.sqlite").read_bytes() == b"not a database, and not ours to overwrite"
 
 
+async def test_an_owner_with_a_broker_user_of_its_own_hears_its_own_messages_only():
+    """deploy/rabbitmq/add-owner.sh: with the shared role user an owner could bind its queue to
+    another owner's name and read its messages. Its own user runs the owner daemon's agent as
+    usual (its name, its address, the owners' fan-out) and is refused anything else."""
+    name, other = f"owner-{uuid.uuid4().hex[:6]}", f"owner-{uuid.uuid4().hex[:6]}"
+    user, password = f"deltaml-owner-{name}", uuid.uuid4().hex
+    script = ROOT / "deploy/rabbitmq/add-owner.sh"
+    done = subprocess.run([str(script), name, password], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    url = f"amqp://{user}:{password}@127.0.0.1:5672/"
+    bus = await AmqpBus(url).connect()
+    parts = prepare_parts(DemoConfig(owners=2))[1]
+    agent = Agent("owner", name, OwnerCore(context(name, wallet=load_wallet(None)),
+                                           OwnerData(parts[0].columns, parts[0].table())), bus)
+    try:
+        await agent.start()  # its queue, bound to its name, its address and the owners' fan-out
+        for attempt in (lambda ch: _bind(ch, t.queue_name("owner", name), t.routing_key(other)),
+                        lambda ch: _bind(ch, t.queue_name("owner", name), "to.#"),
+                        lambda ch: ch.declare_queue(t.queue_name("owner", other), durable=True,
+                                                    arguments=t.QUEUE_ARGUMENTS)):
+            connection = await aio_pika.connect(url)
+            try:
+                with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+                    await attempt(await connection.channel())
+            finally:
+                await connection.close()
+        # what is sent to its name and to its address reaches it: the agent itself refuses the junk
+        # (with its reason; a message no queue took would reach the dead letters without one)
+        spy_connection = await aio_pika.connect(AMQP_URL)
+        admin = await AmqpBus(AMQP_URL).connect()
+        try:
+            spy = await (await spy_connection.channel()).declare_queue(exclusive=True)
+            await spy.bind(t.DEAD_LETTER_EXCHANGE)
+            junk = {uuid.uuid4().hex.encode(): recipient for recipient in (name, t.address_recipient(agent.address))}
+            for body, recipient in junk.items():
+                await admin.publish(recipient, body, uuid.uuid4().hex)
+            reasons = {}
+            for _ in range(200):
+                message = await spy.get(fail=False, timeout=5)
+                if message is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                await message.ack()
+                if message.body in junk:
+                    reasons[message.body] = (message.headers or {}).get(t.REASON_HEADER, "")
+                if len(reasons) == len(junk):
+                    break
+            assert sorted(reasons) == sorted(junk) and all(r.startswith("undecodable") for r in reasons.values())
+        finally:
+            await admin.close()
+            await spy_connection.close()
+    finally:
+        await agent.stop()
+        await bus.close()
+        await _delete_queue("owner", name)
+        subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True, timeout=60)
+
+
+async def _bind(channel, queue_name: str, key: str) -> None:
+    queue = await channel.declare_queue(queue_name, passive=True)
+    await queue.bind(await channel.get_exchange(t.PROTOCOL_EXCHANGE, ensure=False), key)
+
+
 @pytest.mark.parametrize("role", ["aggregator", "owner"])
 def test_a_daemon_restarted_from_its_state_dir_signs_as_the_same_address(tmp_path, role):
     """Without --key a daemon signed with a key for its run alone; restarted from its state it went on
