@@ -255,6 +255,28 @@ def test_a_lost_jobs_escrow_is_given_up_only_as_the_ledger_reads_it(keypair, sta
                                                                    "message_id": "again"}))
 
 
+def test_a_lost_jobs_memory_survives_a_restart_from_the_aggregators_state(keypair):
+    """Its memory of lost jobs was not checkpointed: an aggregator that crashed (with its state)
+    while its question to the ledger was in flight refused the answer as one nobody asked for, and
+    the escrow waited for its deadline; each party was told twice."""
+    from deltaml.agents.parties import context, load_wallet
+
+    pub, _ = keypair
+    wallet = load_wallet(None)
+    core = AggregatorCore(context("aggregator", wallet=wallet))  # as a daemon's: a random source with a state
+    reply = m.GradientReply(rows=10, gradients={"all": [pub.encrypt(0)] * 3})
+    _, query = core.handle(env(reply, sender="owner-1"))
+    restarted = AggregatorCore(context("aggregator", wallet=wallet))
+    restarted.restore(core.snapshot())
+    with pytest.raises(JobOver, match="which this aggregator lost"):  # owner-1 was told before the crash
+        restarted.handle(env(reply, sender="owner-1").model_copy(update={"message_id": "again"}))
+    restarted.wallet.on_info(restarted.ctx, m.ChainInfo(chain_id=1, contract=address_of("escrow"), nonce=0,
+                                                        gas_price=1))
+    answer = m.EscrowStanding(aggregator=wallet.address, enrolled=3, state="Training", abandoned=False)
+    out = restarted.handle(env(answer, sender=LEDGER).model_copy(update={"correlation_id": query.message_id}))
+    assert [e.payload.function for e in out] == ["abandon", "settle"]
+
+
 def test_a_party_asking_after_a_job_that_goes_on_gets_no_answer_and_an_owner_one_over_its_end(keypair):
     core = started_aggregator(keypair)
     job = core.jobs["j"]

@@ -320,7 +320,8 @@ class ChainParty:
     def snapshot(self) -> bytes:
         """Everything the core would need to go on after a crash (not the wallet's key)."""
         return pickle.dumps({"jobs": self.jobs, "rng": self.ctx.rng.getstate(),
-                             "wallet": self.wallet.snapshot() if self.wallet is not None else None})
+                             "wallet": self.wallet.snapshot() if self.wallet is not None else None,
+                             "own": self.own_state()})
 
     def restore(self, blob: bytes) -> None:
         """Go on from a :meth:`snapshot` (taken by this party, read from its own state directory)."""
@@ -329,6 +330,15 @@ class ChainParty:
         self.ctx.rng.setstate(state["rng"])
         if self.wallet is not None and state["wallet"] is not None:
             self.wallet.restore(state["wallet"])
+        if state.get("own") is not None:  # absent from a checkpoint of an older version
+            self.restore_own(state["own"])
+
+    def own_state(self):
+        """What this kind of party keeps besides its jobs (plain data; None: nothing)."""
+        return None
+
+    def restore_own(self, own) -> None:
+        """Take back what :meth:`own_state` gave."""
 
     def statuses(self, job_id: str | None = None) -> dict[str, dict]:
         """Each job's phase and why it stands there, if it says (a failure's reason): what an agent

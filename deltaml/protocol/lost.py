@@ -36,6 +36,15 @@ class LostJobs:
         self.told: dict[str, set[str]] = {}  # lost job → parties told
         self.asked: dict[str, str] = {}  # query message id → lost job, until the ledger answers
 
+    def memory(self) -> tuple[dict, dict]:
+        """Who was told and what the ledger was asked: checkpointed with the aggregator's jobs, so
+        a restart does not tell a party twice nor refuse the ledger's answer to a question in flight
+        (the escrow then waited for its deadline)."""
+        return self.told, self.asked
+
+    def recall(self, memory: tuple[dict, dict]) -> None:
+        self.told, self.asked = memory
+
     def handle(self, env: m.Envelope) -> list[m.Envelope] | None:
         """A message for a job the aggregator does not know: the answer if it is a lost job's, else
         None (a job request, or a message for a job nobody ever ran here)."""

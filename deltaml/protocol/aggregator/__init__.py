@@ -92,6 +92,12 @@ class AggregatorCore(ChainParty):
         self.jobs: dict[str, AggJob] = {}
         self.lost = LostJobs(ctx)  # jobs it does not know that parties still work on (a restart without state)
 
+    def own_state(self):
+        return self.lost.memory()
+
+    def restore_own(self, own) -> None:
+        self.lost.recall(own)
+
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
         """Apply one message; a job request opens a new job and offers it to the owners."""
         out = self.chain_prelude(env, self.ctx)
