@@ -221,6 +221,8 @@ def test_an_aggregator_that_lost_a_job_tells_each_party_once(keypair):
     assert (query.recipient, query.type, query.job_id) == (LEDGER, "escrow_query", "j")
     with pytest.raises(JobOver, match="which this aggregator lost"):  # said once to each, quietly after
         core.handle(env(reply, sender="owner-1", round_=7).model_copy(update={"message_id": "again"}))
+    with pytest.raises(JobOver, match="which this aggregator lost"):  # chain events come from the ledger
+        core.handle(env(m.ChainEvent(event="Settled", args={}, tx_hash="0x00", block=1), sender="owner-1"))
     (to_owner_2,) = core.handle(env(reply, sender="owner-2", round_=7))  # the ledger asked once per job
     (to_buyer,) = core.handle(env(m.JobQuery(), sender="buyer"))
     assert (to_owner_2.recipient, to_buyer.recipient) == ("owner-2", "buyer")

@@ -52,7 +52,7 @@ class LostJobs:
             return self._give_escrow_up(env)
         if env.type in ANSWERED and env.sender not in self.told.get(env.job_id, set()):
             return self._tell(env)
-        if env.job_id in self.told and env.type in ("tx_receipt", "chain_event"):
+        if env.job_id in self.told and env.type in ("tx_receipt", "chain_event") and env.sender == LEDGER:
             return []  # its escrow given up (the wallet took the receipt; the ledger logs the outcome)
         if env.job_id in self.told and env.type != "job_request":  # its stragglers
             raise JobOver(f"aggregator: {env.type!r} for job {env.job_id}, which this aggregator lost")
