@@ -343,19 +343,20 @@ class LedgerCore:
         out = []
         tx_hash = "0x" + bytes(receipt.transactionHash).hex()
         for name, args in self.chain.events(receipt):
-            job_id = self.jobs.get(bytes.fromhex(args["job"][2:]), env.job_id) if "job" in args else env.job_id
-            if "job" in args and job_id not in self.parties:  # created before this ledger, which kept no state
-                self.parties[job_id] = self.chain.parties(bytes.fromhex(args["job"][2:]))
+            key = bytes.fromhex(args["job"][2:]) if "job" in args else None
+            job_id = self.jobs.get(key, env.job_id)
+            if key is not None and job_id not in self.parties:  # created before this ledger, which kept no state
+                self.parties[job_id] = self.chain.parties(key)
             if name == "JobCreated":
                 self.parties[job_id].update((args["buyer"].lower(), args["aggregator"].lower()))
             if name == "ParticipantsSet":
                 self.parties[job_id].update(a.lower() for a in [*args["trainers"], *args["validators"]])
-            if name == "Withdrawn":
+            if name == "Withdrawn":  # no job's: its payee's, who asked for it (and left no empty party list)
                 self.withdrawn[args["payee"]] += args["amount"]
-            event = m.ChainEvent(event=name, args=args, tx_hash=tx_hash, block=receipt.blockNumber)
-            recipients = sorted(address_recipient(a) for a in self.parties[job_id])
-            if name == "Withdrawn":
                 recipients = [env.sender]
+            else:
+                recipients = sorted(address_recipient(a) for a in self.parties[job_id])
+            event = m.ChainEvent(event=name, args=args, tx_hash=tx_hash, block=receipt.blockNumber)
             out += [self.ctx.message(job_id, env.round, r, event) for r in recipients]
             out.append(self.ctx.message(job_id, env.round, PROGRESS, event))
         return out
