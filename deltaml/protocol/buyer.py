@@ -390,12 +390,8 @@ class BuyerCore(ChainParty):
         job = self.jobs.get(job_id)
         return job if job is not None and job.phase in (BuyerPhase.REQUESTED, BuyerPhase.TRAINING) else None
 
-    def handle(self, env: m.Envelope) -> list[m.Envelope]:
-        """Apply one message to its job."""
-        out = self.chain_prelude(env, self.ctx)
-        return out if out is not None else self.guarded(self._step, env)
-
     def _step(self, env: m.Envelope) -> list[m.Envelope]:
+        """Apply one message to its job."""
         job = self.jobs.get(env.job_id)
         refuse_unless(job is not None, f"message for unknown job {env.job_id}")
         new, out = self.machine.step(job, env, self.ctx)

@@ -353,6 +353,15 @@ class ChainParty:
         return {"phase": job.phase.name.lower(), **({"reason": reason} if reason else {}),
                 **({"dropped": dropped} if dropped else {})}
 
+    def handle(self, env: m.Envelope) -> list[m.Envelope]:
+        """Apply one message: the wallet's own first (chain info, receipts), then the party's
+        :meth:`_step`, whose refusal leaves the wallet as it was."""
+        out = self.chain_prelude(env, self.ctx)
+        return out if out is not None else self.guarded(self._step, env)
+
+    def _step(self, env: m.Envelope) -> list[m.Envelope]:
+        raise NotImplementedError
+
     def chain_prelude(self, env: m.Envelope, ctx) -> list[m.Envelope] | None:
         """Handle messages that belong to the wallet rather than to a job; None if not one."""
         if env.type == "chain_info":

@@ -263,12 +263,8 @@ class OwnerCore(ChainParty):
     def _bind(self, handler):
         return lambda job, env, ctx: handler(job, env, ctx, self.data)
 
-    def handle(self, env: m.Envelope) -> list[m.Envelope]:
-        """Apply one message to its job; a new offer opens a job in WAITING."""
-        out = self.chain_prelude(env, self.ctx)
-        return out if out is not None else self.guarded(self._step, env)
-
     def _step(self, env: m.Envelope) -> list[m.Envelope]:
+        """Apply one message to its job; a new offer opens a job in WAITING."""
         job = self.jobs.get(env.job_id)
         if job is None:
             require(env.type == "job_offer", f"message for unknown job {env.job_id}")

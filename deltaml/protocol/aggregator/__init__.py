@@ -98,12 +98,8 @@ class AggregatorCore(ChainParty):
     def restore_own(self, own) -> None:
         self.lost.recall(own)
 
-    def handle(self, env: m.Envelope) -> list[m.Envelope]:
-        """Apply one message; a job request opens a new job and offers it to the owners."""
-        out = self.chain_prelude(env, self.ctx)
-        return out if out is not None else self.guarded(self._step, env)
-
     def _step(self, env: m.Envelope) -> list[m.Envelope]:
+        """Apply one message; a job request opens a new job and offers it to the owners."""
         job = self.jobs.get(env.job_id)
         if job is None:
             return self._open(env)
