@@ -118,15 +118,15 @@ def test_trainer_refuses_a_model_it_is_not_in_and_a_stranger(keypair):
     assert core.jobs["j"].phase is OwnerPhase.INITIATED
 
 
-def started_aggregator(keypair):
+def started_aggregator(keypair, core=None, job="j"):
     pub, priv = keypair
-    core = AggregatorCore(Context("aggregator"))
+    core = core or AggregatorCore(Context("aggregator"))
     zero = [pub.encrypt(0) for _ in range(3)]
-    core.handle(env(m.JobRequest(spec=spec(pub), initial_model=zero), sender="buyer"))
+    core.handle(env(m.JobRequest(spec=spec(pub), initial_model=zero), sender="buyer", job=job))
     for name in ("owner-1", "owner-2", "owner-3"):
-        core.handle(env(m.JoinRequest(rows=10), sender=name))
+        core.handle(env(m.JoinRequest(rows=10), sender=name, job=job))
     for name, role in (("owner-1", "trainer"), ("owner-2", "trainer"), ("owner-3", "validator")):
-        core.handle(env(m.RoleAccepted(role=role, rows=10), sender=name))
+        core.handle(env(m.RoleAccepted(role=role, rows=10), sender=name, job=job))
     return core
 
 
@@ -305,6 +305,29 @@ def test_a_question_does_not_keep_a_silent_job_alive(keypair):
         assert core.handle(env(m.JobQuery(), sender="buyer")) == []
         assert core.handle(env(m.JobQuery(), sender="owner-3")) == [] or core.jobs["j"].phase is AggPhase.FAILED
     assert core.jobs["j"].phase is AggPhase.FAILED and "no gradient from owner-1, owner-2" in core.jobs["j"].reason
+
+
+def test_a_fault_acting_on_one_jobs_silence_fails_that_job_and_leaves_the_others_deadlines(keypair, monkeypatch):
+    """A bug in acting on a silence (a division by zero rows did it) raised out of the tick: every
+    job's deadline stopped, and the same fault came back at every tick for ever."""
+    import deltaml.protocol.aggregator as aggregator
+
+    core = started_aggregator(keypair, job="k", core=started_aggregator(keypair, job="j"))
+    real = aggregator.on_silence
+
+    def faulty(job, ctx, job_id):
+        if job_id == "j":
+            raise ZeroDivisionError("float division by zero")
+        return real(job, ctx, job_id)
+
+    monkeypatch.setattr(aggregator, "on_silence", faulty)
+    out = core.tick(core.jobs["j"].spec.round_timeout)
+    told = {(o.job_id, o.recipient): o.payload.reason for o in out if o.type == "job_finished"}
+    assert told[("j", "buyer")] == "acting on the silence failed: ZeroDivisionError('float division by zero')"
+    assert "no gradient from owner-1, owner-2" in told[("k", "buyer")]
+    assert {o for o, _ in told} == {"j", "k"} and len(told) == 8  # the buyer and three owners of each
+    assert core.jobs["j"].phase is core.jobs["k"].phase is AggPhase.FAILED
+    assert core.tick(3600.0) == []
 
 
 def test_an_owner_that_hears_nothing_of_its_job_for_a_round_timeout_asks_its_aggregator(keypair):

@@ -97,6 +97,18 @@ def test_poisoned_owner_gets_no_variable_share(keypair):
     assert paid["owner-5"] == fixed  # the validator
 
 
+def test_a_job_with_one_trainer_pays_it_for_the_whole_improvement(keypair):
+    # its leave-one-out model is trained on no one: it stays the initial model (it used to divide by
+    # zero rows in the aggregator's step, which then waited out its round timeout)
+    report = run_memory(DemoConfig(owners=2, validators=1, rounds=4, eval_every=2, round_timeout=30.0),
+                        keypair=keypair)
+    assert_matches_centralised(report)
+    mse0 = report["mse_history"][0][1]
+    trainer = report["participants"]["owner-1"]
+    assert report["contributions"] == {trainer: pytest.approx(mse0 - report["final_mse"], rel=1e-6)}
+    assert report["payments_wei"][trainer] > 10**16
+
+
 def test_cli_demo_writes_the_report(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["demo", "--bus", "memory", "--rounds", "2", "--eval-every", "1", "--report", str(out)]) == 0

@@ -4,6 +4,8 @@ The real-broker versions, with killed processes, are in test_faults.py; these ar
 proofs of the same rules.
 """
 
+import asyncio
+
 import pytest
 
 from deltaml.marketplace import DemoConfig, baselines, make_spec, memory_job, prepare_parts
@@ -87,6 +89,18 @@ async def test_a_silent_trainer_is_dropped_when_the_quorum_holds_and_the_rest_is
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert ["owner-2", gone, "dropped", "0"] in rows
     assert BuyerCore.status(job)["dropped"] == ["owner-2"]  # what the buyer's log line says
+
+
+async def test_a_trainer_left_alone_by_the_quorum_trains_on_and_its_model_without_it_stands_still(keypair):
+    config = DemoConfig(owners=3, validators=1, rounds=4, eval_every=2, round_timeout=5.0, quorum=1)
+    # (the bound: this job takes seconds; it used to fail at every tick, dividing by zero rows, for ever)
+    job, ledger, parts, _ = await asyncio.wait_for(run(config, keypair, {"owner-2": ("gradient_request", 2)}), 120)
+    assert job.phase is BuyerPhase.FINISHED, job.reason
+    assert job.dropped == ["owner-2"] and job.trainers == ["owner-1"]
+    alone = baselines([parts[0], parts[2]], DemoConfig(owners=2, validators=1, rounds=4, eval_every=2))
+    assert abs(job.published[4]["all"] - alone["centralized_gd_mse"]) / alone["centralized_gd_mse"] < 1e-6
+    deposit, credited, balance = chain_totals(ledger, job)
+    assert credited == deposit and balance == 0
 
 
 async def test_a_silent_trainer_without_a_quorum_fails_the_job_and_refunds_the_deposit(keypair):

@@ -104,8 +104,12 @@ def baselines(parts: list[Dataset], config: DemoConfig) -> dict:
 
     w_gd = gradient_descent(trainers, config.lr, config.rounds)
     full = mse(w_gd)
+
+    def without(i):  # the model trained on the others: the initial model if there are none
+        others = trainers[:i] + trainers[i + 1:]
+        return gradient_descent(others, config.lr, config.rounds) if others else np.zeros_like(w_gd)
+
     names = owner_names(config.owners)
-    loo = {names[i]: mse(gradient_descent(trainers[:i] + trainers[i + 1:], config.lr, config.rounds)) - full
-           for i in range(len(trainers))}
+    loo = {names[i]: mse(without(i)) - full for i in range(len(trainers))}
     return {"centralized_gd_mse": full, "closed_form_mse": mse(least_squares(trainers)),
             "centralized_gd_model": w_gd.tolist(), "centralized_contributions": loo}

@@ -53,6 +53,7 @@ from ..chain import ChainParty
 from ..lost import LostJobs
 from ..machine import FULL_MODEL, Context, Machine, require, table
 from ..paillier import PublicKey
+from .ending import fail
 from .evaluation import on_eval, on_metric, on_stalled_evaluation
 from .events import on_chain_event, on_closed, on_failure, on_query, on_receipt, on_silence
 from .job import WAITING_FOR, AggJob, AggPhase, Evaluation
@@ -121,10 +122,20 @@ class AggregatorCore(ChainParty):
                 ev.waited += seconds
                 if ev.waited >= job.spec.round_timeout:
                     stalled.append(round_)
-            if job.idle >= job.spec.round_timeout:
-                out += self.guarded(self._silence, job_id)
-            elif stalled:
-                out += self.guarded(lambda j, r=stalled[0]: self._silence(j, r), job_id)
+            try:
+                if job.idle >= job.spec.round_timeout:
+                    out += self.guarded(self._silence, job_id)
+                elif stalled:
+                    out += self.guarded(lambda j, r=stalled[0]: self._silence(j, r), job_id)
+            except Exception as exc:  # a fault in one job must not stall the others' deadlines, nor
+                # come back at every tick for ever: that job fails, saying what went wrong
+                out += self.guarded(lambda j: self._fail(j, f"acting on the silence failed: {exc!r}"), job_id)
+        return out
+
+    def _fail(self, job_id: str, reason: str) -> list[m.Envelope]:
+        new = copy.deepcopy(self.jobs[job_id])
+        out = fail(new, self.ctx, job_id, reason)
+        self.jobs[job_id] = new
         return out
 
     def _silence(self, job_id: str, stalled_round: int | None = None) -> list[m.Envelope]:

@@ -158,7 +158,10 @@ def step_models(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
         members = job.members(mid)
         rows = sum(job.replies[t].payload.rows for t in members)
         grads = [job.replies[t].payload.gradients[mid] for t in members]
-        steps.append((pub, codec, job.models[mid], grads, step_size_q(codec, job.spec.lr, rows)))
+        # a model trained on no one (the leave-one-out model of a job's only trainer, or of the last
+        # one left after the others were dropped) stays where it is; its scale grows with the others'
+        eta = step_size_q(codec, job.spec.lr, rows) if members else 0
+        steps.append((pub, codec, job.models[mid], grads, eta))
     for mid, new in zip(list(job.models), ctx.map(update_model, steps)):
         job.models[mid] = new
     job.round += 1
