@@ -129,7 +129,8 @@ class AggregatorCore(ChainParty):
                     out += self.guarded(lambda j, r=stalled[0]: self._silence(j, r), job_id)
             except Exception as exc:  # a fault in one job must not stall the others' deadlines, nor
                 # come back at every tick for ever: that job fails, saying what went wrong
-                out += self.guarded(lambda j: self._fail(j, f"acting on the silence failed: {exc!r}"), job_id)
+                reason = f"acting on the silence failed: {exc!r}"
+                out += self.guarded(lambda j: self._fail(j, reason), job_id)
         return out
 
     def _fail(self, job_id: str, reason: str) -> list[m.Envelope]:
