@@ -171,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: Exception) -> str:
+    """What went wrong, in the user's words: a file the system refused is named first, with its
+    reason ("out: File exists"), not as ``[Errno 17] File exists: 'out'``."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deltaml`` command."""
     try:
@@ -185,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CliError, ConfigError, DataError, KeyTooShort, ProtocolError, RuntimeError, BrokerUnavailable,
             OSError) as exc:
-        print(f"deltaml: error: {exc}", file=sys.stderr)
+        print(f"deltaml: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -121,6 +121,18 @@ def test_cli_demo_writes_the_report(tmp_path, capsys):
     assert [int(l.split()[1]) for l in lines] == [0, 1, 2]
 
 
+def test_a_split_into_a_file_or_under_one_is_one_line_naming_it(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("kept\n")
+    assert main(["dataset", "split", "diabetes", "--parts", "2", "--out", str(taken)]) == 2
+    assert capsys.readouterr().err == f"deltaml: error: --out {taken}: not a directory (it names the directory for the parts)\n"
+    assert main(["dataset", "split", "diabetes", "--parts", "2", "--out", str(taken / "parts")]) == 2
+    assert capsys.readouterr().err == f"deltaml: error: {taken / 'parts'}: Not a directory\n"  # not "[Errno 20] …"
+    assert taken.read_text() == "kept\n"
+    assert main(["dataset", "split", "diabetes", "--parts", "2", "--out", str(tmp_path / "parts")]) == 0
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["owner-1.csv", "owner-2.csv"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--rounds", "0"], "--rounds must be between 1 and 100000, got 0"),
     (["--eval-every", "0"], "--eval-every must be at least 1, got 0"),

@@ -199,6 +199,8 @@ def cmd_dataset_split(args) -> int:
     from ..data import demo_split, load, write_csv
 
     parts = demo_split(load(args.source), args.parts)
+    if args.out.exists() and not args.out.is_dir():
+        raise CliError(f"--out {args.out}: not a directory (it names the directory for the parts)")
     args.out.mkdir(parents=True, exist_ok=True)
     for i, part in enumerate(parts, start=1):
         path = args.out / f"owner-{i}.csv"
