@@ -11,7 +11,7 @@ import time
 from deltaml.agents.workers import Workers
 from deltaml.data import demo_split, load_diabetes
 from deltaml.protocol.aggregator.training import update_model
-from deltaml.protocol.buyer import _products, _refresh
+from deltaml.protocol.buyer.decryptions import _products, _refresh
 from deltaml.protocol.fixedpoint import FixedPoint
 from deltaml.protocol.linear import encode_stats, step_size_q, sufficient_stats
 from deltaml.protocol.metric import mask_product_inputs
