@@ -29,194 +29,25 @@ is a JSON-RPC URL (anvil, a testnet node).
 
 from __future__ import annotations
 
-import ast
 import pickle
-import re
 from collections import defaultdict
-from typing import Any
 
 import structlog
 from eth_utils import is_address, to_checksum_address
-from web3 import Web3
-from web3.exceptions import TransactionNotFound
 
-from ..protocol import chain
-from ..protocol import messages as m
-from ..protocol.auth import signer
-from ..protocol.errors import ProtocolError
-from ..protocol.machine import Context, require
-from .topology import PROGRESS, address_recipient
+from ...protocol import chain
+from ...protocol import messages as m
+from ...protocol.auth import signer
+from ...protocol.errors import ProtocolError
+from ...protocol.machine import Context, require
+from ..topology import PROGRESS, address_recipient
+from .node import FAUCET_TOPUP, Chain, ChainUnavailable
+
+__all__ = ["FAUCET_TOPUP", "JOB_FUNCTIONS", "Chain", "ChainUnavailable", "LedgerCore", "saved_chain", "saved_contract"]
 
 log = structlog.get_logger()
-FAUCET_TOPUP = 100 * 10**18
 JOB_FUNCTIONS = {"createJob", "cancel", "setParticipants", "confirm", "drop", "recordMetric", "recordMetrics",
                  "abandon", "settle"}
-
-
-class ChainUnavailable(RuntimeError):
-    """No chain answers at the given URL."""
-
-
-PLAIN_TRANSFER_GAS = 21_000
-
-
-class Chain:
-    """A web3 connection to a chain with the escrow contract deployed on it."""
-
-    def __init__(self, url: str = "embedded", contract: str | None = None, faucet: bool = True) -> None:
-        if url == "embedded":
-            from web3 import EthereumTesterProvider
-            self.w3 = Web3(EthereumTesterProvider())
-        else:
-            self.w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
-            if not self.w3.is_connected():
-                raise ChainUnavailable(f"no Ethereum node answers at {url} (start one, e.g. `anvil`, or use --chain embedded)")
-        self.url = url
-        art = chain.artifact()
-        accounts = self.w3.eth.accounts
-        self.faucet = accounts[0] if faucet and accounts else None
-        if contract is None:
-            if self.faucet is None:
-                raise ChainUnavailable("no contract address given and no unlocked account to deploy one")
-            factory = self.w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
-            tx = factory.constructor().transact({"from": self.faucet})
-            receipt = self.w3.eth.wait_for_transaction_receipt(tx)
-            contract = receipt.contractAddress
-            self.deploy_gas = receipt.gasUsed
-        else:
-            self.deploy_gas = 0
-            contract = self._our_escrow(contract, art)
-        self.contract = self.w3.eth.contract(address=to_checksum_address(contract), abi=art["abi"])
-        self.chain_id = self.w3.eth.chain_id
-        self._events = {Web3.keccak(text=chain.signature(e)): e["name"] for e in art["abi"] if e["type"] == "event"}
-        self._key_hashes: dict[bytes, bytes] = {}
-        self._errors = {Web3.keccak(text=chain.signature(e))[:4].hex(): e for e in art["abi"] if e["type"] == "error"}
-
-    def _our_escrow(self, contract: str, art: dict) -> str:
-        """A given contract address must hold this package's escrow, byte for byte: at an address
-        without code a deposit would be a plain transfer that no contract could ever give back."""
-        if not is_address(contract):
-            raise ChainUnavailable(f"--contract {contract}: not an Ethereum address")
-        code = bytes(self.w3.eth.get_code(to_checksum_address(contract)))
-        if not code:
-            raise ChainUnavailable(f"--contract {contract}: no contract at that address on {self.url}")
-        if code != bytes.fromhex(art["deployed_bytecode"].removeprefix("0x")):
-            raise ChainUnavailable(f"--contract {contract}: holds other code than this version's "
-                                   f"{art['contract']} (deploy it with the ledger's default, no --contract)")
-        return contract
-
-    @property
-    def address(self) -> str:
-        return self.contract.address
-
-    def balance(self, address: str) -> int:
-        return self.w3.eth.get_balance(to_checksum_address(address))
-
-    def nonce(self, address: str) -> int:
-        return self.w3.eth.get_transaction_count(to_checksum_address(address), "pending")
-
-    def fund(self, address: str) -> None:
-        """Top a development account up so it can pay gas (and a deposit)."""
-        if self.faucet is None or self.balance(address) >= FAUCET_TOPUP // 2:
-            return
-        to = to_checksum_address(address)
-        transfer = {"from": self.faucet, "to": to, "value": FAUCET_TOPUP}
-        if not self.w3.eth.get_code(to):  # a plain account: a transfer's fixed gas, no estimate (half the time)
-            transfer["gas"] = PLAIN_TRANSFER_GAS
-        tx = self.w3.eth.send_transaction(transfer)
-        self.w3.eth.wait_for_transaction_receipt(tx)
-
-    def gas_price(self) -> int:
-        return 2 * self.w3.eth.gas_price
-
-    def key_hash(self, job: bytes) -> bytes:
-        """The key hash a job was created with (read once: createJob sets it and nothing changes it;
-        a job not created yet reads as zero and is asked again)."""
-        known = self._key_hashes.get(job)
-        if known is None:
-            known = bytes(self.contract.functions.jobInfo(job).call()[5])
-            if any(known):
-                self._key_hashes[job] = known
-        return known
-
-    def standing(self, job: bytes) -> m.EscrowStanding:
-        """Where a job's escrow stands now (a view call: no transaction, no gas)."""
-        state, aggregator, abandoned, enrolled = self.contract.functions.standing(job).call()
-        return m.EscrowStanding(state=chain.JOB_STATES[state], aggregator=aggregator, abandoned=abandoned,
-                                enrolled=enrolled)
-
-    def parties(self, job: bytes) -> set[str]:
-        """The addresses (lower case) the contract names for a job: its buyer, its aggregator, its
-        trainers and validators once set; none for a job it does not hold."""
-        buyer, aggregator = self.contract.functions.jobInfo(job).call()[:2]
-        trainers, validators = self.contract.functions.participants(job).call()
-        return {a.lower() for a in (buyer, aggregator, *trainers, *validators) if int(a, 16)}
-
-    def credit(self, address: str) -> int:
-        return self.contract.functions.credit(to_checksum_address(address)).call()
-
-    def send(self, raw: bytes, tx: chain.RawTx) -> tuple[Any, str]:
-        """Send a signed transaction; (receipt or None, revert reason).
-
-        Idempotent: a transaction already mined (a request redelivered after the ledger stopped
-        between mining it and publishing its receipt) is answered with its receipt, not sent again
-        to fail as a used nonce while the chain holds its effect."""
-        receipt = self.mined(raw)
-        if receipt is None:
-            try:
-                tx_hash = self.w3.eth.send_raw_transaction(raw)
-            except Exception as exc:  # rejected before mining, or reverted by eth-tester at once
-                return None, self.reason(exc)
-            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
-        if receipt.status == 1:
-            return receipt, ""
-        if receipt.gasUsed >= tx.gas:  # no reason to replay: with the node's gas the call would go through
-            return receipt, f"out of gas (the transaction's limit: {tx.gas})"
-        try:  # replay on the state before it to learn the contract's reason
-            self.w3.eth.call({"from": tx.sender, "to": tx.to, "data": tx.data, "value": tx.value},
-                             block_identifier=receipt.blockNumber - 1)
-        except Exception as exc:
-            return receipt, self.reason(exc)
-        return receipt, "reverted"
-
-    def mined(self, raw: bytes):
-        """The receipt of this signed transaction if the chain has mined it, else None."""
-        try:
-            return self.w3.eth.get_transaction_receipt(Web3.keccak(raw))
-        except TransactionNotFound:
-            return None
-
-    def reason(self, exc: Exception) -> str:
-        """A readable revert reason: the contract's custom error with its arguments where one can be found."""
-        text = " ".join(str(a) for a in exc.args) or type(exc).__name__
-        candidates = [text, str(getattr(exc, "data", "") or "")]
-        candidates += [a.hex() for a in exc.args if isinstance(a, (bytes, bytearray))]
-        for literal in re.findall(r"b'(?:[^'\\]|\\.)*'", text):  # eth-tester prints the revert data as bytes
-            try:
-                candidates.append(ast.literal_eval(literal).hex())
-            except (ValueError, SyntaxError):
-                pass
-        for candidate in candidates:
-            hexdata = candidate.replace("0x", "")
-            for selector, entry in self._errors.items():
-                at = hexdata.find(selector)
-                if at >= 0:
-                    args = re.match(r"[0-9a-fA-F]*", hexdata[at + len(selector):]).group()
-                    return chain.error_text(entry, bytes.fromhex(args[: len(args) // 2 * 2]))
-        return text[:200]
-
-    def events(self, receipt) -> list[tuple[str, dict]]:
-        """The contract's events in a receipt, in log order, with JSON-friendly arguments."""
-        out = []
-        for entry in receipt.logs:
-            if entry.address != self.contract.address or not entry.topics:
-                continue
-            name = self._events.get(bytes(entry.topics[0]))
-            if name is None:
-                continue
-            decoded = getattr(self.contract.events, name)().process_log(entry)
-            out.append((name, {k: _jsonable(v) for k, v in decoded.args.items()}))
-        return out
 
 
 def saved_chain(chain_id: int, contract: str) -> dict:
@@ -227,14 +58,6 @@ def saved_chain(chain_id: int, contract: str) -> dict:
 def saved_contract(blob: bytes) -> str:
     """The escrow a ledger's :meth:`LedgerCore.snapshot` belongs to."""
     return pickle.loads(blob)["chain"]["contract"]
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (bytes, bytearray)):
-        return "0x" + bytes(v).hex()
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
 
 
 class LedgerCore:
