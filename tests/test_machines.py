@@ -118,11 +118,11 @@ def test_trainer_refuses_a_model_it_is_not_in_and_a_stranger(keypair):
     assert core.jobs["j"].phase is OwnerPhase.INITIATED
 
 
-def started_aggregator(keypair, core=None, job="j"):
+def started_aggregator(keypair, core=None, job="j", **spec_fields):
     pub, priv = keypair
     core = core or AggregatorCore(Context("aggregator"))
     zero = [pub.encrypt(0) for _ in range(3)]
-    core.handle(env(m.JobRequest(spec=spec(pub), initial_model=zero), sender="buyer", job=job))
+    core.handle(env(m.JobRequest(spec=spec(pub, **spec_fields), initial_model=zero), sender="buyer", job=job))
     for name in ("owner-1", "owner-2", "owner-3"):
         core.handle(env(m.JoinRequest(rows=10), sender=name, job=job))
     for name, role in (("owner-1", "trainer"), ("owner-2", "trainer"), ("owner-3", "validator")):
@@ -292,6 +292,88 @@ def test_a_party_asking_after_a_job_that_goes_on_gets_no_answer_and_an_owner_one
     assert (told.recipient, told.type, told.payload.ok) == ("owner-3", "job_finished", False)
     assert told.payload.reason == "owner-2: out of memory"
     assert core.handle(env(m.JobQuery(), sender="buyer")) == []  # the buyer was told, and asks only under way
+
+
+def test_a_trainer_that_fails_in_a_training_round_is_dropped_while_the_quorum_holds(keypair):
+    """STYLE §4: a failing owner says so, and the aggregator applies its quorum rule and goes on (a
+    failure used to end the job whatever the quorum, while the same trainer's silence did not)."""
+    pub, _ = keypair
+    core = started_aggregator(keypair, quorum=1)
+    asked = {t: set(core.jobs["j"].models_of(t)) for t in ("owner-1", "owner-2")}
+    grads = lambda t: {mid: [pub.encrypt(0)] * 3 for mid in asked[t]}  # noqa: E731 - as round 1 asked them
+    core.handle(env(m.GradientReply(rows=10, gradients=grads("owner-2")), sender="owner-2", round_=1))
+    assert core.handle(env(m.Failure(reason="out of memory"), sender="owner-2", round_=1)) == []
+    job = core.jobs["j"]
+    assert job.phase is AggPhase.TRAINING and job.failing == {"owner-2": "out of memory"} and job.replies == {}
+    with pytest.raises(ProtocolError, match="reported a failure"):  # its gradient left with it, for good
+        core.handle(env(m.GradientReply(rows=10, gradients=grads("owner-2")), sender="owner-2", round_=1,
+                        job="j").model_copy(update={"message_id": "again"}))
+    # owner-1 answers round 1 as it was asked: the round steps without owner-2
+    out = core.handle(env(m.GradientReply(rows=10, gradients=grads("owner-1")), sender="owner-1", round_=1))
+    job = core.jobs["j"]
+    assert job.dropped == ["owner-2"] and job.trainers == ["owner-1"] and job.round == 1 and job.failing == {}
+    told = {(o.recipient, o.type): o.payload for o in out}
+    assert told[("owner-2", "job_finished")].reason == "dropped: it failed: out of memory"
+    assert told[("buyer", "trainer_dropped")].trainer == "owner-2"
+    ask = told[("owner-1", "gradient_request")]
+    assert set(ask.models) == {"all"}  # the model without owner-2 became the full one
+    (again,) = core.handle(env(m.JobQuery(), sender="owner-2"))
+    assert again.payload.reason == "dropped: it fell silent or failed in a training round"
+    # the last trainer's failure cannot be: below the quorum the job fails
+    core.handle(env(m.Failure(reason="disk full"), sender="owner-1", round_=2))
+    assert core.jobs["j"].phase is AggPhase.FAILED and core.jobs["j"].reason == "owner-1: disk full"
+
+
+def test_a_failed_trainer_and_a_silent_one_are_dropped_together_at_the_deadline(keypair):
+    pub, _ = keypair
+    core = AggregatorCore(Context("aggregator"))
+    zero = [pub.encrypt(0) for _ in range(3)]
+    core.handle(env(m.JobRequest(spec=spec(pub, quorum=1, owners=4), initial_model=zero), sender="buyer"))
+    names = ["owner-1", "owner-2", "owner-3", "owner-4"]  # three trainers and a validator
+    for name in names:
+        core.handle(env(m.JoinRequest(rows=10), sender=name))
+    for name, role in zip(names, ["trainer"] * 3 + ["validator"]):
+        core.handle(env(m.RoleAccepted(role=role, rows=10), sender=name))
+    job = core.jobs["j"]
+    assert job.phase is AggPhase.TRAINING and job.trainers == ["owner-1", "owner-2", "owner-3"]
+    mine = {mid: [pub.encrypt(0)] * 3 for mid in job.models_of("owner-1")}
+    core.handle(env(m.GradientReply(rows=10, gradients=mine), sender="owner-1", round_=1))
+    assert core.handle(env(m.Failure(reason="out of memory"), sender="owner-2", round_=1)) == []
+    out = core.tick(job.spec.round_timeout)  # owner-3 never answers
+    job = core.jobs["j"]
+    assert job.dropped == ["owner-3", "owner-2"] and job.trainers == ["owner-1"] and job.round == 1
+    reasons = {o.recipient: o.payload.reason for o in out if o.type == "job_finished"}
+    assert reasons == {"owner-2": "dropped: it failed: out of memory",
+                       "owner-3": "dropped: no gradient for round 1 within 600 s"}
+
+
+def test_a_failure_under_a_quorum_that_cannot_hold_fails_the_job(keypair):
+    core = started_aggregator(keypair, quorum=2)
+    core.handle(env(m.Failure(reason="out of memory"), sender="owner-1", round_=1))
+    assert core.jobs["j"].phase is AggPhase.FAILED and core.jobs["j"].reason == "owner-1: out of memory"
+
+
+def test_a_message_the_aggregator_gives_up_on_drops_its_trainer_or_fails_the_job(keypair):
+    """Its handler failed at every try: nobody sends that message again, so the job cannot wait for it."""
+    pub, _ = keypair
+    core = started_aggregator(keypair, quorum=1)
+    reply = env(m.GradientReply(rows=10, gradients={"all": [pub.encrypt(0)] * 3}), sender="owner-1", round_=1)
+    assert core.fault(reply) == [] and core.jobs["j"].failing == {
+        "owner-1": "the aggregator could not handle owner-1's gradient_reply of round 1"}
+    core = started_aggregator(keypair)  # no quorum: the job fails at once, everyone told why
+    out = core.fault(reply)
+    assert core.jobs["j"].phase is AggPhase.FAILED
+    assert {o.recipient for o in out if o.type == "job_finished"} == {"buyer", "owner-1", "owner-2", "owner-3"}
+    assert core.jobs["j"].reason == "the aggregator could not handle owner-1's gradient_reply of round 1"
+    assert core.fault(reply) == []  # a job over has nothing more to say
+    assert core.fault(env(m.JobQuery(), sender="owner-1", job="unknown")) == []
+
+
+def test_a_message_the_buyer_gives_up_on_gives_its_job_up(buyer):
+    (told,) = buyer.fault(env(m.RefreshRequest(value_bits=124, drop_bits=32, models={}), round_=1))
+    assert (told.recipient, told.type) == ("aggregator", "failure")
+    assert told.payload.reason == "the buyer could not handle aggregator's refresh_request of round 1"
+    assert buyer.jobs["j"].phase is BuyerPhase.FAILED and buyer.fault(told) == []
 
 
 def test_a_question_does_not_keep_a_silent_job_alive(keypair):

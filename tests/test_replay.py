@@ -91,3 +91,52 @@ async def test_a_job_the_buyer_gave_up_replays_without_difference(tmp_path, keyp
     assert [json.loads(line)["dir"] for line in (tmp_path / "buyer.jsonl").read_text().splitlines()[1:]] == [
         "open", "ask", "give_up"]
     assert replay(tmp_path / "buyer.jsonl") == (3, [])
+
+
+async def test_a_message_given_up_replays_as_what_the_party_said_instead(tmp_path, keypair, monkeypatch):
+    """After the last try of a handler that failed, the owner tells its aggregator (``fault``): the
+    trace records the message as given up, and a replay takes the same step again."""
+    import os
+
+    from deltaml.agents.agent import Agent, Trace
+    from deltaml.agents.bus import MAX_ATTEMPTS, Delivery, MemoryBus, Verdict
+    from deltaml.agents.parties import owner_core
+    from deltaml.protocol import messages as m
+    from deltaml.protocol import owner as owner_module
+    from deltaml.protocol.auth import sign
+
+    pub, _ = keypair
+    (tmp_path / "rows.csv").write_text("a,b,y\n" + "".join(f"{i},{i % 3},{2 * i}\n" for i in range(10)))
+    seed = b"\x05" * 32
+    core = owner_core("owner-1", str(tmp_path / "rows.csv"), True, seed)
+    trace = Trace(tmp_path / "owner-1.jsonl", {"role": "owner", "name": "owner-1", "seed": seed.hex(),
+                                               "data": "rows.csv"})
+    agent = Agent("owner", "owner-1", core, MemoryBus(), trace)
+    aggregator = os.urandom(32)
+    spec = m.JobSpec(buyer="buyer", features=["a", "b"], target="y", owners=3, validators=1, rounds=4, lr=0.5,
+                     eval_every=2, key_bits=2048, public_key=pub.to_hex())
+
+    async def deliver(payload, round_, attempts=0):
+        env = m.Envelope(message_id=f"m{round_}-{payload.type}", job_id="j", round=round_, sender="aggregator",
+                         recipient="owner-1", payload=payload)
+        return await agent.policy(Delivery(m.encode(sign(env, aggregator)), {}, attempts))
+
+    await deliver(m.JobOffer(spec=spec), 0)
+    await deliver(m.RoleAssignment(role="trainer", models=["all"]), 0)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("no room for the products")
+
+    monkeypatch.setattr(owner_module, "encrypted_gradient", out_of_memory)
+    ask = m.GradientRequest(scale_bits=32, models={"all": [pub.encrypt(0)] * 3})
+    for attempt in range(MAX_ATTEMPTS):
+        assert (await deliver(ask, 1, attempt)).verdict is Verdict.RETRY
+    monkeypatch.undo()
+    trace.close()
+    records = [json.loads(line) for line in (tmp_path / "owner-1.jsonl").read_text().splitlines()[1:]]
+    said = records[-1]["message"]
+    assert [r["dir"] for r in records[-2:]] == ["fault", "out"]
+    assert (said["recipient"], said["payload"]) == ("aggregator", {
+        "type": "failure", "reason": "could not handle gradient_request of round 1"})
+    assert core.jobs["j"].phase.name == "FINISHED"
+    assert replay(tmp_path / "owner-1.jsonl") == (3, [])

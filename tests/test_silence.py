@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from deltaml.marketplace import DemoConfig, baselines, make_spec, memory_job, prepare_parts
+from deltaml.agents.bus import MAX_ATTEMPTS
 from deltaml.agents.runtime import GAVE_UP
 from deltaml.protocol.buyer import BuyerPhase
 
@@ -38,7 +39,17 @@ class Silent:
         return self.core.handle(env)
 
 
-async def run(config, keypair, silent: dict):
+class Broken(Silent):
+    """A core whose handler fails on some messages (a bug, memory running out) at every try."""
+
+    def handle(self, env):
+        if self._unheard(env):
+            self.swallowed += 1
+            raise MemoryError("the trainer's machine ran out of memory")
+        return self.core.handle(env)
+
+
+async def run(config, keypair, silent: dict, kind=Silent):
     data, parts = prepare_parts(config)
     pub, priv = keypair
     spec = make_spec(config, data, pub.to_hex(), "buyer")
@@ -47,7 +58,7 @@ async def run(config, keypair, silent: dict):
     def wrap(name, core):
         if name in silent:
             rules = silent[name]
-            wrapped[name] = Silent(core, *(rules if isinstance(rules, list) else [rules]))
+            wrapped[name] = kind(core, *(rules if isinstance(rules, list) else [rules]))
             return wrapped[name]
         return core
 
@@ -89,6 +100,29 @@ async def test_a_silent_trainer_is_dropped_when_the_quorum_holds_and_the_rest_is
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert ["owner-2", gone, "dropped", "0"] in rows
     assert BuyerCore.status(job)["dropped"] == ["owner-2"]  # what the buyer's log line says
+
+
+async def test_a_trainer_whose_handler_fails_says_so_and_is_dropped_at_once_under_the_quorum(keypair):
+    """STYLE §4: a failing owner replies with a failure instead of going silent. Its handler raised
+    at every try, the message was dead-lettered and the owner said nothing: the job waited its
+    round timeout (600 s here) for a gradient that could never come."""
+    config = DemoConfig(rounds=6, eval_every=3, quorum=3)
+    job, ledger, parts, wrapped = await asyncio.wait_for(
+        run(config, keypair, {"owner-2": ("gradient_request", 3)}, kind=Broken), 120)
+    assert job.phase is BuyerPhase.FINISHED, job.reason
+    assert job.dropped == ["owner-2"] and wrapped["owner-2"].swallowed == MAX_ATTEMPTS
+    stayed = [p for i, p in enumerate(parts) if i != 1]
+    expected = baselines(stayed, DemoConfig(owners=4, validators=1, rounds=6, eval_every=3))["centralized_gd_mse"]
+    assert abs(job.published[6]["all"] - expected) / expected < 1e-6
+    assert wrapped["owner-2"].jobs[job_id_of(job, wrapped)].reason == "could not handle gradient_request of round 3"
+    deposit, credited, balance = chain_totals(ledger, job)
+    assert credited == deposit and balance == 0 and job.addresses["owner-2"] not in job.payments_wei
+
+
+def job_id_of(job, wrapped) -> str:
+    """The id of the one job the wrapped cores took part in."""
+    (job_id,) = {j for core in wrapped.values() for j in core.jobs}
+    return job_id
 
 
 async def test_a_trainer_left_alone_by_the_quorum_trains_on_and_its_model_without_it_stands_still(keypair):

@@ -67,7 +67,8 @@ class Agent:
         self.policy = AckPolicy(core.handle, self.publish, trace.record if trace else lambda d, e: None,
                                 keyring=self.keyring, checkpoint=checkpoint,
                                 snapshot=getattr(core, "snapshot", None),
-                                statuses=getattr(core, "statuses", None), agent=name)
+                                statuses=getattr(core, "statuses", None), agent=name,
+                                fault=getattr(core, "fault", None))
         self.resumed = False
         saved = checkpoint.load() if checkpoint is not None else None
         if saved is not None:  # a restarted daemon: its jobs, who signs for whom, its recent answers

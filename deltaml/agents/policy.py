@@ -9,7 +9,9 @@ message's id acknowledged in its place. If the broker redelivered it — a consu
 died between handling and acking — its recorded answers are published again,
 since they may not all have left; a mere duplicate (a publisher's retry) is
 not answered twice, or duplicates would multiply round after round. Any
-other exception is a transient failure, retried a bounded number of times.
+other exception is a transient failure, retried a bounded number of times; after
+the last, the core is told (``fault``) so its party says it failed rather than
+going silent.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import structlog
 from ..protocol import messages as m
 from ..protocol.auth import AuthError, Keyring
 from ..protocol.errors import DecodeError, JobOver, ProtocolError
-from .bus import Delivery, Outcome, Verdict
+from .bus import MAX_ATTEMPTS, Delivery, Outcome, Verdict
 
 log = structlog.get_logger()
 REMEMBERED = 10_000
@@ -39,8 +41,10 @@ class AckPolicy:
                  record: Callable[[str, m.Envelope], None] = lambda d, e: None,
                  keyring: Keyring | None = None, checkpoint=None,
                  snapshot: Callable[[], bytes] | None = None,
-                 statuses: Callable[[], dict[str, dict]] | None = None, agent: str | None = None) -> None:
+                 statuses: Callable[[], dict[str, dict]] | None = None, agent: str | None = None,
+                 fault: Callable[[m.Envelope], list[m.Envelope]] | None = None) -> None:
         self.step = step
+        self.fault = fault
         self.log = log.bind(agent=agent) if agent else log  # which party says it, in a shared console
         self.statuses = statuses or (lambda job_id=None: {})
         self.keyring = keyring if keyring is not None else Keyring()
@@ -91,6 +95,24 @@ class AckPolicy:
             self.cpu += time.thread_time() - started
         after = self.statuses(job_id)
         return outgoing, {job: status for job, status in after.items() if before.get(job) != status}
+
+    async def _give_up(self, env: m.Envelope, bound) -> None:
+        """A message its handler failed on for good: the core says so to whom it concerns (a
+        failing party replies with a failure instead of going silent, STYLE §4)."""
+        if self.fault is None:
+            return
+        try:
+            outgoing, changed = await asyncio.to_thread(self._watched, self.fault, env, env.job_id)
+        except Exception:
+            bound.exception("could not report the failure")
+            return
+        self.record("fault", env)
+        self._save(None, [])
+        for out in outgoing:
+            self.record("out", out)
+            await self.publish(out)
+        bound.warning("gave the message up", sent=[o.type for o in outgoing])
+        _log_changes(bound, changed, current=env.job_id)
 
     def _save(self, message_id: str | None, outgoing: list[m.Envelope]) -> None:
         """Checkpoint the step before anything of it leaves (see :mod:`deltaml.agents.checkpoint`)."""
@@ -147,6 +169,8 @@ class AckPolicy:
                 return Outcome(Verdict.DEAD_LETTER, f"{type(exc).__name__}: {exc}")
             except Exception as exc:  # a bug or a transient fault: bounded retries, then dead letter
                 bound.exception("handler failed")
+                if delivery.attempts + 1 >= MAX_ATTEMPTS:  # the last try: nobody will send it again
+                    await self._give_up(env, bound)
                 return Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
             finally:
                 self.idle.set()

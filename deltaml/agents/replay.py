@@ -96,6 +96,8 @@ def _replay(path: Path) -> tuple[int, list[str]]:
             if record["dir"] in DECISIONS:  # the buyer's own decisions, each recorded with its first output
                 got = DECISIONS[record["dir"]](core, env)
                 expected = [env, *expected]
+            elif record["dir"] == "fault":  # its handler failed for good: what the party said instead
+                got = core.fault(env)
             elif record["dir"] == "refused":
                 try:
                     core.handle(env)

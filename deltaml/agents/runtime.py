@@ -153,7 +153,7 @@ def buyer_report(job: BuyerJob, job_id: str, key_bits: int, wall: float) -> dict
         "model": list(job.model), "contributions": job.contributions,
         "payments_wei": job.settlement.payments, "deposit_wei": job.settlement.deposit,
         "refund_wei": job.settlement.refund, "wall_seconds": wall,
-        "dropped": list(job.dropped),  # trainers that fell silent and were left out (and not paid)
+        "dropped": list(job.dropped),  # trainers that fell silent or failed and were left out (not paid)
     }
     if spec.escrow:  # what the contract paid, by address; the buyer's own prediction alongside
         addr = job.addresses

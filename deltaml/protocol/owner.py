@@ -275,6 +275,16 @@ class OwnerCore(ChainParty):
         self.jobs[env.job_id] = new
         return out
 
+    def fault(self, env: m.Envelope) -> list[m.Envelope]:
+        """A message of a job it takes part in that this owner could not handle, its retries spent:
+        it tells the aggregator (a failing owner says so rather than going silent, STYLE §4) and
+        its part ends. What went wrong stays in its own log: an exception may quote its data."""
+        job = self.jobs.get(env.job_id)
+        if job is None or job.phase not in ACTIVE:
+            return []
+        job.phase, job.reason = OwnerPhase.FINISHED, f"could not handle {env.type} of round {env.round}"
+        return [self.ctx.message(env.job_id, env.round, job.aggregator, m.Failure(reason=job.reason))]
+
     def tick(self, seconds: float) -> list[m.Envelope]:
         """``seconds`` passed: an owner taking part in a job that heard nothing of it for the job's
         ``round_timeout`` asks its aggregator whether the job goes on, and again after each such

@@ -27,7 +27,8 @@ It holds no secret and sees only ciphertexts and the published metrics.
 Silence: the agent ticks the core (:meth:`AggregatorCore.tick`) with the
 seconds that passed; a job that has waited ``spec.round_timeout`` seconds
 since its last accepted message acts on it. Trainers silent in a training
-round are dropped if at least ``spec.quorum`` trainers answered: the model
+round are dropped if at least ``spec.quorum`` trainers answered (so is a
+trainer that reports a failure in one, at once): the model
 trained without the dropped trainer, which every other trainer has been
 computing all along, becomes the full model, so the result is exactly
 centralised training on the rows that stayed. (Leave-one-out models of the
@@ -55,7 +56,7 @@ from ..machine import FULL_MODEL, Context, Machine, require, table
 from ..paillier import PublicKey
 from .ending import fail
 from .evaluation import on_eval, on_metric, on_stalled_evaluation
-from .events import on_chain_event, on_closed, on_failure, on_query, on_receipt, on_silence
+from .events import on_chain_event, on_closed, on_failure, on_fault, on_query, on_receipt, on_silence
 from .job import WAITING_FOR, AggJob, AggPhase, Evaluation
 from .training import on_accepted, on_gradient, on_join, on_late_join, on_refreshed
 
@@ -75,7 +76,7 @@ AGGREGATOR_TABLE = table(
     (EVALUATION_GOES_ON, "eval_reply", on_eval, EVALUATION_GOES_ON),
     (EVALUATION_GOES_ON, "metric_reply", on_metric, (*EVALUATION_GOES_ON, A.SETTLING, A.CLOSING)),
     (A.CLOSING, "job_closed", on_closed, (A.FINISHED,)),
-    (RUNNING, "failure", on_failure, (A.FAILED,)),
+    (RUNNING, "failure", on_failure, (A.FAILED, *NEXT)),
     (tuple(A), "job_query", on_query, tuple(A)),
     (tuple(A), "chain_event", on_chain_event, tuple(A)),
     (tuple(A), "tx_receipt", on_receipt, tuple(A)),
@@ -133,9 +134,25 @@ class AggregatorCore(ChainParty):
                 out += self.guarded(lambda j: self._fail(j, reason), job_id)
         return out
 
+    def fault(self, env: m.Envelope) -> list[m.Envelope]:
+        """A message of a running job that could not be handled, its retries spent (see
+        :func:`.events.on_fault`); if even that fails, the job fails."""
+        job = self.jobs.get(env.job_id)
+        if job is None or job.phase not in WAITING_FOR:
+            return []
+        try:
+            return self.guarded(lambda e: self._change(e.job_id, lambda j: on_fault(j, e, self.ctx)), env)
+        except Exception as exc:
+            reason = f"the aggregator could not handle {env.sender}'s {env.type} of round {env.round}: {exc!r}"
+            return self.guarded(lambda j: self._fail(j, reason), env.job_id)
+
     def _fail(self, job_id: str, reason: str) -> list[m.Envelope]:
+        return self._change(job_id, lambda job: fail(job, self.ctx, job_id, reason))
+
+    def _change(self, job_id: str, change) -> list[m.Envelope]:
+        """``change`` applied to a copy of a job, kept only if it does not raise."""
         new = copy.deepcopy(self.jobs[job_id])
-        out = fail(new, self.ctx, job_id, reason)
+        out = change(new)
         self.jobs[job_id] = new
         return out
 

@@ -7,31 +7,21 @@ from __future__ import annotations
 
 from .. import messages as m
 from ..chain import LEDGER, job_key, key_hash, same_address
-from ..machine import FULL_MODEL, Context, require, without
+from ..machine import Context, require
 from .ending import ask_the_ledger_again, fail, finish, give_escrow_up, on_settled
-from .job import WAITING_FOR, AggJob, AggPhase
-from .training import maybe_start, step_models
+from .job import WAITING_FOR, AggJob, AggPhase, quorum_holds
+from .training import close_round, drop, maybe_start
+
+
+DROPPED = "dropped: it fell silent or failed in a training round"
 
 
 def drop_silent(job: AggJob, ctx: Context, job_id: str, silent: list[str], waited: float) -> list[m.Envelope]:
-    """Go on without silent trainers: each one's leave-one-out model becomes the full model."""
+    """Go on without silent trainers: everyone else has answered the round (or failed in it)."""
     out = []
     for gone in silent:
-        reason = f"no gradient for round {job.round + 1} within {waited:g} s"
-        job.trainers.remove(gone)
-        job.dropped.append(gone)
-        job.models[FULL_MODEL] = job.models.pop(without(gone))
-        for t, reply in job.replies.items():  # this round's gradients for that model serve the new full one
-            grads = dict(reply.payload.gradients)
-            grads[FULL_MODEL] = grads.pop(without(gone))
-            job.replies[t] = reply.model_copy(update={"payload": reply.payload.model_copy(
-                update={"gradients": grads})})
-        out.append(ctx.message(job_id, job.round, job.buyer, m.TrainerDropped(trainer=gone, reason=reason)))
-        out.append(ctx.message(job_id, job.round, gone, m.JobFinished(ok=False, reason=f"dropped: {reason}")))
-        if job.on_chain:
-            out += ctx.wallet.call(ctx, job_id, job.round, "drop",
-                                   [job_key(job_id), job.addresses[gone], job.round + 1])
-    return out + step_models(job, ctx, job_id)
+        out += drop(job, ctx, job_id, gone, f"no gradient for round {job.round + 1} within {waited:g} s")
+    return out + close_round(job, ctx, job_id)
 
 
 def on_silence(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
@@ -44,8 +34,8 @@ def on_silence(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
     if job.phase == AggPhase.SETTLING and job.settle_request is not None:
         return ask_the_ledger_again(job, ctx, job_id)
     if job.phase == AggPhase.TRAINING:
-        silent = [t for t in job.trainers if t not in job.replies]
-        if job.spec.quorum and len(job.trainers) - len(silent) >= job.spec.quorum:
+        silent = [t for t in job.trainers if t not in job.replies and t not in job.failing]
+        if quorum_holds(job, [*silent, *job.failing]):
             return drop_silent(job, ctx, job_id, silent, waited)
         return fail(job, ctx, job_id,
                      f"round {job.round + 1}: no gradient from {', '.join(silent)} within {waited:g} s")
@@ -114,12 +104,39 @@ def on_query(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     if env.sender == job.buyer:
         return []
     if env.sender in job.dropped:
-        return [ctx.reply(env, m.JobFinished(ok=False, reason="dropped: it fell silent in a training round"))]
+        return [ctx.reply(env, m.JobFinished(ok=False, reason=DROPPED))]
     if job.phase not in (AggPhase.FAILED, AggPhase.FINISHED):
         return []
     return [ctx.reply(env, m.JobFinished(ok=job.phase is AggPhase.FINISHED, reason=job.reason))]
 
 
 def on_failure(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
+    """A party could not do its part: a trainer in a training round is dropped like a silent one
+    while the quorum holds, once the others have answered the round; else the job fails."""
     require(env.sender in [job.buyer, *job.trainers, *job.validators], "failure from a stranger")
-    return fail(job, ctx, env.job_id, f"{env.sender}: {env.payload.reason}")
+    require(env.sender not in job.failing, f"{env.sender} already reported a failure in this round")
+    out = leave_round(job, ctx, env.job_id, env.sender, env.payload.reason)
+    return fail(job, ctx, env.job_id, f"{env.sender}: {env.payload.reason}") if out is None else out
+
+
+def on_fault(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
+    """A message of the job the aggregator could not handle, its retries spent: nobody sends it
+    again, so the job cannot wait for it. A trainer's is taken as that trainer's failure (dropped
+    while the quorum holds); any other fails the job."""
+    what = f"the aggregator could not handle {env.sender}'s {env.type} of round {env.round}"
+    out = leave_round(job, ctx, env.job_id, env.sender, what)
+    return fail(job, ctx, env.job_id, what) if out is None else out
+
+
+def leave_round(job: AggJob, ctx: Context, job_id: str, trainer: str, reason: str) -> list[m.Envelope] | None:
+    """Drop a trainer that failed in a training round, if the quorum holds without it (the round
+    steps once the others have answered); None if it cannot be."""
+    if trainer not in job.trainers or trainer in job.failing or job.phase is not AggPhase.TRAINING:
+        return None
+    if not quorum_holds(job, [*job.failing, trainer]):
+        return None
+    job.replies.pop(trainer, None)  # a gradient it sent before goes with it
+    job.failing[trainer] = reason
+    return close_round(job, ctx, job_id)
+
+

@@ -68,6 +68,7 @@ class AggJob:
     settled: bool = False
     roster: list[str] = field(default_factory=list)  # trainers as enrolled on chain (model indices)
     dropped: list[str] = field(default_factory=list)
+    failing: dict[str, str] = field(default_factory=dict)  # trainers that failed this round → why; dropped as it steps
     on_chain: bool = False  # the escrow exists: a failure abandons it
     settle_request: m.TxRequest | None = None  # the signed settle, kept until asked of the ledger again
     idle: float = 0.0  # seconds since the job last accepted a message
@@ -89,6 +90,11 @@ class AggJob:
     def models_of(self, trainer: str) -> list[str]:
         """Models a trainer takes part in."""
         return [mid for mid in self.models if trainer in self.members(mid)]
+
+
+def quorum_holds(job: AggJob, leaving: list[str]) -> bool:
+    """Whether the job may go on without these trainers: it has a quorum and enough stay."""
+    return bool(job.spec.quorum) and len(job.trainers) - len(leaving) >= job.spec.quorum
 
 
 def fits(job: AggJob, check) -> bool:

@@ -1,6 +1,6 @@
 """Recruiting and training: what comes next (:func:`advance`), owners joining and accepting
-their roles, one gradient step per model from the trainers' replies, the buyer's refresh when
-the scale has no room for the next step.
+their roles, one gradient step per model from the trainers' replies (without a trainer dropped
+from the round), the buyer's refresh when the scale has no room for the next step.
 """
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from __future__ import annotations
 from .. import messages as m
 from ..auth import signer
 from ..budget import can_evaluate, can_train, plan
+from ..chain import job_key
 from ..linear import encrypted_update, step_size_q
-from ..machine import FULL_MODEL, Context, eval_models, is_eval_round, model_ids, natural_key, require
+from ..machine import FULL_MODEL, Context, eval_models, is_eval_round, model_ids, natural_key, require, without
 from ..metric import sse_scale_bits
 from ..randomness import expect_obfuscators
 from ..refresh import mask_for_refresh, unmask_refreshed
@@ -138,6 +139,7 @@ def same_rows(job: AggJob, env: m.Envelope) -> None:
 
 def on_gradient(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     expect_from(job, env, job.trainers, "gradient")
+    require(env.sender not in job.failing, f"gradient from {env.sender}, which reported a failure in this round")
     require(env.round == job.round + 1, f"gradient for round {env.round}, expected {job.round + 1}")
     require(set(env.payload.gradients) == set(job.models_of(env.sender)), "gradient for the wrong models")
     same_rows(job, env)
@@ -145,9 +147,36 @@ def on_gradient(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     require(all(len(g) == d for g in env.payload.gradients.values()), "gradient of the wrong length")
     job.public_key.require_models(env.payload.gradients, "gradient of")
     job.replies[env.sender] = env
-    if len(job.replies) < len(job.trainers):
+    return close_round(job, ctx, env.job_id)
+
+
+def close_round(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:
+    """Once every trainer has answered the round or reported a failure in it (the quorum was
+    checked then), the failed are dropped and every model takes its step."""
+    if len(job.replies) + len(job.failing) < len(job.trainers):
         return []
-    return step_models(job, ctx, env.job_id)
+    out = []
+    for gone, reason in job.failing.items():
+        out += drop(job, ctx, job_id, gone, f"it failed: {reason}")
+    job.failing = {}
+    return out + step_models(job, ctx, job_id)
+
+
+def drop(job: AggJob, ctx: Context, job_id: str, gone: str, reason: str) -> list[m.Envelope]:
+    """Go on without one trainer, every other one having answered the round: its leave-one-out
+    model, which they have been computing all along, becomes the full model."""
+    job.trainers.remove(gone)
+    job.dropped.append(gone)
+    job.models[FULL_MODEL] = job.models.pop(without(gone))
+    for t, reply in job.replies.items():  # this round's gradients for that model serve the new full one
+        grads = dict(reply.payload.gradients)
+        grads[FULL_MODEL] = grads.pop(without(gone))
+        job.replies[t] = reply.model_copy(update={"payload": reply.payload.model_copy(update={"gradients": grads})})
+    out = [ctx.message(job_id, job.round, job.buyer, m.TrainerDropped(trainer=gone, reason=reason)),
+           ctx.message(job_id, job.round, gone, m.JobFinished(ok=False, reason=f"dropped: {reason}"))]
+    if job.on_chain:
+        out += ctx.wallet.call(ctx, job_id, job.round, "drop", [job_key(job_id), job.addresses[gone], job.round + 1])
+    return out
 
 
 def step_models(job: AggJob, ctx: Context, job_id: str) -> list[m.Envelope]:

@@ -86,6 +86,11 @@ class BuyerCore(ChainParty):
         job.phase, job.reason = BuyerPhase.FAILED, reason
         return [self.ctx.message(job_id, 0, job.aggregator, m.Failure(reason=reason))]
 
+    def fault(self, env: m.Envelope) -> list[m.Envelope]:
+        """A message of its job the buyer could not handle, its retries spent: the job cannot wait
+        for it, so the buyer gives the job up (its log says what went wrong)."""
+        return self.give_up(env.job_id, f"the buyer could not handle {env.sender}'s {env.type} of round {env.round}")
+
     def ask(self, job_id: str) -> list[m.Envelope]:
         """Ask the aggregator whether a job still going on here goes on there (its daemon is back
         after a stop): one that lost it says so and the job fails, instead of waiting for ever."""
