@@ -126,6 +126,61 @@ async def test_bad_messages_are_dead_lettered_while_an_honest_job_finishes(keypa
     assert "InvalidTransition" in reasons["g-forged-join"] or "ProtocolError" in reasons["g-forged-join"]
 
 
+class OutOfMemory:
+    """An owner core whose handler fails at every try from some round on (its machine ran out of memory)."""
+
+    def __init__(self, core, from_round: int) -> None:
+        self.core, self.from_round, self.tries = core, from_round, 0
+
+    def __getattr__(self, name):
+        return getattr(self.core, name)
+
+    def handle(self, env):
+        if env.type == "gradient_request" and env.round >= self.from_round:
+            self.tries += 1
+            raise MemoryError("no room for the products")
+        return self.core.handle(env)
+
+
+async def test_an_owner_whose_handler_fails_is_dropped_at_once_over_the_real_broker(keypair):
+    """The broker retries the message, dead-letters it with the exception, and the owner tells its
+    aggregator: under the quorum the job goes on without it (before, it waited its round timeout)."""
+    pub, priv = keypair
+    config = DemoConfig(rounds=4, eval_every=2, quorum=3)
+    data, parts = prepare_parts(config)
+    tag = uuid.uuid4().hex[:6]
+    agg_name, buyer_name = f"aggregator-{tag}", f"buyer-{tag}"
+    names = [f"{n}-{tag}" for n in owner_names(config.owners)]
+    spy_conn = await aio_pika.connect_robust(AMQP_URL)
+    spy = await (await spy_conn.channel()).declare_queue(exclusive=True)
+    await spy.bind(t.DEAD_LETTER_EXCHANGE)
+    bus = await AmqpBus(AMQP_URL).connect()
+    agents = [Agent("ledger", LEDGER, LedgerCore(context(LEDGER), Chain("embedded")), bus),
+              Agent("aggregator", agg_name, aggregator_core(agg_name, wallet=load_wallet(None)), bus)]
+    for name, part in zip(names, parts):
+        core = OwnerCore(context(name, wallet=load_wallet(None)), OwnerData(part.columns, part.table()))
+        agents.append(Agent("owner", name, OutOfMemory(core, 3) if name == names[1] else core, bus))
+    buyer = Agent("buyer", buyer_name, buyer_core(buyer_name, priv, wallet=load_wallet(None)), bus)
+    try:
+        for a in [*agents, buyer]:
+            await a.start()
+        spec = make_spec(config, data, pub.to_hex(), buyer_name)
+        job = await asyncio.wait_for(run_buyer_job(buyer, spec, aggregator=agg_name), timeout=300)
+        dead = await read_dead_letters(spy)
+    finally:
+        for a in [*agents, buyer]:
+            await a.stop()
+        await bus.close()
+        await spy_conn.close()
+    assert job.phase is BuyerPhase.FINISHED, job.reason
+    assert job.dropped == [names[1]] and agents[3].core.tries == 3
+    assert any("MemoryError: no room for the products" in reason for reason in dead.values())
+    stayed = [p for i, p in enumerate(parts) if i != 1]
+    expected = baselines(stayed, DemoConfig(owners=4, validators=1, rounds=4, eval_every=2))["centralized_gd_mse"]
+    assert abs(job.published[config.rounds]["all"] - expected) / expected < 1e-6
+    assert job.settled and sum(job.payments_wei.values()) + job.refund_wei == job.spec.deposit_wei
+
+
 async def test_a_duplicate_is_acknowledged_and_not_answered_twice(keypair):
     pub, priv = keypair
     tag = uuid.uuid4().hex[:6]
