@@ -361,6 +361,8 @@ def test_a_message_the_aggregator_gives_up_on_drops_its_trainer_or_fails_the_job
     assert core.fault(reply) == [] and core.jobs["j"].failing == {
         "owner-1": "the aggregator could not handle owner-1's gradient_reply of round 1"}
     core = started_aggregator(keypair)  # no quorum: the job fails at once, everyone told why
+    stranger = env(m.GradientReply(rows=10, gradients={"all": [pub.encrypt(0)] * 3}), sender="mallory", round_=1)
+    assert core.fault(stranger) == [] and core.jobs["j"].phase is AggPhase.TRAINING  # nobody's to end it
     out = core.fault(reply)
     assert core.jobs["j"].phase is AggPhase.FAILED
     assert {o.recipient for o in out if o.type == "job_finished"} == {"buyer", "owner-1", "owner-2", "owner-3"}
@@ -370,10 +372,24 @@ def test_a_message_the_aggregator_gives_up_on_drops_its_trainer_or_fails_the_job
 
 
 def test_a_message_the_buyer_gives_up_on_gives_its_job_up(buyer):
+    assert buyer.fault(env(m.JobQuery(), sender="owner-1", round_=1)) == []  # a trainer's is not the buyer's to heed
+    assert buyer.jobs["j"].phase is BuyerPhase.TRAINING
     (told,) = buyer.fault(env(m.RefreshRequest(value_bits=124, drop_bits=32, models={}), round_=1))
     assert (told.recipient, told.type) == ("aggregator", "failure")
     assert told.payload.reason == "the buyer could not handle aggregator's refresh_request of round 1"
     assert buyer.jobs["j"].phase is BuyerPhase.FAILED and buyer.fault(told) == []
+
+
+def test_an_owner_gives_up_only_its_own_jobs_messages_from_their_parties(keypair):
+    pub, _ = keypair
+    core = owner_as(pub, "trainer")
+    ask = m.GradientRequest(scale_bits=32, models={"all": [pub.encrypt(0)] * 3})
+    assert core.fault(env(ask, sender="mallory", round_=1)) == [] and core.fault(env(ask, job="k", round_=1)) == []
+    assert core.jobs["j"].phase is OwnerPhase.INITIATED
+    (said,) = core.fault(env(ask, round_=1))
+    assert (said.recipient, said.type, said.payload.reason) == ("aggregator", "failure",
+                                                               "could not handle gradient_request of round 1")
+    assert core.jobs["j"].phase is OwnerPhase.FINISHED and core.fault(env(ask, round_=1)) == []
 
 
 def test_a_question_does_not_keep_a_silent_job_alive(keypair):

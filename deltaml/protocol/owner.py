@@ -280,8 +280,8 @@ class OwnerCore(ChainParty):
         it tells the aggregator (a failing owner says so rather than going silent, STYLE §4) and
         its part ends. What went wrong stays in its own log: an exception may quote its data."""
         job = self.jobs.get(env.job_id)
-        if job is None or job.phase not in ACTIVE:
-            return []
+        if job is None or job.phase not in ACTIVE or env.sender not in (job.aggregator, job.spec.buyer, LEDGER):
+            return []  # a stranger's message cannot take this owner out of its job
         job.phase, job.reason = OwnerPhase.FINISHED, f"could not handle {env.type} of round {env.round}"
         return [self.ctx.message(env.job_id, env.round, job.aggregator, m.Failure(reason=job.reason))]
 

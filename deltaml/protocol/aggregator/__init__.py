@@ -21,7 +21,8 @@ its escrow (SETTLING); only once the chain reports it settled does the
 aggregator send the encrypted final model to the buyer (CLOSING), so a
 metric the contract refuses fails the job instead of following a result the
 buyer already holds. The job finishes when the buyer closes it, and only
-then are the owners told it ended well. Any party's failure fails the job.
+then are the owners told it ended well. Any party's failure fails the job,
+but a trainer's in a training round, which the quorum rule below may absorb.
 It holds no secret and sees only ciphertexts and the published metrics.
 
 Silence: the agent ticks the core (:meth:`AggregatorCore.tick`) with the

@@ -122,7 +122,9 @@ def on_failure(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
 def on_fault(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     """A message of the job the aggregator could not handle, its retries spent: nobody sends it
     again, so the job cannot wait for it. A trainer's is taken as that trainer's failure (dropped
-    while the quorum holds); any other fails the job."""
+    while the quorum holds); any other party's fails the job; a stranger's changes nothing."""
+    if env.sender not in (job.buyer, LEDGER, *job.trainers, *job.validators):
+        return []  # a stranger's message cannot end the job
     what = f"the aggregator could not handle {env.sender}'s {env.type} of round {env.round}"
     out = leave_round(job, ctx, env.job_id, env.sender, what)
     return fail(job, ctx, env.job_id, what) if out is None else out

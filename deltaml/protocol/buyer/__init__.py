@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import messages as m
-from ..chain import ChainParty
+from ..chain import LEDGER, ChainParty
 from ..machine import Context, Machine, table
 from ..paillier import PrivateKey
 from .decryptions import on_metric, on_products, on_refresh, on_result
@@ -89,6 +89,9 @@ class BuyerCore(ChainParty):
     def fault(self, env: m.Envelope) -> list[m.Envelope]:
         """A message of its job the buyer could not handle, its retries spent: the job cannot wait
         for it, so the buyer gives the job up (its log says what went wrong)."""
+        job = self.jobs.get(env.job_id)
+        if job is None or env.sender not in (job.aggregator, LEDGER, *job.validators):
+            return []  # a stranger's message cannot end the buyer's job
         return self.give_up(env.job_id, f"the buyer could not handle {env.sender}'s {env.type} of round {env.round}")
 
     def ask(self, job_id: str) -> list[m.Envelope]:
