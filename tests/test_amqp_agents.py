@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import aio_pika
 import aiormq
@@ -43,28 +44,35 @@ async def read_dead_letters(queue):
     return out
 
 
+async def tagged_market(parts, priv, wrap=lambda i, core: core) -> SimpleNamespace:
+    """A running marketplace on the real broker under names no other test uses (a tag), one owner
+    per part (``wrap`` may replace the i-th owner's core), and a spy queue on the dead letters."""
+    tag = uuid.uuid4().hex[:6]
+    aggregator, buyer_name = f"aggregator-{tag}", f"buyer-{tag}"
+    names = [f"{n}-{tag}" for n in owner_names(len(parts))]
+    spy_conn = await aio_pika.connect_robust(AMQP_URL)
+    spy = await (await spy_conn.channel()).declare_queue(exclusive=True)
+    await spy.bind(t.DEAD_LETTER_EXCHANGE)
+    bus = await AmqpBus(AMQP_URL).connect()
+    agents = [Agent("ledger", LEDGER, LedgerCore(context(LEDGER), Chain("embedded")), bus),
+              Agent("aggregator", aggregator, aggregator_core(aggregator, wallet=load_wallet(None)), bus)]
+    for i, (name, part) in enumerate(zip(names, parts)):
+        core = OwnerCore(context(name, wallet=load_wallet(None)), OwnerData(part.columns, part.table()))
+        agents.append(Agent("owner", name, wrap(i, core), bus))
+    buyer = Agent("buyer", buyer_name, buyer_core(buyer_name, priv, wallet=load_wallet(None)), bus)
+    for a in [*agents, buyer]:
+        await a.start()
+    return SimpleNamespace(bus=bus, agents=agents, buyer=buyer, names=names, aggregator=aggregator,
+                           buyer_name=buyer_name, spy=spy, spy_conn=spy_conn)
+
+
 async def test_bad_messages_are_dead_lettered_while_an_honest_job_finishes(keypair):
     pub, priv = keypair
     config = DemoConfig(rounds=2, eval_every=2)
     data, parts = prepare_parts(config)
-    tag = uuid.uuid4().hex[:6]
-    agg_name, buyer_name = f"aggregator-{tag}", f"buyer-{tag}"
-    names = [f"{n}-{tag}" for n in owner_names(config.owners)]
-
-    spy_conn = await aio_pika.connect_robust(AMQP_URL)
-    spy = await (await spy_conn.channel()).declare_queue(exclusive=True)
-    await spy.bind(t.DEAD_LETTER_EXCHANGE)
-
-    bus = await AmqpBus(AMQP_URL).connect()
-    ledger = LedgerCore(context(LEDGER), Chain("embedded"))
-    agents = [Agent("ledger", LEDGER, ledger, bus),
-              Agent("aggregator", agg_name, aggregator_core(agg_name, wallet=load_wallet(None)), bus)]
-    for name, part in zip(names, parts):
-        core = OwnerCore(context(name, wallet=load_wallet(None)), OwnerData(part.columns, part.table()))
-        agents.append(Agent("owner", name, core, bus))
-    buyer = Agent("buyer", buyer_name, buyer_core(buyer_name, priv, wallet=load_wallet(None)), bus)
-    for a in [*agents, buyer]:
-        await a.start()
+    market = await tagged_market(parts, priv)
+    bus, agents, buyer, names, spy = market.bus, market.agents, market.buyer, market.names, market.spy
+    agg_name, buyer_name = market.aggregator, market.buyer_name
 
     spec = make_spec(config, data, pub.to_hex(), buyer_name)
     job_id = uuid.uuid4().hex
@@ -105,7 +113,7 @@ async def test_bad_messages_are_dead_lettered_while_an_honest_job_finishes(keypa
         await bus.publish(agg_name, garbage[message_id], message_id)
     dead = await read_dead_letters(spy)
     await bus.close()
-    await spy_conn.close()
+    await market.spy_conn.close()
 
     assert job.phase is BuyerPhase.FINISHED
     assert job.settled and sum(job.payments_wei.values()) + job.refund_wei == job.spec.deposit_wei
@@ -148,30 +156,17 @@ async def test_an_owner_whose_handler_fails_is_dropped_at_once_over_the_real_bro
     pub, priv = keypair
     config = DemoConfig(rounds=4, eval_every=2, quorum=3)
     data, parts = prepare_parts(config)
-    tag = uuid.uuid4().hex[:6]
-    agg_name, buyer_name = f"aggregator-{tag}", f"buyer-{tag}"
-    names = [f"{n}-{tag}" for n in owner_names(config.owners)]
-    spy_conn = await aio_pika.connect_robust(AMQP_URL)
-    spy = await (await spy_conn.channel()).declare_queue(exclusive=True)
-    await spy.bind(t.DEAD_LETTER_EXCHANGE)
-    bus = await AmqpBus(AMQP_URL).connect()
-    agents = [Agent("ledger", LEDGER, LedgerCore(context(LEDGER), Chain("embedded")), bus),
-              Agent("aggregator", agg_name, aggregator_core(agg_name, wallet=load_wallet(None)), bus)]
-    for name, part in zip(names, parts):
-        core = OwnerCore(context(name, wallet=load_wallet(None)), OwnerData(part.columns, part.table()))
-        agents.append(Agent("owner", name, OutOfMemory(core, 3) if name == names[1] else core, bus))
-    buyer = Agent("buyer", buyer_name, buyer_core(buyer_name, priv, wallet=load_wallet(None)), bus)
+    market = await tagged_market(parts, priv, wrap=lambda i, core: OutOfMemory(core, 3) if i == 1 else core)
+    agents, buyer, names = market.agents, market.buyer, market.names
     try:
-        for a in [*agents, buyer]:
-            await a.start()
-        spec = make_spec(config, data, pub.to_hex(), buyer_name)
-        job = await asyncio.wait_for(run_buyer_job(buyer, spec, aggregator=agg_name), timeout=300)
-        dead = await read_dead_letters(spy)
+        spec = make_spec(config, data, pub.to_hex(), market.buyer_name)
+        job = await asyncio.wait_for(run_buyer_job(buyer, spec, aggregator=market.aggregator), timeout=300)
+        dead = await read_dead_letters(market.spy)
     finally:
         for a in [*agents, buyer]:
             await a.stop()
-        await bus.close()
-        await spy_conn.close()
+        await market.bus.close()
+        await market.spy_conn.close()
     assert job.phase is BuyerPhase.FINISHED, job.reason
     assert job.dropped == [names[1]] and agents[3].core.tries == 3
     assert any("MemoryError: no room for the products" in reason for reason in dead.values())
