@@ -139,7 +139,6 @@ def cmd_ledger(args) -> int:
                   key=key.private_key)
 
 
-
 def _refuse_a_second_ledger(amqp_url: str) -> None:
     """Before deploying an escrow: the broker answers and no ledger is running on it. A second
     ledger was refused only at its exclusive consume, after deploying an escrow nobody would use

@@ -57,7 +57,8 @@ from ..machine import FULL_MODEL, Context, Machine, require, table
 from ..paillier import PublicKey
 from .ending import fail
 from .evaluation import on_eval, on_metric, on_stalled_evaluation
-from .events import on_chain_event, on_closed, on_failure, on_fault, on_query, on_receipt, on_silence
+from .events import (not_handled, on_chain_event, on_closed, on_failure, on_fault, on_query, on_receipt,
+                     on_silence)
 from .job import WAITING_FOR, AggJob, AggPhase, Evaluation
 from .training import on_accepted, on_gradient, on_join, on_late_join, on_refreshed
 
@@ -124,15 +125,10 @@ class AggregatorCore(ChainParty):
                 ev.waited += seconds
                 if ev.waited >= job.spec.round_timeout:
                     stalled.append(round_)
-            try:
-                if job.idle >= job.spec.round_timeout:
-                    out += self.guarded(self._silence, job_id)
-                elif stalled:
-                    out += self.guarded(lambda j, r=stalled[0]: self._silence(j, r), job_id)
-            except Exception as exc:  # a fault in one job must not stall the others' deadlines, nor
-                # come back at every tick for ever: that job fails, saying what went wrong
-                reason = f"acting on the silence failed: {exc!r}"
-                out += self.guarded(lambda j: self._fail(j, reason), job_id)
+            if job.idle >= job.spec.round_timeout or stalled:
+                stalled_round = None if job.idle >= job.spec.round_timeout else stalled[0]
+                out += self._change_or_fail(job_id, lambda j: self._silent(j, job_id, stalled_round),
+                                            "acting on the silence failed")
         return out
 
     def fault(self, env: m.Envelope) -> list[m.Envelope]:
@@ -141,28 +137,29 @@ class AggregatorCore(ChainParty):
         job = self.jobs.get(env.job_id)
         if job is None or job.phase not in WAITING_FOR:
             return []
-        try:
-            return self.guarded(lambda e: self._change(e.job_id, lambda j: on_fault(j, e, self.ctx)), env)
-        except Exception as exc:
-            reason = f"the aggregator could not handle {env.sender}'s {env.type} of round {env.round}: {exc!r}"
-            return self.guarded(lambda j: self._fail(j, reason), env.job_id)
+        return self._change_or_fail(env.job_id, lambda j: on_fault(j, env, self.ctx), not_handled(env))
 
-    def _fail(self, job_id: str, reason: str) -> list[m.Envelope]:
-        return self._change(job_id, lambda job: fail(job, self.ctx, job_id, reason))
+    def _change_or_fail(self, job_id: str, change, what: str) -> list[m.Envelope]:
+        """``change`` applied to a copy of a job, kept only if it does not raise; if it does, the job
+        fails saying ``what`` and why (one job's fault must not stall the others', nor come back at
+        every tick for ever). A refusal leaves the wallet as it was (:meth:`guarded`)."""
+        try:
+            return self.guarded(lambda j: self._change(j, change), job_id)
+        except Exception as exc:
+            reason = f"{what}: {exc!r}"
+        return self.guarded(lambda j: self._change(j, lambda job: fail(job, self.ctx, j, reason)), job_id)
 
     def _change(self, job_id: str, change) -> list[m.Envelope]:
-        """``change`` applied to a copy of a job, kept only if it does not raise."""
         new = copy.deepcopy(self.jobs[job_id])
         out = change(new)
         self.jobs[job_id] = new
         return out
 
-    def _silence(self, job_id: str, stalled_round: int | None = None) -> list[m.Envelope]:
-        new = copy.deepcopy(self.jobs[job_id])
-        out = (on_silence(new, self.ctx, job_id) if stalled_round is None
-               else on_stalled_evaluation(new, self.ctx, job_id, stalled_round))
-        new.idle = 0.0
-        self.jobs[job_id] = new
+    def _silent(self, job: AggJob, job_id: str, stalled_round: int | None = None) -> list[m.Envelope]:
+        """The job has waited ``round_timeout`` seconds (or an evaluation has): it acts on the silence."""
+        out = (on_silence(job, self.ctx, job_id) if stalled_round is None
+               else on_stalled_evaluation(job, self.ctx, job_id, stalled_round))
+        job.idle = 0.0
         return out
 
     def _open(self, env: m.Envelope) -> list[m.Envelope]:

@@ -125,9 +125,14 @@ def on_fault(job: AggJob, env: m.Envelope, ctx: Context) -> list[m.Envelope]:
     while the quorum holds); any other party's fails the job; a stranger's changes nothing."""
     if env.sender not in (job.buyer, LEDGER, *job.trainers, *job.validators):
         return []  # a stranger's message cannot end the job
-    what = f"the aggregator could not handle {env.sender}'s {env.type} of round {env.round}"
+    what = not_handled(env)
     out = leave_round(job, ctx, env.job_id, env.sender, what)
     return fail(job, ctx, env.job_id, what) if out is None else out
+
+
+def not_handled(env: m.Envelope) -> str:
+    """What the aggregator says of a message it gave up on."""
+    return f"the aggregator could not handle {env.sender}'s {env.type} of round {env.round}"
 
 
 def leave_round(job: AggJob, ctx: Context, job_id: str, trainer: str, reason: str) -> list[m.Envelope] | None:
