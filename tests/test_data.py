@@ -36,6 +36,17 @@ def test_cli_refuses_a_bad_csv_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "row 3, column 2 (b)" in err[0] and str(path) in err[0]
 
 
+def test_cli_refuses_data_whose_sums_outgrow_the_fixed_point_bound_in_one_line(tmp_path, capsys):
+    # an owner would decline such a job (its X^T X cannot be encrypted in the room the job plans),
+    # so the demo would wait for owners that never come: it says so before anything starts
+    rows = "".join(f"{i * 1e9},{i * 2e9},{i}\n" for i in range(1, 13))
+    path = write(tmp_path, "a,b,y\n" + rows)
+    assert main(["demo", "--dataset", str(path), "--rounds", "1", "--owners", "3", "--bus", "memory"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0], err
+    assert "owner-1 cannot take part: its X^T X reaches" in err[0] and "the columns need scaling" in err[0]
+
+
 def test_a_spreadsheet_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
     # "CSV UTF-8" from a spreadsheet starts with U+FEFF: read as text it named the first column
     # "\ufeffage", and no job asking for "age" ever matched that owner
@@ -101,10 +112,17 @@ def test_an_owner_whose_columns_differ_from_the_job_says_why_it_does_not_join(ke
     data = OwnerData(("age", "bmi", "target"), np.ones((3, 3)))
     spec = m.JobSpec(buyer="b", features=["age", "bp"], target="target", owners=2, validators=1, rounds=1,
                      lr=1.0, eval_every=1, key_bits=2048, public_key=keypair[0].to_hex())
-    assert data.select(spec) is None
+    assert data.reduce(spec) == (None, "the data lacks columns ['bp']")
     assert data.mismatch(spec) == "the data lacks columns ['bp']"
     spec = spec.model_copy(update={"features": ["age", "bmi"], "ranges": [(0.0, 0.5), (0.0, 2.0)]})
     assert data.mismatch(spec) == "column age has values outside the job's range [0.0, 0.5]"
+    spec = spec.model_copy(update={"ranges": None, "magnitude_bits": 16})
+    assert data.reduce(spec)[0] is not None  # 3 rows of ones: every sum is 3
+    big = OwnerData(("age", "bmi", "target"), np.full((3, 3), 200.0))  # X^T X reaches 3 * 200**2 > 2**16
+    assert big.mismatch(spec) == ("its X^T X reaches 1.2e+05, beyond the job's bound 2**16 (6.55e+04): "
+                                  "the columns need scaling")
+    targets = OwnerData(("age", "bmi", "target"), np.array([[0.1, 0.1, 200.0]] * 3))
+    assert targets.mismatch(spec).startswith("its y^T y reaches 1.2e+05")
 
 
 def test_diabetes_is_read_bit_for_bit_as_scikit_learn_scales_it():

@@ -95,6 +95,19 @@ def test_owner_with_values_outside_the_ranges_stays_waiting(keypair):
     assert core.jobs["j"].phase is OwnerPhase.WAITING
 
 
+def test_an_owner_whose_sums_outgrow_the_jobs_bound_declines_it_before_joining(keypair):
+    """Its X^T X, X^T y or y^T y cannot be encrypted in the room the job planned: it would fail at its
+    role (a trainer) or at the first evaluation, after the others had trained (a validator)."""
+    offer = env(m.JobOffer(spec=spec(keypair[0], ranges=None, magnitude_bits=16)))
+    core = owner()  # ten rows in [-1, 1]: every sum is at most 10
+    assert core.handle(offer)[0].type == "join_request"
+    big = OwnerCore(Context("owner-1"), OwnerData(("a", "b", "y"), np.full((10, 3), 100.0)))
+    assert big.handle(offer) == []
+    assert big.jobs["j"].phase is OwnerPhase.WAITING
+    assert big.status(big.jobs["j"]) == {"phase": "declined", "reason": (
+        "its X^T X reaches 1e+05, beyond the job's bound 2**16 (6.55e+04): the columns need scaling")}
+
+
 def test_owner_undefined_transitions_are_errors(keypair):
     pub, _ = keypair
     core = owner()

@@ -14,7 +14,7 @@ import numpy as np
 from ..data import Dataset, demo_split, load
 from ..protocol import messages as m
 from ..protocol.chain import DEFAULT_DEADLINE
-from ..protocol.linear import gradient_descent, least_squares, sufficient_stats
+from ..protocol.linear import beyond_bound, gradient_descent, least_squares, sufficient_stats
 from ..protocol.machine import owner_names
 from ..settings import ConfigError
 
@@ -75,6 +75,10 @@ def prepare_parts(config: DemoConfig) -> tuple[Dataset, list[Dataset]]:
     parts = demo_split(data, config.owners)
     if config.poison_owner is not None:
         parts[config.poison_owner - 1] = poison(parts[config.poison_owner - 1])
+    for name, part in zip(owner_names(config.owners), parts):  # an owner would decline the job: say why now
+        reason = beyond_bound(sufficient_stats(part.X, part.y), config.magnitude_bits)
+        if reason:
+            raise ConfigError(f"{config.dataset}: {name} cannot take part: {reason}")
     return data, parts
 
 

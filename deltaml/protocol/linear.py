@@ -54,6 +54,21 @@ def sufficient_stats(X: np.ndarray, y: np.ndarray) -> SufficientStats:
     return SufficientStats(gram=A.T @ A, moment=A.T @ y, sq=float(y @ y), rows=len(y))
 
 
+def beyond_bound(stats: SufficientStats, magnitude_bits: int) -> str:
+    """Which of ``X^T X``, ``X^T y`` and ``y^T y`` reaches the job's magnitude bound, or "" if none.
+
+    Each is encrypted at a fixed-point scale whose room the job planned for values below
+    ``2**magnitude_bits``: an owner whose sums are larger cannot take part (its columns need scaling).
+    """
+    bound = 2.0**magnitude_bits
+    for name, values in (("X^T X", stats.gram), ("X^T y", stats.moment), ("y^T y", stats.sq)):
+        largest = float(np.max(np.abs(values)))
+        if not largest < bound:
+            return (f"its {name} reaches {largest:.3g}, beyond the job's bound 2**{magnitude_bits} "
+                    f"({bound:.3g}): the columns need scaling")
+    return ""
+
+
 @dataclass(frozen=True)
 class EncodedStats:
     """Sufficient statistics with the Gram matrix encoded once at ``frac_bits``."""

@@ -23,7 +23,7 @@ import numpy as np
 from . import messages as m
 from .chain import ABANDONED, LEDGER, ChainParty, job_key, same_address
 from .fixedpoint import FixedPoint
-from .linear import EncodedStats, encode_stats, encrypted_gradient, sufficient_stats
+from .linear import EncodedStats, SufficientStats, beyond_bound, encode_stats, encrypted_gradient, sufficient_stats
 from .machine import Context, Machine, require, table
 from .metric import (MetricSecrets, MulProof, ProductClaim, encrypted_sse, mask_product_inputs, proof_context,
                      sse_scale_bits, verify_all_products)
@@ -71,15 +71,21 @@ class OwnerData:
     X: np.ndarray  # all columns, rows × columns
     auto_accept: bool = True
 
-    def select(self, spec: m.JobSpec) -> tuple[np.ndarray, np.ndarray] | None:
-        """The job's features and target from these rows, or None if they do not match."""
-        if self.mismatch(spec):
-            return None
+    def reduce(self, spec: m.JobSpec) -> tuple[SufficientStats | None, str]:
+        """These rows reduced to the job's sufficient statistics, or None and why they cannot serve it."""
+        reason = self._unfit(spec)
+        if reason:
+            return None, reason
         index = {c: i for i, c in enumerate(self.columns)}
-        return self.X[:, [index[f] for f in spec.features]], self.X[:, index[spec.target]]
+        stats = sufficient_stats(self.X[:, [index[f] for f in spec.features]], self.X[:, index[spec.target]])
+        reason = beyond_bound(stats, spec.magnitude_bits)
+        return (None, reason) if reason else (stats, "")
 
     def mismatch(self, spec: m.JobSpec) -> str:
-        """Why these rows cannot serve the job (names or ranges), or "" if they can."""
+        """Why these rows cannot serve the job (names, ranges, magnitude), or "" if they can."""
+        return self.reduce(spec)[1]
+
+    def _unfit(self, spec: m.JobSpec) -> str:
         index = {c: i for i, c in enumerate(self.columns)}
         missing = [c for c in [*spec.features, spec.target] if c not in index]
         if missing:
@@ -109,10 +115,9 @@ def _on_offer(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> 
 
 def _on_role(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> list[m.Envelope]:
     require(env.sender == job.aggregator, "role assignment from a party that is not the job's aggregator")
-    selected = data.select(job.spec)
-    require(selected is not None, "data no longer matches the job")
-    codec = FixedPoint(job.spec.frac_bits, job.spec.magnitude_bits)
-    job.stats = encode_stats(sufficient_stats(*selected), codec)
+    stats, why = data.reduce(job.spec)
+    require(stats is not None, f"data no longer fits the job: {why}")
+    job.stats = encode_stats(stats, FixedPoint(job.spec.frac_bits, job.spec.magnitude_bits))
     job.role, job.models = env.payload.role, list(env.payload.models)
     job.phase = OwnerPhase.INITIATED
     # a trainer re-randomises d values per model each round: those obfuscators can be made ahead
