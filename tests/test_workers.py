@@ -97,3 +97,22 @@ def test_a_ctrl_c_to_the_process_group_leaves_the_workers_to_their_parent():
         assert workers.map(abs, [-1, -2, -3]) == [1, 2, 3]  # still there, still working
     finally:
         workers.close()
+
+
+def test_a_pool_whose_worker_was_killed_starts_new_workers_and_does_the_work(keypair):
+    """A killed worker (the out-of-memory killer, an operator) broke the pool for good: every later
+    ``map`` raised BrokenProcessPool, so each message after it failed three times and was given up."""
+    workers = Workers(2)
+    try:
+        workers.warm(keypair[0])
+        old = set(workers.pool._processes)
+        os.kill(next(iter(old)), signal.SIGKILL)
+        while all(_alive(p) for p in old):
+            time.sleep(0.01)
+        assert workers.map(abs, [-1, -2, -3]) == [1, 2, 3]
+        new = set(workers.pool._processes)
+        assert new and not new & old
+        assert workers.map(abs, [-4]) == [4]  # and the new pool stays
+        assert set(workers.pool._processes) == new
+    finally:
+        workers.close()

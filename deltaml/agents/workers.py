@@ -12,7 +12,10 @@ its input.
 The workers are forked when the pool is made, before the daemon starts any
 thread (forking a threaded process can copy a lock some other thread held),
 and each asks the kernel to stop it if its parent dies, so a killed daemon
-leaves no workers behind.
+leaves no workers behind. A worker that dies (the kernel's out-of-memory
+killer, an operator's ``kill``) breaks its pool for good; the next ``map``
+then starts new workers — spawned, as the daemon has threads by then — and
+does its work again, instead of every later message failing the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, TypeVar
+
+import structlog
 
 from ..protocol.randomness import warm_obfuscators
 from .precompute import lowest_priority
@@ -32,6 +38,7 @@ from .precompute import lowest_priority
 T = TypeVar("T")
 R = TypeVar("R")
 PR_SET_PDEATHSIG = 1
+log = structlog.get_logger()
 
 
 def _stop_with_parent(started) -> None:
@@ -47,6 +54,11 @@ def _stop_with_parent(started) -> None:
 
 def _ready(_: int) -> bool:
     return True
+
+
+def _warm(pool: ProcessPoolExecutor, count: int, pub) -> None:
+    for _ in range(count):
+        pool.submit(_warm_in_background, pub)
 
 
 def _warm_in_background(pub) -> None:
@@ -74,24 +86,41 @@ class Workers:
 
     def __init__(self, count: int) -> None:
         self.count = count
-        fork = multiprocessing.get_context("fork")
+        self.warmed: list = []  # the keys whose tables new workers build too
+        self.lock = threading.Lock()
+        self.pool = self._start("fork")
+
+    def _start(self, method: str) -> ProcessPoolExecutor:
+        context = multiprocessing.get_context(method)
         # the barrier holds every worker in its initializer until all have set their signals: the first
         # tasks return only then, so none is left that a Ctrl-C at start would kill (one worker
         # could take every ready task while another had not yet reached its initializer)
-        self.pool = ProcessPoolExecutor(count, mp_context=fork, initializer=_stop_with_parent,
-                                        initargs=(fork.Barrier(count),))
-        list(self.pool.map(_ready, range(count)))  # fork them all now, while this process has one thread
+        pool = ProcessPoolExecutor(self.count, mp_context=context, initializer=_stop_with_parent,
+                                   initargs=(context.Barrier(self.count),))
+        list(pool.map(_ready, range(self.count)))  # start them all now (forked: while this process has one thread)
+        for pub in self.warmed:
+            _warm(pool, self.count, pub)
+        return pool
 
     def warm(self, pub) -> None:
         """Have each worker build ``pub``'s obfuscator table on a low-priority thread: in time
         nobody else wants while a job starts, where five daemons and a key compete for the cores."""
-        for _ in range(self.count):
-            self.pool.submit(_warm_in_background, pub)
+        self.warmed = [*self.warmed[-3:], pub]
+        _warm(self.pool, self.count, pub)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """``[fn(x) for x in items]``, in the workers (also a single item: this process then never
-        needs the tables the work uses)."""
-        return list(self.pool.map(fn, items))
+        needs the tables the work uses); once more in new workers if one of the pool's died."""
+        items, pool = list(items), self.pool
+        try:
+            return list(pool.map(fn, items))
+        except BrokenProcessPool:
+            with self.lock:  # one new pool, whichever thread finds the old one broken first
+                if self.pool is pool:
+                    log.warning("a worker process died: starting new workers", workers=self.count)
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self.pool = self._start("spawn")
+            return list(self.pool.map(fn, items))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
