@@ -22,6 +22,8 @@ import numpy as np
 
 from . import messages as m
 from .chain import ABANDONED, LEDGER, ChainParty, job_key, same_address
+from .ended import EndedJobs
+from .errors import JobOver
 from .fixedpoint import FixedPoint
 from .linear import EncodedStats, SufficientStats, beyond_bound, encode_stats, encrypted_gradient, sufficient_stats
 from .machine import Context, Machine, require, table
@@ -61,6 +63,18 @@ class OwnerJob:
     @property
     def public_key(self) -> PublicKey:
         return PublicKey.from_hex(self.spec.public_key)
+
+    def outcome(self) -> tuple[bool, str] | None:
+        """``(ok, reason)`` once the job has ended for this owner (an offer it declined included)."""
+        if self.phase is OwnerPhase.FINISHED:
+            return not self.reason, self.reason
+        if self.phase is OwnerPhase.WAITING and self.declined:
+            return False, f"declined: {self.declined}"
+        return None
+
+    def shed(self) -> None:
+        """Drop what only a running job needs: the statistics of this owner's rows, its masks."""
+        self.stats, self.pending, self.asked = None, {}, {}
 
 
 @dataclass(frozen=True)
@@ -187,8 +201,8 @@ def _on_products(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) 
         bad = next((mid for mid, c in claims.items() if not verify_all_products(pub, [c], ctx.rng)),
                    next(iter(claims)))
         job.phase = OwnerPhase.FINISHED
-        reason = f"the buyer's masked products for {bad} at round {env.round} fail their proof"
-        return [ctx.message(env.job_id, env.round, job.aggregator, m.Failure(reason=reason))]
+        job.reason = f"the buyer's masked products for {bad} at round {env.round} fail their proof"
+        return [ctx.message(env.job_id, env.round, job.aggregator, m.Failure(reason=job.reason))]
     sse = {}
     for mid, sec in secrets_.items():
         require(len(reply.models[mid]) == len(sec.w), "product reply of the wrong length")
@@ -254,6 +268,7 @@ class OwnerCore(ChainParty):
         self.wallet = ctx.wallet
         self.data = data
         self.jobs: dict[str, OwnerJob] = {}
+        self.ended = EndedJobs()
         self.machine = Machine(
             "owner", {k: type(t)(self._bind(t.handler), t.to) for k, t in OWNER_TABLE.items()}
         )
@@ -271,6 +286,8 @@ class OwnerCore(ChainParty):
     def _step(self, env: m.Envelope) -> list[m.Envelope]:
         """Apply one message to its job; a new offer opens a job in WAITING."""
         job = self.jobs.get(env.job_id)
+        if job is None and self.ended.outcome(env.job_id) is not None:
+            raise JobOver(f"owner: {env.type!r} for job {env.job_id}, which ended long ago")
         if job is None:
             require(env.type == "job_offer", f"message for unknown job {env.job_id}")
             job = OwnerJob(phase=OwnerPhase.WAITING, spec=env.payload.spec, aggregator=env.sender)
@@ -304,4 +321,5 @@ class OwnerCore(ChainParty):
             if job.idle >= job.spec.round_timeout:
                 job.idle = 0.0
                 out.append(self.ctx.message(job_id, 0, job.aggregator, m.JobQuery()))
+        self.retire()
         return out

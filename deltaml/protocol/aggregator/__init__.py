@@ -52,6 +52,8 @@ import copy
 
 from .. import messages as m
 from ..chain import ChainParty
+from ..ended import EndedJobs
+from ..errors import JobOver
 from ..lost import LostJobs
 from ..machine import FULL_MODEL, Context, Machine, require, table
 from ..paillier import PublicKey
@@ -94,6 +96,7 @@ class AggregatorCore(ChainParty):
         self.ctx = ctx
         self.wallet = ctx.wallet
         self.jobs: dict[str, AggJob] = {}
+        self.ended = EndedJobs()  # the ids and outcomes of ended jobs it forgot
         self.lost = LostJobs(ctx)  # jobs it does not know that parties still work on (a restart without state)
 
     def own_state(self):
@@ -105,6 +108,8 @@ class AggregatorCore(ChainParty):
     def _step(self, env: m.Envelope) -> list[m.Envelope]:
         """Apply one message; a job request opens a new job and offers it to the owners."""
         job = self.jobs.get(env.job_id)
+        if job is None and self.ended.outcome(env.job_id) is not None:
+            return self._forgotten(env, *self.ended.outcome(env.job_id))
         if job is None:
             return self._open(env)
         new, out = AGGREGATOR.step(job, env, self.ctx)
@@ -129,6 +134,7 @@ class AggregatorCore(ChainParty):
                 stalled_round = None if job.idle >= job.spec.round_timeout else stalled[0]
                 out += self._change_or_fail(job_id, lambda j: self._silent(j, job_id, stalled_round),
                                             "acting on the silence failed")
+        self.retire()
         return out
 
     def fault(self, env: m.Envelope) -> list[m.Envelope]:
@@ -161,6 +167,13 @@ class AggregatorCore(ChainParty):
                else on_stalled_evaluation(job, self.ctx, job_id, stalled_round))
         job.idle = 0.0
         return out
+
+    def _forgotten(self, env: m.Envelope, ok: bool, reason: str) -> list[m.Envelope]:
+        """A message for an ended job this aggregator forgot (:mod:`..ended`): a party asking after
+        it is told how it ended (it missed the end); anything else is late."""
+        if env.type == "job_query":
+            return [self.ctx.reply(env, m.JobFinished(ok=ok, reason=reason))]
+        raise JobOver(f"aggregator: {env.type!r} for job {env.job_id}, which ended long ago")
 
     def _open(self, env: m.Envelope) -> list[m.Envelope]:
         answer = self.lost.handle(env)

@@ -81,6 +81,17 @@ class AggJob:
     def public_key(self) -> PublicKey:
         return PublicKey.from_hex(self.spec.public_key)
 
+    def outcome(self) -> tuple[bool, str] | None:
+        """``(ok, reason)`` once the job has ended, else None."""
+        if self.phase not in (AggPhase.FINISHED, AggPhase.FAILED):
+            return None
+        return self.phase is AggPhase.FINISHED, self.reason
+
+    def shed(self) -> None:
+        """Drop what only a running job needs: the ciphertexts of its models and replies, its masks."""
+        self.models = {mid: [] for mid in self.models}
+        self.replies, self.masks, self.evals = {}, {}, {}
+
     def members(self, model: str) -> list[str]:
         """Trainers whose data a model is trained on."""
         if model == FULL_MODEL:

@@ -11,6 +11,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from eth_account import Account
 
 from .. import messages as m
+from ..ended import EndedJobs
 from ..errors import JobOver, ProtocolError
 from .contract import LEDGER, encode_call, gas_limit, job_key
 
@@ -97,12 +98,14 @@ class ChainParty:
     """What every paying or paid party does with chain messages, around its own state machine."""
 
     wallet: Wallet | None
+    ended: EndedJobs | None = None  # a daemon serving job after job keeps only the newest ended ones
 
     def snapshot(self) -> bytes:
         """Everything the core would need to go on after a crash (not the wallet's key)."""
         return pickle.dumps({"jobs": self.jobs, "rng": self.ctx.rng.getstate(),
                              "wallet": self.wallet.snapshot() if self.wallet is not None else None,
-                             "own": self.own_state()})
+                             "own": self.own_state(),
+                             "forgotten": self.ended.forgotten if self.ended is not None else None})
 
     def restore(self, blob: bytes) -> None:
         """Go on from a :meth:`snapshot` (taken by this party, read from its own state directory)."""
@@ -113,6 +116,8 @@ class ChainParty:
             self.wallet.restore(state["wallet"])
         if state.get("own") is not None:  # absent from a checkpoint of an older version
             self.restore_own(state["own"])
+        if self.ended is not None and state.get("forgotten") is not None:
+            self.ended.forgotten = state["forgotten"]
 
     def own_state(self):
         """What this kind of party keeps besides its jobs (plain data; None: nothing)."""
@@ -138,7 +143,14 @@ class ChainParty:
         """Apply one message: the wallet's own first (chain info, receipts), then the party's
         :meth:`_step`, whose refusal leaves the wallet as it was."""
         out = self.chain_prelude(env, self.ctx)
-        return out if out is not None else self.guarded(self._step, env)
+        out = out if out is not None else self.guarded(self._step, env)
+        self.retire()
+        return out
+
+    def retire(self) -> None:
+        """Shed what ended jobs no longer need, and forget the oldest (:mod:`..ended`)."""
+        if self.ended is not None:
+            self.ended.retire(self.jobs)
 
     def _step(self, env: m.Envelope) -> list[m.Envelope]:
         raise NotImplementedError
