@@ -32,7 +32,7 @@ from typing import Callable, Iterable, TypeVar
 
 import structlog
 
-from ..protocol.randomness import warm_obfuscators
+from ..protocol.randomness import KEPT_TABLES, warm_obfuscators
 from .precompute import lowest_priority
 
 T = TypeVar("T")
@@ -105,7 +105,7 @@ class Workers:
     def warm(self, pub) -> None:
         """Have each worker build ``pub``'s obfuscator table on a low-priority thread: in time
         nobody else wants while a job starts, where five daemons and a key compete for the cores."""
-        self.warmed = [*self.warmed[-3:], pub]
+        self.warmed = [*self.warmed, pub][-KEPT_TABLES:]  # the tables a process keeps
         _warm(self.pool, self.count, pub)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:

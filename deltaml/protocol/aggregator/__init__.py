@@ -108,8 +108,8 @@ class AggregatorCore(ChainParty):
     def _step(self, env: m.Envelope) -> list[m.Envelope]:
         """Apply one message; a job request opens a new job and offers it to the owners."""
         job = self.jobs.get(env.job_id)
-        if job is None and self.ended.outcome(env.job_id) is not None:
-            return self._forgotten(env, *self.ended.outcome(env.job_id))
+        if job is None and (ended := self.ended.outcome(env.job_id)) is not None:
+            return self._forgotten(env, *ended)
         if job is None:
             return self._open(env)
         new, out = AGGREGATOR.step(job, env, self.ctx)
