@@ -20,6 +20,7 @@ import pytest
 from deltaml.agents import topology as t
 from deltaml.agents.agent import Agent
 from deltaml.agents.amqp import AmqpBus, BrokerUnavailable
+from deltaml.agents.bus import RETRY_DELAYS, Outcome, Verdict
 from deltaml.agents.ledger import Chain, LedgerCore
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.protocol.chain import LEDGER
@@ -206,6 +207,28 @@ async def test_a_duplicate_is_acknowledged_and_not_answered_twice(keypair):
     assert agent.policy.busy.get("job_request", 0) > 0
 
 
+async def test_a_role_user_may_send_a_failed_delivery_to_wait_for_its_retry():
+    """The retry exchanges are in every role's write permission: without it the broker closes the
+    channel at the first retry, and the daemon's every later delivery with it."""
+    bus = await AmqpBus("amqp://deltaml-owner:deltaml-owner@127.0.0.1:5672/", retry_delays=(0.2, 0.2)).connect()
+    name, got = f"retry-{uuid.uuid4().hex[:6]}", []
+
+    async def handler(delivery):
+        got.append(delivery.attempts)
+        return Outcome(Verdict.RETRY if delivery.attempts == 0 else Verdict.ACK)
+
+    try:
+        await bus.consume("owner", name, handler)
+        await bus.publish(name, b"once more", "m-retry")
+        for _ in range(100):
+            if len(got) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert got == [0, 1]
+    finally:
+        await bus.close()
+
+
 async def test_an_owner_broker_user_cannot_read_the_buyer_queue():
     admin = await AmqpBus(AMQP_URL).connect()
     await admin.declare("buyer", "buyer")
@@ -236,6 +259,13 @@ def test_definitions_mirror_the_topology_module():
     queues = {q["name"]: q for q in defs["queues"]}
     assert {t.DEAD_LETTER_QUEUE, t.PROGRESS_QUEUE, t.queue_name("aggregator", "aggregator")} <= set(queues)
     assert queues[t.queue_name("aggregator", "aggregator")]["arguments"] == t.QUEUE_ARGUMENTS
+    bound = {(b["source"], b["destination"]) for b in defs["bindings"]}
+    for attempt, delay in enumerate(RETRY_DELAYS, 1):  # where the n-th failure waits its delay
+        name = t.retry_exchange(attempt)
+        assert exchanges[name]["type"] == "fanout" and (name, name) in bound
+        assert queues[name]["arguments"] == t.retry_queue_arguments(delay)
+        for perm in defs["permissions"]:
+            assert re.match(perm["write"], name)
     users = {u["name"] for u in defs["users"]}
     assert users == {f"deltaml-{r}" for r in t.ROLES}
     for perm in defs["permissions"]:

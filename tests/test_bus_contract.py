@@ -1,6 +1,7 @@
 """One contract, two buses: the in-memory twin and the real RabbitMQ broker."""
 
 import asyncio
+import time
 import uuid
 
 import aio_pika
@@ -8,14 +9,15 @@ import pytest
 
 from deltaml.agents import topology as t
 from deltaml.agents.amqp import AmqpBus
-from deltaml.agents.bus import MAX_ATTEMPTS, MemoryBus, Outcome, QueueBusy, Verdict
+from deltaml.agents.bus import MAX_ATTEMPTS, RETRY_DELAYS, MemoryBus, Outcome, QueueBusy, Verdict
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DELAYS = (0.4, 0.8)  # shorter than the daemons' waits before a retry, so the tests wait less
 
 
 class MemoryHarness:
     async def start(self):
-        self.bus = MemoryBus()
+        self.bus = MemoryBus(retry_delays=DELAYS)
         return self.bus
 
     async def another_process(self):
@@ -34,7 +36,7 @@ class AmqpHarness:
     """The real broker; dead letters are read from a private queue bound to the fan-out DLX."""
 
     async def start(self):
-        self.bus = await AmqpBus(AMQP_URL).connect()
+        self.bus = await AmqpBus(AMQP_URL, retry_delays=DELAYS).connect()
         self.spy_conn = await aio_pika.connect_robust(AMQP_URL)
         ch = await self.spy_conn.channel()
         self.spy = await ch.declare_queue(exclusive=True)
@@ -147,16 +149,56 @@ async def test_rejected_message_is_dead_lettered_with_its_reason(harness):
     assert (body, "bad payload: rows must be positive") in dead
 
 
-async def test_transient_failures_are_retried_then_dead_lettered(harness):
+async def test_transient_failures_are_retried_after_a_wait_then_dead_lettered(harness):
+    """Each retry waits its delay (on the broker, in a retry queue whose messages expire back into
+    the agent's queue), so a fault that passes in seconds is ridden out; the queue's other messages
+    are handled meanwhile."""
     bus = harness.bus
     name = unique("o")
-    got = await collect(bus, "owner", name, Verdict.RETRY, "database briefly away")
+    got, seen = [], []
+
+    async def handler(delivery):
+        got.append(delivery)
+        seen.append(time.monotonic())
+        return Outcome(Verdict.ACK if delivery.body == b"other" else Verdict.RETRY, "database briefly away")
+
+    await bus.consume("owner", name, handler)
     body = uuid.uuid4().hex.encode()
     await bus.publish(name, body, "m4")
-    await wait_for(lambda: len(got) == MAX_ATTEMPTS)
+    await wait_for(lambda: len(got) == 1)
+    await bus.publish(name, b"other", "m5")
+    await wait_for(lambda: len(got) == MAX_ATTEMPTS + 1)
     dead = await harness.dead_letters()
     assert (body, "database briefly away") in dead
-    assert [d.attempts for d in got] == list(range(MAX_ATTEMPTS))
+    tries = [k for k, d in enumerate(got) if d.body == body]
+    assert [got[k].attempts for k in tries] == list(range(MAX_ATTEMPTS))
+    assert got[1].body == b"other"  # handled while the failed one waited
+    waits = [seen[b] - seen[a] for a, b in zip(tries, tries[1:])]
+    assert all(wait >= delay * 0.95 for wait, delay in zip(waits, DELAYS)), waits
+
+
+async def test_a_failure_that_passes_is_handled_on_its_retry_and_not_dead_lettered(harness):
+    bus = harness.bus
+    name = unique("o")
+    got = []
+
+    async def handler(delivery):
+        got.append(delivery)
+        return Outcome(Verdict.RETRY if delivery.attempts == 0 else Verdict.ACK, "node restarting")
+
+    await bus.consume("owner", name, handler)
+    body = uuid.uuid4().hex.encode()
+    await bus.publish(name, body, "m6")
+    await wait_for(lambda: len(got) == 2)
+    assert [d.attempts for d in got] == [0, 1]
+    assert not any(b == body for b, _ in await harness.dead_letters())
+    await asyncio.sleep(DELAYS[1] + 0.3)
+    assert len(got) == 2
+
+
+def test_the_daemons_wait_longer_before_each_retry():
+    assert MAX_ATTEMPTS == len(RETRY_DELAYS) + 1 and list(RETRY_DELAYS) == sorted(RETRY_DELAYS)
+    assert RETRY_DELAYS[0] >= 1.0 and sum(RETRY_DELAYS) >= 10.0
 
 
 async def test_a_second_consumer_of_a_queue_is_refused_and_the_first_keeps_every_message(harness):

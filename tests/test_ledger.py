@@ -5,10 +5,12 @@ contract's balances read back from that node rather than from the report.
 """
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +20,9 @@ from web3 import Web3
 
 from deltaml.agents.agent import Agent
 from deltaml.agents.amqp import AmqpBus
+from deltaml.agents.bus import Outcome, Verdict
 from deltaml.agents.ledger import Chain, ChainUnavailable, LedgerCore
+from deltaml.agents.ledger.node import NonceAhead
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.agents.runtime import run_buyer_job
 from deltaml.agents.topology import address_recipient
@@ -26,8 +30,8 @@ from deltaml.marketplace import DemoConfig, baselines, make_spec, prepare_parts,
 from deltaml.protocol.buyer import BuyerPhase
 from deltaml.protocol.owner import OwnerCore, OwnerData
 from deltaml.protocol import messages as m
-from deltaml.protocol.chain import LEDGER, METRICS_PER_TX, artifact, job_key, key_hash, metric_args
-from deltaml.protocol.auth import sign
+from deltaml.protocol.chain import LEDGER, METRICS_PER_TX, artifact, job_key, key_hash, metric_args, parse_tx
+from deltaml.protocol.auth import sign, sign_encoded
 from deltaml.protocol.errors import ProtocolError
 from deltaml.protocol.machine import Context
 
@@ -580,3 +584,148 @@ def test_a_ledger_state_dir_is_refused_where_it_could_not_resume(anvil, tmp_path
         f"deltaml: error: --contract {other}: the state in {tmp_path / 's'} is of escrow {chain.address}"]
     with pytest.raises(ChainUnavailable, match=f"the saved state is of escrow {chain.address}"):
         LedgerCore(context(LEDGER), Chain(url, contract=other)).restore(ledger.snapshot())
+
+
+class Outage:
+    """A TCP relay to a node that can be taken down (connections refused, open ones cut) and up."""
+
+    def __init__(self, port: int) -> None:
+        self.target, self.port = port, free_port()
+        self.conns: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+        self.up()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(16)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept: close alone would not
+        self.listener.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        self.conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            node = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [client, node]
+            for a, b in ((client, node), (node, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def test_the_ledger_raises_a_node_it_cannot_reach_as_a_fault_not_as_a_refusal(monkeypatch):
+    """A transaction the node did not answer for was relayed back as refused, with the connection
+    error as its revert reason: the party's call failed for good. It is a fault, retried later;
+    a redelivered request finds the transaction if it was mined after all (``Chain.mined``)."""
+    import requests
+
+    chain = Chain("embedded")
+    party = Party("p", LedgerCore(Context(LEDGER), chain))
+    [request] = party.ctx.wallet.call(party.ctx, "j", 0, "withdraw", [])
+    raw = bytes.fromhex(request.payload.raw[2:])
+
+    def unreachable(raw):
+        raise requests.exceptions.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(chain.w3.eth, "send_raw_transaction", unreachable)
+    with pytest.raises(OSError, match="Connection refused"):
+        chain.send(raw, parse_tx(raw))
+
+
+def test_a_transaction_ahead_of_its_senders_earlier_one_waits_for_it_instead_of_blocking_the_ledger(anvil):
+    """A party's next transaction reaches the ledger while its previous one waits for a retry (the
+    node was away). A node holds a transaction with a nonce gap until the gap is filled: the ledger
+    sent it and waited a minute for its receipt, holding every other party's request, before the
+    earlier one could be sent (found by hand: a 5 s outage made a 40-round demo take 263 s instead
+    of 40). It is now a fault retried later, sent nowhere; the earlier one goes first."""
+    url, w3 = anvil
+    core = LedgerCore(context(LEDGER), Chain(url))
+    party = Party(f"buyer-{uuid.uuid4().hex[:6]}", core)
+    first, second = (party.ctx.wallet.call(party.ctx, "j", 0, "withdraw", [])[0] for _ in range(2))
+    with pytest.raises(NonceAhead, match="nonce 1, the chain expects 0"):
+        core.handle(sign(second, party.ctx.wallet.private_key))
+    assert w3.eth.get_transaction_count(party.address, "pending") == 0  # the node never saw it
+    for request in (first, second):
+        party.deliver(core.handle(sign(request, party.ctx.wallet.private_key)))
+    assert [(r.mined, r.reason, r.next_nonce) for r in party.receipts] == [(True, "NothingToWithdraw", 1),
+                                                                          (True, "NothingToWithdraw", 2)]
+
+
+async def relay_through_outage(anvil, outage: float, bus_kwargs: dict) -> m.TxReceipt:
+    """A party's transaction sent to a ledger agent on the broker while the node behind it is down
+    for ``outage`` seconds; the receipt the party hears."""
+    url, w3 = anvil
+    relay = Outage(int(url.rsplit(":", 1)[1]))
+    tag = uuid.uuid4().hex[:6]
+    ledger_name, party_name = f"ledger-{tag}", f"buyer-{tag}"
+    core = LedgerCore(context(LEDGER), Chain(relay.url))
+    party = Party(party_name, core)
+    [request] = party.ctx.wallet.call(party.ctx, f"job-{tag}", 0, "withdraw", [])
+    bus = await AmqpBus(AMQP_URL, **bus_kwargs).connect()
+    agent = Agent("ledger", ledger_name, core, bus)
+    receipts = []
+
+    async def hear(delivery):
+        receipts.append(m.decode(delivery.body).payload)
+        return Outcome(Verdict.ACK)
+
+    try:
+        await agent.start()
+        await bus.consume("buyer", party_name, hear)
+        relay.down()
+        await bus.publish(ledger_name, sign_encoded(request, party.ctx.wallet.private_key), request.message_id)
+        await asyncio.sleep(outage)
+        relay.up()
+        for _ in range(600):
+            if receipts:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        [receipt] = receipts
+        return receipt
+    finally:
+        await agent.stop()
+        await bus.close()
+        relay.down()
+
+
+async def test_a_ledger_rides_out_a_node_outage_of_seconds(anvil):
+    """The node behind the ledger stops answering for 5 s as a party's transaction arrives (a node
+    restarting, a network blip): the ledger's handler fails at once (web3's own retries do not
+    take requests' connection errors), the bus retries after 2 s and after 8 s more, and the
+    third attempt goes through. Retried at once, as the bus did, the three attempts were spent in
+    milliseconds and the party got no receipt."""
+    receipt = await relay_through_outage(anvil, 5, {})
+    assert receipt.mined and receipt.function == "withdraw", receipt.reason
+    assert receipt.reason == "NothingToWithdraw"  # the contract's answer: it did reach the chain
+
+
+async def test_a_ledger_that_cannot_reach_its_node_tells_the_signer_instead_of_going_silent(anvil):
+    """The outage outlasts the retries: the party hears its transaction was not mined, and why,
+    instead of waiting out its round timeout for a receipt that never comes."""
+    receipt = await relay_through_outage(anvil, 2, {"retry_delays": (0.2, 0.2)})
+    assert not receipt.mined and not receipt.ok and receipt.next_nonce is None  # the node still away
+    assert "gave it up after 3 attempts: the chain node did not answer" in receipt.reason

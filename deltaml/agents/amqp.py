@@ -3,7 +3,10 @@
 A robust connection (it reconnects and restores the consumer after a broker
 restart), publisher confirms on every publish, persistent messages, durable
 queues, a bounded prefetch and manual acknowledgement driven by the
-:class:`~deltaml.agents.bus.Outcome` the ack policy returns. Exchanges come
+:class:`~deltaml.agents.bus.Outcome` the ack policy returns. A delivery to
+retry waits in the broker, not in the daemon: its copy goes to the retry
+exchange for its attempt, whose queue dead-letters it back to the agent's
+queue (by the routing key it was published with) once its time is up. Exchanges come
 from ``deploy/rabbitmq/definitions.json`` and are looked up passively, so a
 role's broker user needs no right to create them.
 """
@@ -20,7 +23,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
 from . import topology as t
-from .bus import MAX_ATTEMPTS, Delivery, Handler, QueueBusy, Verdict
+from .bus import MAX_ATTEMPTS, RETRY_DELAYS, Delivery, Handler, QueueBusy, Verdict
 
 ATTEMPTS_HEADER = "x-deltaml-attempts"
 
@@ -32,9 +35,10 @@ class BrokerUnavailable(ConnectionError):
 class AmqpBus:
     """The RabbitMQ transport."""
 
-    def __init__(self, url: str, prefetch: int = 8) -> None:
+    def __init__(self, url: str, prefetch: int = 8, retry_delays: tuple[float, ...] = RETRY_DELAYS) -> None:
         self.url = url
         self.prefetch = prefetch
+        self.retry_delays = retry_delays  # at most the retry queues' own times (definitions.json)
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
         self.consuming: list = []  # (queue, consumer tag)
         self.in_flight = 0  # deliveries being handled
@@ -60,6 +64,8 @@ class AmqpBus:
             self.protocol = await self.channel.get_exchange(t.PROTOCOL_EXCHANGE, ensure=True)
             self.progress = await self.channel.get_exchange(t.PROGRESS_EXCHANGE, ensure=True)
             self.dead = await self.channel.get_exchange(t.DEAD_LETTER_EXCHANGE, ensure=True)
+            self.retry = [await self.channel.get_exchange(t.retry_exchange(n), ensure=True)
+                          for n in range(1, MAX_ATTEMPTS)]
         except aio_pika.exceptions.ChannelClosed as exc:
             raise BrokerUnavailable(
                 f"the broker lacks DeltaML's exchanges ({exc}); load deploy/rabbitmq/definitions.json with `make broker`"
@@ -127,7 +133,8 @@ class AmqpBus:
         outcome = await handler(Delivery(message.body, headers, attempts, bool(message.redelivered)))
         if outcome.verdict is Verdict.RETRY and attempts + 1 < MAX_ATTEMPTS:
             headers[ATTEMPTS_HEADER] = attempts + 1
-            await self.channel.default_exchange.publish(_copy(message, headers), routing_key=queue_name)
+            retry = _copy(message, headers, expiration=self.retry_delays[attempts])
+            await self.retry[attempts].publish(retry, routing_key=queue_name)  # back to queue_name when due
         elif outcome.verdict is not Verdict.ACK:
             headers.update({t.REASON_HEADER: outcome.reason[:1000], "x-deltaml-queue": queue_name})
             await self.dead.publish(_copy(message, headers), routing_key=queue_name)
@@ -146,9 +153,9 @@ class AmqpBus:
         await self.connection.close()
 
 
-def _copy(message: AbstractIncomingMessage, headers: dict) -> aio_pika.Message:
+def _copy(message: AbstractIncomingMessage, headers: dict, expiration: float | None = None) -> aio_pika.Message:
     """A persistent copy of a delivery with new headers (for a retry or a dead letter)."""
-    return aio_pika.Message(message.body, message_id=message.message_id, headers=headers,
+    return aio_pika.Message(message.body, message_id=message.message_id, headers=headers, expiration=expiration,
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
 
 

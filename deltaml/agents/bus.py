@@ -41,7 +41,11 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[Outcome]]
-MAX_ATTEMPTS = 3
+# seconds a failed delivery waits before its second and third attempt: a fault that passes in
+# seconds (a chain node restarting, a database briefly locked) is ridden out instead of ending a
+# party's part at once, while one that stays (a bug) is still reported within seconds
+RETRY_DELAYS = (2.0, 8.0)
+MAX_ATTEMPTS = len(RETRY_DELAYS) + 1
 
 
 class QueueBusy(RuntimeError):
@@ -87,6 +91,8 @@ class MemoryBus:
     progress: list[bytes] = field(default_factory=list)
     tasks: list[asyncio.Task] = field(default_factory=list)
     consumed: set[str] = field(default_factory=set)
+    retry_delays: tuple[float, ...] = RETRY_DELAYS
+    waiting: set[asyncio.TimerHandle] = field(default_factory=set)  # retries not due yet
 
     def declare(self, role: str, name: str, address: str | None = None) -> str:
         """Create an agent's queue and its bindings (as the definitions do)."""
@@ -125,17 +131,28 @@ class MemoryBus:
             delivery = await q.get()
             outcome = await handler(delivery)
             if outcome.verdict is Verdict.RETRY and delivery.attempts + 1 < MAX_ATTEMPTS:
-                await q.put(Delivery(delivery.body, delivery.headers, delivery.attempts + 1))
+                self._later(q, Delivery(delivery.body, delivery.headers, delivery.attempts + 1))
             elif outcome.verdict is not Verdict.ACK:
                 self.dead.append(DeadLetter(delivery.body, outcome.reason, queue))
             q.task_done()
 
+    def _later(self, q: asyncio.Queue, delivery: Delivery) -> None:
+        """Put a retry back on its queue once its delay has passed (as the broker's retry queues do)."""
+        def due() -> None:
+            self.waiting.discard(handle)
+            q.put_nowait(delivery)
+        handle = asyncio.get_running_loop().call_later(self.retry_delays[delivery.attempts - 1], due)
+        self.waiting.add(handle)
+
     async def drain(self) -> None:
-        """Wait until every queue is empty and every delivery handled."""
-        while any(q.qsize() or q._unfinished_tasks for q in self.queues.values()):  # noqa: SLF001
+        """Wait until every queue is empty, every delivery handled and every retry made."""
+        while self.waiting or any(q.qsize() or q._unfinished_tasks for q in self.queues.values()):  # noqa: SLF001
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
+        for handle in self.waiting:
+            handle.cancel()
+        self.waiting.clear()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -26,7 +26,7 @@ import structlog
 
 from ..protocol import messages as m
 from ..protocol.auth import AuthError, Keyring
-from ..protocol.errors import DecodeError, JobOver, ProtocolError
+from ..protocol.errors import DecodeError, JobOver, ProtocolError, Transient
 from .bus import MAX_ATTEMPTS, Delivery, Outcome, Verdict
 
 log = structlog.get_logger()
@@ -168,7 +168,10 @@ class AckPolicy:
                 (bound.info if isinstance(exc, JobOver) else bound.warning)("message refused", reason=str(exc))
                 return Outcome(Verdict.DEAD_LETTER, f"{type(exc).__name__}: {exc}")
             except Exception as exc:  # a bug or a transient fault: bounded retries, then dead letter
-                bound.exception("handler failed")
+                if isinstance(exc, Transient):  # expected to pass: one line, no traceback
+                    bound.warning("handler failed", reason=str(exc), attempt=delivery.attempts + 1)
+                else:
+                    bound.exception("handler failed")
                 if delivery.attempts + 1 >= MAX_ATTEMPTS:  # the last try: nobody will send it again
                     await self._give_up(env, bound)
                 return Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")

@@ -50,6 +50,18 @@ def bindings(role: str, name: str, address: str | None = None) -> list[str]:
     return keys
 
 
+def retry_exchange(attempt: int) -> str:
+    """Where a delivery failed ``attempt`` times waits before it is tried again: a fan-out exchange
+    into a queue of that name whose messages, once their time is up, are dead-lettered through the
+    default exchange by the routing key they were published with, which names the agent's queue."""
+    return f"deltaml.retry.{attempt}"
+
+
+def retry_queue_arguments(delay: float) -> dict:
+    """A retry queue: its messages expire after ``delay`` seconds (sooner if a message says so)."""
+    return {"x-dead-letter-exchange": "", "x-message-ttl": int(delay * 1000), "x-queue-type": "classic"}
+
+
 QUEUE_ARGUMENTS = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE, "x-queue-type": "classic"}
 
 

@@ -14,6 +14,12 @@ class JobOver(InvalidTransition):
     refused without alarm."""
 
 
+class Transient(Exception):
+    """A fault expected to pass (a node not answering, a message ahead of one it needs): the
+    delivery is retried after a wait, and logged in one line, without a traceback. Its message
+    must be safe to log."""
+
+
 class DecodeError(ProtocolError):
     """A message that cannot be decoded: bad JSON, unknown type or schema version."""
 

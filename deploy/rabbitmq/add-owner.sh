@@ -29,7 +29,7 @@ if ! rabbitmqctl -q add_user "$user" "$password" >/dev/null 2>&1; then
 fi
 rabbitmqctl -q set_permissions -p / "$user" \
   "^$queue\$" \
-  "^($queue|deltaml\\.protocol|deltaml\\.progress|deltaml\\.dlx|amq\\.default)\$" \
+  "^($queue|deltaml\\.protocol|deltaml\\.progress|deltaml\\.dlx|deltaml\\.retry\\.[0-9]+)\$" \
   "^($queue|deltaml\\.protocol|deltaml\\.progress)\$" >/dev/null
 rabbitmqctl -q set_topic_permissions -p / "$user" deltaml.protocol \
   ".*" \

@@ -38,8 +38,9 @@ from eth_utils import is_address, to_checksum_address
 from ...protocol import chain
 from ...protocol import messages as m
 from ...protocol.auth import signer
-from ...protocol.errors import ProtocolError
+from ...protocol.errors import ProtocolError, Transient
 from ...protocol.machine import Context, require
+from ..bus import MAX_ATTEMPTS
 from ..topology import PROGRESS, address_recipient
 from .node import FAUCET_TOPUP, Chain, ChainUnavailable
 
@@ -48,6 +49,10 @@ __all__ = ["FAUCET_TOPUP", "JOB_FUNCTIONS", "Chain", "ChainUnavailable", "Ledger
 log = structlog.get_logger()
 JOB_FUNCTIONS = {"createJob", "cancel", "setParticipants", "confirm", "drop", "recordMetric", "recordMetrics",
                  "abandon", "settle"}
+
+
+class NodeUnreachable(Transient):
+    """The chain node did not answer: the request is retried after a wait."""
 
 
 def saved_chain(chain_id: int, contract: str) -> dict:
@@ -96,6 +101,12 @@ class LedgerCore:
         self.ctx.rng.setstate(state["rng"])
 
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
+        try:
+            return self._handle(env)
+        except OSError as exc:  # its text may quote the node's URL, which can carry an API key: not logged
+            raise NodeUnreachable(f"the chain node did not answer ({type(exc).__name__})") from None
+
+    def _handle(self, env: m.Envelope) -> list[m.Envelope]:
         if env.type == "chain_hello":
             return self._hello(env)
         if env.type == "tx_request":
@@ -103,6 +114,25 @@ class LedgerCore:
         if env.type == "escrow_query":
             return [self.ctx.reply(env, self.chain.standing(chain.job_key(env.job_id)))]
         raise ProtocolError(f"the ledger takes chain_hello, tx_request and escrow_query, not {env.type}")
+
+    def fault(self, env: m.Envelope) -> list[m.Envelope]:
+        """A transaction the ledger could not relay, its retries spent (the node did not answer for
+        seconds): the signer is told it was not mined, rather than waiting for a receipt that will
+        not come (STYLE §4), with the chain's count of its transactions if the node answers by then
+        (its wallet follows it). The reason stays generic: the error may quote the node's URL, which
+        can carry an API key."""
+        if env.type != "tx_request":
+            return []
+        try:  # the chain's count if the node answers now; else the wallet keeps its own
+            next_nonce = self.chain.nonce(chain.parse_tx(bytes.fromhex(env.payload.raw[2:])).sender)
+        except Exception:
+            next_nonce = None
+        payload = m.TxReceipt(function=env.payload.function, tx_hash=None, mined=False, ok=False, gas_used=0,
+                              reason=f"the ledger gave it up after {MAX_ATTEMPTS} attempts: the chain node did "
+                                     "not answer, an earlier transaction of the sender had not reached it, or "
+                                     "the ledger failed (its log says which)",
+                              next_nonce=next_nonce)
+        return [self.ctx.reply(env, payload)]
 
     def _hello(self, env: m.Envelope) -> list[m.Envelope]:
         address = env.payload.address

@@ -13,6 +13,7 @@ from web3.exceptions import TransactionNotFound
 
 from ...protocol import chain
 from ...protocol import messages as m
+from ...protocol.errors import Transient
 
 FAUCET_TOPUP = 100 * 10**18
 PLAIN_TRANSFER_GAS = 21_000
@@ -20,6 +21,11 @@ PLAIN_TRANSFER_GAS = 21_000
 
 class ChainUnavailable(RuntimeError):
     """No chain answers at the given URL."""
+
+
+class NonceAhead(Transient):
+    """A transaction after one of the same sender's that the chain has not seen yet (waiting for its
+    retry, the node having been unreachable): a fault, retried, so the earlier one goes first."""
 
 
 class Chain:
@@ -120,13 +126,22 @@ class Chain:
     def send(self, raw: bytes, tx: chain.RawTx) -> tuple[Any, str]:
         """Send a signed transaction; (receipt or None, revert reason).
 
+        A node unreachable (``OSError``) and a nonce ahead of the chain's (:class:`NonceAhead`) raise:
+        the request is retried later, not answered as refused.
+
         Idempotent: a transaction already mined (a request redelivered after the ledger stopped
         between mining it and publishing its receipt) is answered with its receipt, not sent again
         to fail as a used nonce while the chain holds its effect."""
         receipt = self.mined(raw)
         if receipt is None:
+            pending = self.nonce(tx.sender)
+            if tx.nonce > pending:  # a node would hold it until the gap is filled: the wait below, a minute
+                raise NonceAhead(f"{tx.sender}'s transaction has nonce {tx.nonce}, the chain expects {pending}: "
+                                 "an earlier one of that sender has not reached the chain yet")
             try:
                 tx_hash = self.w3.eth.send_raw_transaction(raw)
+            except OSError:  # the node did not answer: not a refusal, a fault to retry (the ack policy)
+                raise
             except Exception as exc:  # rejected before mining, or reverted by eth-tester at once
                 return None, self.reason(exc)
             receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
@@ -137,6 +152,8 @@ class Chain:
         try:  # replay on the state before it to learn the contract's reason
             self.w3.eth.call({"from": tx.sender, "to": tx.to, "data": tx.data, "value": tx.value},
                              block_identifier=receipt.blockNumber - 1)
+        except OSError:
+            raise
         except Exception as exc:
             return receipt, self.reason(exc)
         return receipt, "reverted"
