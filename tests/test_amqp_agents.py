@@ -20,6 +20,7 @@ import pytest
 from deltaml.agents import topology as t
 from deltaml.agents.agent import Agent
 from deltaml.agents.amqp import AmqpBus, BrokerUnavailable
+from deltaml.agents.checkpoint import Checkpoint
 from deltaml.agents.bus import RETRY_DELAYS, Outcome, Verdict
 from deltaml.agents.ledger import Chain, LedgerCore
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
@@ -28,7 +29,7 @@ from deltaml.agents.runtime import GAVE_UP, run_buyer_job
 from deltaml.marketplace import DemoConfig, baselines, make_spec, prepare_parts
 from deltaml.protocol.machine import owner_names
 from deltaml.protocol import messages as m
-from deltaml.protocol.auth import sign, signer
+from deltaml.protocol.auth import sign, sign_encoded, signer
 from deltaml.protocol.buyer import BuyerPhase
 from deltaml.protocol.owner import OwnerCore, OwnerData
 
@@ -227,6 +228,70 @@ async def test_a_role_user_may_send_a_failed_delivery_to_wait_for_its_retry():
         assert got == [0, 1]
     finally:
         await bus.close()
+
+
+async def test_a_step_its_checkpoint_cannot_keep_halts_the_agent_and_its_successor_handles_the_message(tmp_path):
+    """A daemon whose state database cannot be written (a full disk) went on without saying so:
+    the failed write escaped the ack policy ("cannot rollback - no transaction is active" hid
+    SQLite's own error), the message stayed unacknowledged and the daemon took the next ones the
+    same way, until its prefetch was spent and it fell silent for good. Now nothing of the step
+    leaves, the agent halts (the daemon exits, saying why) and the message, never acknowledged,
+    goes to its successor started from the last saved step."""
+    chain, tag = Chain("embedded"), uuid.uuid4().hex[:6]
+    name, parties = f"ledger-{tag}", [context(f"buyer-{tag}-{k}", wallet=load_wallet(None)) for k in range(3)]
+    heard = []
+
+    async def hear(delivery):
+        heard.append(m.decode(delivery.body))
+        return Outcome(Verdict.ACK)
+
+    async def greet(party, bus):
+        env = party.wallet.hello(party)
+        await bus.publish(name, sign_encoded(env, party.wallet.private_key), env.message_id)
+
+    async def greeted(party):
+        for _ in range(200):
+            if any(e.recipient == party.name and e.type == "chain_info" for e in heard):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    listen = await AmqpBus(AMQP_URL).connect()
+    for party in parties:
+        await listen.consume("buyer", party.name, hear)
+    checkpoint = Checkpoint(tmp_path)
+    bus = await AmqpBus(AMQP_URL).connect()
+    agent = Agent("ledger", name, LedgerCore(context(LEDGER), chain), bus, checkpoint=checkpoint)
+    try:
+        await agent.start()
+        await greet(parties[0], bus)
+        assert await greeted(parties[0])
+        full = checkpoint.db.execute("PRAGMA page_count").fetchone()[0]
+        checkpoint.db.execute(f"PRAGMA max_page_count = {full}")  # SQLite's SQLITE_FULL, as on a full disk
+        for party in parties[1:]:
+            await greet(party, bus)
+        await asyncio.wait_for(agent.policy.halted.wait(), 30)
+        assert "cannot write the state (database or disk is full)" in str(agent.policy.halted_by)
+        await asyncio.sleep(0.5)
+        assert not any(e.recipient != parties[0].name for e in heard)  # nothing of an unsaved step left
+    finally:
+        await agent.stop()
+        await bus.close()
+        checkpoint.close()
+    checkpoint = Checkpoint(tmp_path)
+    bus = await AmqpBus(AMQP_URL).connect()
+    successor = Agent("ledger", name, LedgerCore(context(LEDGER), chain), bus, checkpoint=checkpoint)
+    try:
+        assert successor.resumed and set(successor.core.addresses) == {parties[0].name}
+        await successor.start()
+        assert all([await greeted(party) for party in parties[1:]])
+        assert set(successor.core.addresses) == {party.name for party in parties}
+        assert not successor.policy.halted.is_set()
+    finally:
+        await successor.stop()
+        await bus.close()
+        await listen.close()
+        checkpoint.close()
 
 
 async def test_an_owner_broker_user_cannot_read_the_buyer_queue():

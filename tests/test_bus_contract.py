@@ -196,6 +196,28 @@ async def test_a_failure_that_passes_is_handled_on_its_retry_and_not_dead_letter
     assert len(got) == 2
 
 
+async def test_a_held_delivery_goes_to_the_queues_next_consumer(harness):
+    """An agent that halts (its checkpoint could not keep a step) holds the delivery under way,
+    neither acknowledged nor retried: its successor gets it, marked as redelivered."""
+    name, held = unique("o"), []
+
+    async def halting(delivery):
+        held.append(delivery)
+        return Outcome(Verdict.HOLD, "stopping")
+
+    first = await harness.another_process()
+    await first.consume("owner", name, halting)
+    body = uuid.uuid4().hex.encode()
+    await harness.bus.publish(name, body, "m7")
+    await wait_for(lambda: len(held) == 1)
+    if first is not harness.bus:  # the broker gives it back when the first connection closes
+        await first.close()
+    got = await collect(harness.bus, "owner", name)
+    await wait_for(lambda: len(got) == 1)
+    assert got[0].body == body and got[0].redelivered and not held[0].redelivered
+    assert len(held) == 1 and not any(b == body for b, _ in await harness.dead_letters())
+
+
 def test_the_daemons_wait_longer_before_each_retry():
     assert MAX_ATTEMPTS == len(RETRY_DELAYS) + 1 and list(RETRY_DELAYS) == sorted(RETRY_DELAYS)
     assert RETRY_DELAYS[0] >= 1.0 and sum(RETRY_DELAYS) >= 10.0

@@ -140,3 +140,24 @@ async def test_a_message_given_up_replays_as_what_the_party_said_instead(tmp_pat
         "type": "failure", "reason": "could not handle gradient_request of round 1"})
     assert core.jobs["j"].phase.name == "FINISHED"
     assert replay(tmp_path / "owner-1.jsonl") == (3, [])
+
+
+def test_a_trace_that_cannot_be_written_stops_and_the_agent_goes_on(tmp_path):
+    """A full disk under `--trace FILE`: the write's OSError escaped the ack policy after the core
+    had stepped, so the delivery was never acknowledged and the daemon stalled. The trace now ends
+    there (said once in the log) and the agent goes on: it is a record of the work, not part of it."""
+    from deltaml.agents.agent import Trace
+    from deltaml.protocol import messages as m
+    from deltaml.protocol.machine import Context
+
+    trace = Trace(tmp_path / "t.jsonl", {"role": "owner"})
+    env = Context("owner-1").message("j", 0, "aggregator", m.JobQuery())
+    trace.record("in", env)
+    trace.handle.close()
+    trace.handle = open("/dev/full", "a", buffering=1)  # every write: ENOSPC, as on a full disk
+    trace.record("out", env)
+    trace.tick(1.0)
+    trace.close()
+    assert trace.handle is None
+    lines = (tmp_path / "t.jsonl").read_text().splitlines()
+    assert [json.loads(line).get("dir") for line in lines] == [None, "in"]

@@ -12,6 +12,7 @@ and is written with mode 0600.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -40,13 +41,28 @@ class Trace:
         self.handle.write(json.dumps({"trace": 1, **header}) + "\n")
 
     def tick(self, seconds: float) -> None:
-        self.handle.write(json.dumps({"dir": "tick", "seconds": seconds}) + "\n")
+        self._write({"dir": "tick", "seconds": seconds})
 
     def record(self, direction: str, env: m.Envelope) -> None:
-        self.handle.write(json.dumps({"dir": direction, "message": env.model_dump(mode="json")}) + "\n")
+        self._write({"dir": direction, "message": env.model_dump(mode="json")})
+
+    def _write(self, line: dict) -> None:
+        """One line; a trace that cannot be written (a full disk) ends there, said once, and the
+        agent goes on: it is a record of the work, not part of it."""
+        if self.handle is None:
+            return
+        try:
+            self.handle.write(json.dumps(line) + "\n")
+        except OSError as exc:
+            log.error("trace stopped: cannot write it", path=str(self.path), reason=exc.strerror or str(exc))
+            with contextlib.suppress(OSError):
+                self.handle.close()
+            self.handle = None
 
     def close(self) -> None:
-        self.handle.close()
+        if self.handle is not None:
+            with contextlib.suppress(OSError):
+                self.handle.close()
 
 
 class Agent:

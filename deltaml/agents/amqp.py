@@ -131,6 +131,8 @@ class AmqpBus:
         headers = dict(message.headers or {})
         attempts = int(headers.get(ATTEMPTS_HEADER, 0))
         outcome = await handler(Delivery(message.body, headers, attempts, bool(message.redelivered)))
+        if outcome.verdict is Verdict.HOLD:  # left unacknowledged: redelivered once this connection closes
+            return
         if outcome.verdict is Verdict.RETRY and attempts + 1 < MAX_ATTEMPTS:
             headers[ATTEMPTS_HEADER] = attempts + 1
             retry = _copy(message, headers, expiration=self.retry_delays[attempts])
@@ -150,7 +152,8 @@ class AmqpBus:
                 await queue.cancel(tag)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.idle.wait(), grace)
-        await self.connection.close()
+        connection, self.connection, self.consuming = self.connection, None, []
+        await connection.close()  # once: a robust connection closed a second time did not return
 
 
 def _copy(message: AbstractIncomingMessage, headers: dict, expiration: float | None = None) -> aio_pika.Message:

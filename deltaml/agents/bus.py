@@ -20,6 +20,7 @@ class Verdict(Enum):
     ACK = "ack"
     DEAD_LETTER = "dead-letter"
     RETRY = "retry"
+    HOLD = "hold"  # neither: the agent stops, and the broker gives the message to its successor
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,11 @@ class MemoryBus:
         while True:
             delivery = await q.get()
             outcome = await handler(delivery)
+            if outcome.verdict is Verdict.HOLD:  # its consumer is gone: the message waits for the next
+                self.consumed.discard(queue)
+                await q.put(Delivery(delivery.body, delivery.headers, delivery.attempts, redelivered=True))
+                q.task_done()
+                return
             if outcome.verdict is Verdict.RETRY and delivery.attempts + 1 < MAX_ATTEMPTS:
                 self._later(q, Delivery(delivery.body, delivery.headers, delivery.attempts + 1))
             elif outcome.verdict is not Verdict.ACK:

@@ -70,8 +70,11 @@ class Checkpoint:
                 self.db.execute("DELETE FROM answers WHERE seq <= (SELECT MAX(seq) FROM answers) - ?",
                                 (KEEP_ANSWERS,))
             self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
+        except BaseException as exc:
+            if self.db.in_transaction:  # SQLite has rolled a failed write (a full disk) back itself
+                self.db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise CheckpointError(f"{self.directory / 'state.sqlite'}: cannot write the state ({exc})") from None
             raise
 
     def core(self) -> bytes | None:

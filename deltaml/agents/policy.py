@@ -11,7 +11,10 @@ since they may not all have left; a mere duplicate (a publisher's retry) is
 not answered twice, or duplicates would multiply round after round. Any
 other exception is a transient failure, retried a bounded number of times; after
 the last, the core is told (``fault``) so its party says it failed rather than
-going silent.
+going silent. A step the checkpoint cannot keep (a full disk) halts the
+agent: nothing of it is published or acknowledged, and every later delivery
+is held, so the daemon can stop and its successor, started from the last
+saved step, gets the message again.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..protocol import messages as m
 from ..protocol.auth import AuthError, Keyring
 from ..protocol.errors import DecodeError, JobOver, ProtocolError, Transient
 from .bus import MAX_ATTEMPTS, Delivery, Outcome, Verdict
+from .checkpoint import CheckpointError
 
 log = structlog.get_logger()
 REMEMBERED = 10_000
@@ -58,6 +62,8 @@ class AckPolicy:
         self.mark = time.monotonic()  # end of the core's last step or tick
         self.idle = threading.Event()  # clear while the core steps (a helper thread may work when set)
         self.idle.set()
+        self.halted = asyncio.Event()  # set when a step could not be checkpointed: the agent must stop
+        self.halted_by: CheckpointError | None = None
 
     async def tick(self, tick: Callable[[float], list[m.Envelope]],
                    record_tick: Callable[[float], None] = lambda s: None) -> None:
@@ -67,6 +73,8 @@ class AckPolicy:
         handler of ours must not count as another party's silence.
         """
         async with self.lock:
+            if self.halted.is_set():
+                return
             now = time.monotonic()
             seconds, self.mark = now - self.mark, now
             try:
@@ -75,9 +83,8 @@ class AckPolicy:
                 self.log.exception("tick failed")
                 return
             record_tick(seconds)
-            if not outgoing:
+            if not outgoing or not self._save(None, []):
                 return
-            self._save(None, [])
             for out in outgoing:
                 self.record("out", out)
                 await self.publish(out)
@@ -107,17 +114,27 @@ class AckPolicy:
             bound.exception("could not report the failure")
             return
         self.record("fault", env)
-        self._save(None, [])
+        if not self._save(None, []):
+            return
         for out in outgoing:
             self.record("out", out)
             await self.publish(out)
         bound.warning("gave the message up", sent=[o.type for o in outgoing])
         _log_changes(bound, changed, current=env.job_id)
 
-    def _save(self, message_id: str | None, outgoing: list[m.Envelope]) -> None:
-        """Checkpoint the step before anything of it leaves (see :mod:`deltaml.agents.checkpoint`)."""
-        if self.checkpoint is not None:
+    def _save(self, message_id: str | None, outgoing: list[m.Envelope]) -> bool:
+        """Checkpoint the step before anything of it leaves (see :mod:`deltaml.agents.checkpoint`);
+        False if it could not be kept: the agent is halted, and nothing of the step may leave."""
+        if self.checkpoint is None:
+            return True
+        try:
             self.checkpoint.save(self.snapshot(), self.keyring.bound, message_id, outgoing)
+        except CheckpointError as exc:
+            self.log.error("state not saved: stopping", reason=str(exc))
+            self.halted_by = exc
+            self.halted.set()
+            return False
+        return True
 
     async def __call__(self, delivery: Delivery) -> Outcome:
         """Handle one delivery to the end even if the transport gives up waiting (a dropped connection
@@ -151,6 +168,8 @@ class AckPolicy:
             bound.exception("signature check failed")
             return Outcome(Verdict.DEAD_LETTER, f"unauthenticated: {type(exc).__name__}")
         async with self.lock:
+            if self.halted.is_set():  # its core is ahead of its checkpoint: a successor handles the rest
+                return Outcome(Verdict.HOLD, "the agent is stopping")
             handled = handled_key(env)
             if handled in self.answers:
                 if delivery.redelivered:
@@ -184,7 +203,8 @@ class AckPolicy:
             self.answers[handled] = outgoing
             while len(self.answers) > REMEMBERED:
                 self.answers.popitem(last=False)
-            self._save(handled, outgoing)
+            if not self._save(handled, outgoing):
+                return Outcome(Verdict.HOLD, "the step could not be saved")
             for out in outgoing:
                 self.record("out", out)
                 await self.publish(out)

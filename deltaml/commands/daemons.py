@@ -62,7 +62,7 @@ def _write_timings(role: str, name: str, core, agent) -> None:
 def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = None, workers=None) -> int:
     from ..agents.agent import Agent, Trace
     from ..agents.amqp import AmqpBus
-    from ..agents.checkpoint import Checkpoint
+    from ..agents.checkpoint import Checkpoint, CheckpointError
     from ..agents.runtime import configure_logging, until_signalled
 
     configure_logging(args.log_format, args.log_level)
@@ -88,7 +88,11 @@ def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = N
             if wallet is not None:  # the ledger must know this party before any event concerns it
                 await agent.send_all(wallet.greet(core.ctx))
             structlog.get_logger().info("agent started", role=role, name=name)
-            await until_signalled()
+            signalled = asyncio.ensure_future(until_signalled())
+            halted = asyncio.ensure_future(agent.policy.halted.wait())
+            await asyncio.wait({signalled, halted}, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in (signalled, halted):
+                waiting.cancel()
             structlog.get_logger().info("agent stopping", role=role, name=name)
             await agent.stop()
         finally:
@@ -101,6 +105,10 @@ def _serve(role: str, name: str, core, args, header: dict, key: bytes | None = N
             if checkpoint:
                 checkpoint.close()
         _write_timings(role, name, core, agent)  # after the workers ended: their CPU counts then
+        if agent.policy.halted_by is not None:
+            raise CheckpointError(f"{agent.policy.halted_by}: the {role} stopped without acknowledging the message "
+                                  "under way; start it again once the state can be written, and it goes on from "
+                                  "its last saved step")
 
     asyncio.run(main())
     return 0
