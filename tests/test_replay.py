@@ -161,3 +161,39 @@ def test_a_trace_that_cannot_be_written_stops_and_the_agent_goes_on(tmp_path):
     assert trace.handle is None
     lines = (tmp_path / "t.jsonl").read_text().splitlines()
     assert [json.loads(line).get("dir") for line in lines] == [None, "in"]
+
+
+async def test_a_failure_report_that_cannot_be_saved_leaves_the_message_to_a_successor(tmp_path):
+    """The last try of a failing message: the core's failure report (STYLE §4) is a step like any
+    other, and one its checkpoint cannot keep must not leave, nor the message be dead-lettered as
+    reported: it is held for the daemon's successor, which tries it again."""
+    import os
+
+    from deltaml.agents.bus import MAX_ATTEMPTS, Delivery, Verdict
+    from deltaml.agents.checkpoint import Checkpoint
+    from deltaml.agents.policy import AckPolicy
+    from deltaml.protocol import messages as m
+    from deltaml.protocol.auth import sign_encoded
+    from deltaml.protocol.machine import Context
+
+    checkpoint, published = Checkpoint(tmp_path), []
+    checkpoint.save(b"before", {}, None, [])
+    full = checkpoint.db.execute("PRAGMA page_count").fetchone()[0]
+    checkpoint.db.execute(f"PRAGMA max_page_count = {full}")
+    owner = Context("owner-1")
+
+    def failing(env):
+        raise RuntimeError("a bug")
+
+    async def publish(env):
+        published.append(env)
+
+    policy = AckPolicy(failing, publish, checkpoint=checkpoint, snapshot=lambda: os.urandom(1 << 16),
+                       fault=lambda env: [owner.message(env.job_id, 0, "aggregator", m.Failure(reason="x"))])
+    env = Context("aggregator").message("j", 0, "owner-1", m.JobQuery())
+    body = sign_encoded(env, os.urandom(32))
+    outcome = await policy(Delivery(body, {}, MAX_ATTEMPTS - 1))
+    assert outcome.verdict is Verdict.HOLD and published == [] and policy.halted.is_set()
+    assert (await policy(Delivery(body, {}, 0))).verdict is Verdict.HOLD  # and every later one
+    checkpoint.close()
+    assert Checkpoint(tmp_path).core() == b"before"

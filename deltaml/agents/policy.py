@@ -193,6 +193,8 @@ class AckPolicy:
                     bound.exception("handler failed")
                 if delivery.attempts + 1 >= MAX_ATTEMPTS:  # the last try: nobody will send it again
                     await self._give_up(env, bound)
+                    if self.halted.is_set():  # the failure it reported could not be saved: a successor's turn
+                        return Outcome(Verdict.HOLD, "the step could not be saved")
                 return Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
             finally:
                 self.idle.set()
