@@ -298,23 +298,32 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def anvil():
+@contextlib.contextmanager
+def anvil_node(*flags):
+    """A real anvil on a free port: (url, web3), stopped at the end."""
     binary = ROOT / "contracts/node_modules/.bin/anvil"
     assert binary.exists() and shutil.which("node"), "make test installs @foundry-rs/anvil first"
     port = free_port()
-    proc = subprocess.Popen([str(binary), "--port", str(port), "--silent"], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([str(binary), "--port", str(port), "--silent", *flags], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    w3 = Web3(Web3.HTTPProvider(url))
-    for _ in range(100):
-        if w3.is_connected():
-            break
-        time.sleep(0.1)
-    assert w3.is_connected(), "anvil did not start"
-    yield url, w3
-    proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        w3 = Web3(Web3.HTTPProvider(url))
+        for _ in range(100):
+            if w3.is_connected():
+                break
+            time.sleep(0.1)
+        assert w3.is_connected(), "anvil did not start"
+        yield url, w3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def anvil():
+    with anvil_node() as node:
+        yield node
 
 
 def test_a_whole_job_settles_on_a_real_anvil_node(anvil, keypair):
@@ -353,6 +362,46 @@ def test_a_ledger_given_a_contract_uses_only_this_versions_escrow(anvil):
                              (elsewhere, "holds other code than this version's DeltaEscrow")]:
         with pytest.raises(ChainUnavailable, match=reason):
             Chain(url, contract=contract)
+
+
+def test_on_a_chain_that_mines_blocks_the_ledger_does_not_wait_for_each_receipt():
+    """A node that mines a block every few seconds (a testnet, anvil --block-time): the ledger sent
+    a transaction and waited for its receipt, holding every other party's request, so a job's
+    transactions were mined one block each. It now sends, goes on, and answers each signer at
+    its first tick after the block: two parties' transactions go into one block."""
+    with anvil_node("--no-mining") as (url, w3):
+        def mine():
+            w3.provider.make_request("evm_mine", [])
+
+        setting_up = threading.Event()
+        setting_up.set()
+
+        def blocks_while_setting_up():
+            while setting_up.is_set():
+                mine()
+                time.sleep(0.2)
+
+        miner = threading.Thread(target=blocks_while_setting_up, daemon=True)
+        miner.start()
+        core = LedgerCore(context(LEDGER), Chain(url))  # deploying and funding wait for blocks
+        parties = [Party(f"p{k}-{uuid.uuid4().hex[:6]}", core) for k in range(2)]  # (a faucet transfer each)
+        setting_up.clear()
+        miner.join()
+        requests = [p.ctx.wallet.call(p.ctx, "j", 0, "withdraw", [])[0] for p in parties]
+        started = time.monotonic()
+        for p, request in zip(parties, requests):
+            assert core.handle(sign(request, p.ctx.wallet.private_key)) == []  # sent, not waited for
+        assert time.monotonic() - started < 30  # (it waited 60 s for the first receipt before)
+        assert len(core.pending) == 2 and core.tick(1.0) == []  # nothing mined yet
+        mine()
+        answered = core.tick(1.0)
+        for p in parties:
+            p.deliver(answered)
+        assert not core.pending
+        receipts = [p.receipts[-1] for p in parties]
+        assert all(r.mined and r.reason == "NothingToWithdraw" and r.next_nonce == 1 for r in receipts)
+        blocks = {w3.eth.get_transaction_receipt(r.tx_hash).blockNumber for r in receipts}
+        assert len(blocks) == 1  # one block for both
 
 
 def test_a_jobs_key_hash_is_read_from_the_chain_once(ledger, training, keypair, monkeypatch):

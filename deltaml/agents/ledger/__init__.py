@@ -8,7 +8,10 @@ transaction the party signed itself; the ledger checks that the signer is
 the address that party registered, that it calls our contract for the job
 the envelope names, and — for a metric — that the Paillier decryption proof
 verifies against the job's key committed on chain. Only then does it send
-the transaction. The signer gets a ``TxReceipt``; every party of the job and
+the transaction. The signer gets a ``TxReceipt`` once it is mined: at once on
+a chain that mines each transaction as it comes (the embedded one, anvil's
+default); on one that mines a block every few seconds the ledger goes on with
+other requests and answers at its first tick after the block. Every party of the job and
 the progress exchange get each event the contract emitted (``ChainEvent``),
 sent to the addresses the contract names for the job (each agent's queue is
 bound to its address as well as its name). A request delivered again (the
@@ -76,6 +79,7 @@ class LedgerCore:
         self.parties: dict[str, set[str]] = defaultdict(set)  # job id → addresses (lower)
         self.gas: dict[str, list[int]] = defaultdict(list)
         self.withdrawn: dict[str, int] = defaultdict(int)  # address → wei withdrawn
+        self.pending: dict[str, tuple[m.Envelope, chain.RawTx]] = {}  # sent, not mined yet: hash → request
 
     def snapshot(self) -> bytes:
         """Who is who and each job's parties, for ``--state-dir``: a ledger restarted on the same
@@ -83,7 +87,7 @@ class LedgerCore:
         return pickle.dumps({"chain": saved_chain(self.chain.chain_id, self.chain.address),
                              "addresses": self.addresses, "jobs": self.jobs,
                              "parties": dict(self.parties), "gas": dict(self.gas), "withdrawn": dict(self.withdrawn),
-                             "rng": self.ctx.rng.getstate()})
+                             "pending": self.pending, "rng": self.ctx.rng.getstate()})
 
     def restore(self, blob: bytes) -> None:
         """Go on from a :meth:`snapshot` taken on this chain and contract (and no other: the
@@ -98,6 +102,7 @@ class LedgerCore:
         self.parties = defaultdict(set, state["parties"])
         self.gas = defaultdict(list, state["gas"])
         self.withdrawn = defaultdict(int, state["withdrawn"])
+        self.pending = state.get("pending", {})  # (a state saved before the ledger waited for blocks: none)
         self.ctx.rng.setstate(state["rng"])
 
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
@@ -161,7 +166,16 @@ class LedgerCore:
         except ProtocolError as exc:
             log.warning("transaction refused", sender=env.sender, function=req.function, reason=str(exc))
             return [self._receipt(env, req, None, f"refused by the ledger: {exc}", tx.sender)]
-        receipt, reason = self.chain.send(raw, tx)
+        receipt, reason, waiting = self.chain.send(raw, tx)
+        if waiting is not None:  # a chain that mines a block every so often: answered when it is mined
+            self.pending[waiting] = (env, tx)
+            log.info("transaction sent", sender=env.sender, function=req.function, tx_hash=waiting)
+            return []
+        return self._relayed(env, tx, receipt, reason)
+
+    def _relayed(self, env: m.Envelope, tx: chain.RawTx, receipt, reason: str) -> list[m.Envelope]:
+        """The signer's receipt and, if it went through, the events it caused."""
+        req: m.TxRequest = env.payload
         out = [self._receipt(env, req, receipt, reason, tx.sender)]
         if receipt is not None:
             self.gas[req.function].append(receipt.gasUsed)
@@ -169,6 +183,22 @@ class LedgerCore:
             out += self._publish(env, receipt)
         log.info("transaction relayed", sender=env.sender, function=req.function, ok=not reason,
                  gas=receipt.gasUsed if receipt is not None else 0, reason=reason or None)
+        return out
+
+    def tick(self, seconds: float) -> list[m.Envelope]:
+        """Answer the transactions sent and since mined (each tick: a second); the others wait on."""
+        out = []
+        for tx_hash, (env, tx) in list(self.pending.items()):
+            try:
+                receipt = self.chain.mined(tx_hash)
+                if receipt is not None:
+                    out += self._relayed(env, tx, receipt, self.chain.outcome(receipt, tx))
+            except OSError as exc:  # the node away: asked again at the next tick (no URL in the log)
+                log.warning("receipt not read", tx_hash=tx_hash, reason=f"the chain node did not answer "
+                                                                       f"({type(exc).__name__})")
+                break
+            if receipt is not None:
+                del self.pending[tx_hash]
         return out
 
     def _check(self, env: m.Envelope, req: m.TxRequest, tx: chain.RawTx) -> None:

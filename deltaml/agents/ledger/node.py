@@ -9,7 +9,7 @@ from typing import Any
 
 from eth_utils import is_address, to_checksum_address
 from web3 import Web3
-from web3.exceptions import TransactionNotFound
+from web3.exceptions import TimeExhausted, TransactionNotFound
 
 from ...protocol import chain
 from ...protocol import messages as m
@@ -17,6 +17,7 @@ from ...protocol.errors import Transient
 
 FAUCET_TOPUP = 100 * 10**18
 PLAIN_TRANSFER_GAS = 21_000
+QUICK = 0.5  # seconds a relayed transaction is waited for before the ledger moves on (see send)
 
 
 class ChainUnavailable(RuntimeError):
@@ -123,45 +124,66 @@ class Chain:
     def credit(self, address: str) -> int:
         return self.contract.functions.credit(to_checksum_address(address)).call()
 
-    def send(self, raw: bytes, tx: chain.RawTx) -> tuple[Any, str]:
-        """Send a signed transaction; (receipt or None, revert reason).
+    def send(self, raw: bytes, tx: chain.RawTx) -> tuple[Any, str, str | None]:
+        """Send a signed transaction; (receipt or None, revert reason, hash of a transaction sent
+        and not mined yet). A chain that mines at once (the embedded one, anvil's default) answers
+        within ``QUICK`` seconds; on one that mines a block every so often the ledger does not wait
+        for it, holding every other party's request: the hash comes back and :meth:`outcome` is
+        asked again later.
 
         A node unreachable (``OSError``) and a nonce ahead of the chain's (:class:`NonceAhead`) raise:
         the request is retried later, not answered as refused.
 
         Idempotent: a transaction already mined (a request redelivered after the ledger stopped
-        between mining it and publishing its receipt) is answered with its receipt, not sent again
-        to fail as a used nonce while the chain holds its effect."""
-        receipt = self.mined(raw)
+        between mining it and publishing its receipt) is answered with its receipt, and one the
+        node already holds is not sent again to fail as a used nonce."""
+        tx_hash = Web3.keccak(raw)
+        receipt = self.mined(tx_hash)
         if receipt is None:
             pending = self.nonce(tx.sender)
-            if tx.nonce > pending:  # a node would hold it until the gap is filled: the wait below, a minute
+            if tx.nonce > pending:  # a node would hold it until the gap is filled, and its sender's later ones
                 raise NonceAhead(f"{tx.sender}'s transaction has nonce {tx.nonce}, the chain expects {pending}: "
                                  "an earlier one of that sender has not reached the chain yet")
             try:
-                tx_hash = self.w3.eth.send_raw_transaction(raw)
+                self.w3.eth.send_raw_transaction(raw)
             except OSError:  # the node did not answer: not a refusal, a fault to retry (the ack policy)
                 raise
             except Exception as exc:  # rejected before mining, or reverted by eth-tester at once
-                return None, self.reason(exc)
-            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
+                if not self.pooled(tx_hash):  # (sent before, by a ledger that stopped before it said so)
+                    return None, self.reason(exc), None
+            try:
+                receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=QUICK, poll_latency=0.02)
+            except TimeExhausted:
+                return None, "", "0x" + tx_hash.hex()
+        return receipt, self.outcome(receipt, tx), None
+
+    def outcome(self, receipt, tx: chain.RawTx) -> str:
+        """A mined transaction's revert reason ("" if it succeeded)."""
         if receipt.status == 1:
-            return receipt, ""
+            return ""
         if receipt.gasUsed >= tx.gas:  # no reason to replay: with the node's gas the call would go through
-            return receipt, f"out of gas (the transaction's limit: {tx.gas})"
+            return f"out of gas (the transaction's limit: {tx.gas})"
         try:  # replay on the state before it to learn the contract's reason
             self.w3.eth.call({"from": tx.sender, "to": tx.to, "data": tx.data, "value": tx.value},
                              block_identifier=receipt.blockNumber - 1)
         except OSError:
             raise
         except Exception as exc:
-            return receipt, self.reason(exc)
-        return receipt, "reverted"
+            return self.reason(exc)
+        return "reverted"
 
-    def mined(self, raw: bytes):
-        """The receipt of this signed transaction if the chain has mined it, else None."""
+    def pooled(self, tx_hash: bytes) -> bool:
+        """Whether the node holds this transaction, mined or waiting to be."""
         try:
-            return self.w3.eth.get_transaction_receipt(Web3.keccak(raw))
+            self.w3.eth.get_transaction(tx_hash)
+        except TransactionNotFound:
+            return False
+        return True
+
+    def mined(self, tx_hash: bytes | str):
+        """The receipt of this transaction if the chain has mined it, else None."""
+        try:
+            return self.w3.eth.get_transaction_receipt(tx_hash)
         except TransactionNotFound:
             return None
 
