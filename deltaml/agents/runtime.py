@@ -60,10 +60,10 @@ async def run_buyer_job(agent: Agent, spec: m.JobSpec, aggregator: str = "aggreg
     core: BuyerCore = agent.core
     job_id = job_id or uuid.uuid4().hex
     started = time.perf_counter()
-    await agent.act(lambda: core.open_job(job_id, spec, aggregator), direction="open")
-    log.info("job requested", job=job_id, owners=spec.owners, rounds=spec.rounds)
     shown: set[int] = set()
-    try:
+    try:  # from the request on: a Ctrl-C just after it is sent must not leave the job behind
+        await agent.act(lambda: core.open_job(job_id, spec, aggregator), direction="open")
+        log.info("job requested", job=job_id, owners=spec.owners, rounds=spec.rounds)
         while True:
             job = core.jobs[job_id]
             for round_ in sorted(set(job.published) - shown):
