@@ -58,6 +58,12 @@ class NodeUnreachable(Transient):
     """The chain node did not answer: the request is retried after a wait."""
 
 
+def _unanswered(exc: OSError) -> str:
+    """What to say of a node that did not answer: the exception's kind, not its text, which may
+    quote the node's URL, and an API key in it."""
+    return f"the chain node did not answer ({type(exc).__name__})"
+
+
 def saved_chain(chain_id: int, contract: str) -> dict:
     """Where a ledger's saved state belongs."""
     return {"chain_id": chain_id, "contract": to_checksum_address(contract)}
@@ -108,8 +114,8 @@ class LedgerCore:
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
         try:
             return self._handle(env)
-        except OSError as exc:  # its text may quote the node's URL, which can carry an API key: not logged
-            raise NodeUnreachable(f"the chain node did not answer ({type(exc).__name__})") from None
+        except OSError as exc:
+            raise NodeUnreachable(_unanswered(exc)) from None
 
     def _handle(self, env: m.Envelope) -> list[m.Envelope]:
         if env.type == "chain_hello":
@@ -191,14 +197,13 @@ class LedgerCore:
         for tx_hash, (env, tx) in list(self.pending.items()):
             try:
                 receipt = self.chain.mined(tx_hash)
-                if receipt is not None:
-                    out += self._relayed(env, tx, receipt, self.chain.outcome(receipt, tx))
-            except OSError as exc:  # the node away: asked again at the next tick (no URL in the log)
-                log.warning("receipt not read", tx_hash=tx_hash, reason=f"the chain node did not answer "
-                                                                       f"({type(exc).__name__})")
+                if receipt is None:
+                    continue
+                out += self._relayed(env, tx, receipt, self.chain.outcome(receipt, tx))
+            except OSError as exc:  # the node away: asked again at the next tick
+                log.warning("receipt not read", tx_hash=tx_hash, reason=_unanswered(exc))
                 break
-            if receipt is not None:
-                del self.pending[tx_hash]
+            del self.pending[tx_hash]
         return out
 
     def _check(self, env: m.Envelope, req: m.TxRequest, tx: chain.RawTx) -> None:

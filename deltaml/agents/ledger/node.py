@@ -128,8 +128,8 @@ class Chain:
         """Send a signed transaction; (receipt or None, revert reason, hash of a transaction sent
         and not mined yet). A chain that mines at once (the embedded one, anvil's default) answers
         within ``QUICK`` seconds; on one that mines a block every so often the ledger does not wait
-        for it, holding every other party's request: the hash comes back and :meth:`outcome` is
-        asked again later.
+        for it, holding every other party's request: the hash comes back, for :meth:`mined` and
+        :meth:`outcome` later.
 
         A node unreachable (``OSError``) and a nonce ahead of the chain's (:class:`NonceAhead`) raise:
         the request is retried later, not answered as refused.
