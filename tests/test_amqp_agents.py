@@ -713,6 +713,28 @@ async def test_a_broker_that_refuses_us_says_why_in_one_line(url, message):
     assert message in str(info.value) and "not-the-password" not in str(info.value)
 
 
+def test_a_broker_without_our_exchanges_is_one_line_and_no_traceback(tmp_path):
+    """A virtual host the definitions were never loaded into (or an older version's, without the
+    retry exchanges): the daemon said so in one line, but after pages of tracebacks from the
+    connection it had left open."""
+    vhost = f"deltaml-bare-{uuid.uuid4().hex[:6]}"
+    ctl = ["rabbitmqctl", "-q"]
+    subprocess.run([*ctl, "add_vhost", vhost], check=True, capture_output=True, timeout=120)
+    try:
+        subprocess.run([*ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True,
+                       capture_output=True, timeout=120)
+        data = tmp_path / "o.csv"
+        data.write_text("a,b\n1,2\n")
+        proc = run_cli("owner", "--data", str(data), "--auto-accept",
+                       "--amqp-url", f"amqp://guest:guest@127.0.0.1:5672/{vhost}",
+                       timeout=60)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            "deltaml: error: the broker lacks DeltaML's exchanges (NOT_FOUND - no exchange 'deltaml.protocol' in "
+            f"vhost '{vhost}'); load deploy/rabbitmq/definitions.json with `make broker`"], proc.stderr
+    finally:
+        subprocess.run([*ctl, "delete_vhost", vhost], capture_output=True, timeout=120)
+
+
 async def test_a_demo_beside_a_running_marketplace_is_refused_and_empties_nothing(keypair):
     """The demo names its daemons as the README's are named: it used to empty their queues and
     consume beside them, and both jobs hung. A queue with a consumer is left as it is."""

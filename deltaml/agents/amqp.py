@@ -67,6 +67,8 @@ class AmqpBus:
             self.retry = [await self.channel.get_exchange(t.retry_exchange(n), ensure=True)
                           for n in range(1, MAX_ATTEMPTS)]
         except aio_pika.exceptions.ChannelClosed as exc:
+            with contextlib.suppress(Exception):  # left open, its tasks were reported at exit as tracebacks
+                await self.connection.close()
             raise BrokerUnavailable(
                 f"the broker lacks DeltaML's exchanges ({exc}); load deploy/rabbitmq/definitions.json with `make broker`"
             ) from None
