@@ -21,7 +21,7 @@ from web3 import Web3
 from deltaml.agents.agent import Agent
 from deltaml.agents.amqp import AmqpBus
 from deltaml.agents.bus import Outcome, Verdict
-from deltaml.agents.ledger import Chain, ChainUnavailable, LedgerCore
+from deltaml.agents.ledger import FAUCET_TOPUP, Chain, ChainUnavailable, LedgerCore
 from deltaml.agents.ledger.node import NonceAhead
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.agents.runtime import run_buyer_job
@@ -368,25 +368,32 @@ def test_on_a_chain_that_mines_blocks_the_ledger_does_not_wait_for_each_receipt(
     """A node that mines a block every few seconds (a testnet, anvil --block-time): the ledger sent
     a transaction and waited for its receipt, holding every other party's request, so a job's
     transactions were mined one block each. It now sends, goes on, and answers each signer at
-    its first tick after the block: two parties' transactions go into one block."""
+    its first tick after the block: two parties' transactions go into one block. Greetings alike:
+    each waited for its faucet transfer (seven blocks before a job's first transaction); now the
+    parties greeting together are funded in one block, and each answered once it can pay."""
     with anvil_node("--no-mining") as (url, w3):
         def mine():
             w3.provider.make_request("evm_mine", [])
 
-        setting_up = threading.Event()
-        setting_up.set()
-
-        def blocks_while_setting_up():
-            while setting_up.is_set():
-                mine()
-                time.sleep(0.2)
-
-        miner = threading.Thread(target=blocks_while_setting_up, daemon=True)
-        miner.start()
-        core = LedgerCore(context(LEDGER), Chain(url))  # deploying and funding wait for blocks
-        parties = [Party(f"p{k}-{uuid.uuid4().hex[:6]}", core) for k in range(2)]  # (a faucet transfer each)
-        setting_up.clear()
-        miner.join()
+        deploying = threading.Timer(1.0, mine)
+        deploying.start()
+        core = LedgerCore(context(LEDGER), Chain(url))  # the deployment waits for its block
+        deploying.join()
+        parties = [Party(f"p{k}-{uuid.uuid4().hex[:6]}", core) for k in range(2)]
+        assert all(p.ctx.wallet.chain_id is None for p in parties)  # not answered: not funded yet
+        assert len(core.pending) == 2 and core.tick(1.0) == []
+        again = core.handle(parties[0].ctx.wallet.hello(parties[0].ctx))  # a greeting delivered again
+        assert again == [] and len(core.pending) == 2  # its latest greeting answered when funded, once
+        mine()
+        answered = core.tick(1.0)
+        for p in parties:
+            p.deliver(answered)
+        assert not core.pending and all(p.ctx.wallet.chain_id == 31337 for p in parties)
+        assert sorted(e.type for e in answered) == ["chain_info"] * 2
+        first = [e.correlation_id for e in answered if e.recipient == parties[0].ctx.name]
+        assert first == [parties[0].ctx.wallet.hello_id]  # the greeting its wallet waits for
+        funded = [w3.eth.get_balance(p.address) for p in parties]
+        assert funded == [FAUCET_TOPUP] * 2 and w3.eth.block_number == 2  # one block for both
         requests = [p.ctx.wallet.call(p.ctx, "j", 0, "withdraw", [])[0] for p in parties]
         started = time.monotonic()
         for p, request in zip(parties, requests):

@@ -11,7 +11,9 @@ verifies against the job's key committed on chain. Only then does it send
 the transaction. The signer gets a ``TxReceipt`` once it is mined: at once on
 a chain that mines each transaction as it comes (the embedded one, anvil's
 default); on one that mines a block every few seconds the ledger goes on with
-other requests and answers at its first tick after the block. Every party of the job and
+other requests and answers at its first tick after the block (a greeting
+alike, once its faucet transfer is mined: the parties greeting together are
+funded in one block). Every party of the job and
 the progress exchange get each event the contract emitted (``ChainEvent``),
 sent to the addresses the contract names for the job (each agent's queue is
 bound to its address as well as its name). A request delivered again (the
@@ -85,7 +87,8 @@ class LedgerCore:
         self.parties: dict[str, set[str]] = defaultdict(set)  # job id → addresses (lower)
         self.gas: dict[str, list[int]] = defaultdict(list)
         self.withdrawn: dict[str, int] = defaultdict(int)  # address → wei withdrawn
-        self.pending: dict[str, tuple[m.Envelope, chain.RawTx]] = {}  # sent, not mined yet: hash → request
+        # sent, not mined yet: hash → the request it answers (a greeting's: its faucet transfer, no RawTx)
+        self.pending: dict[str, tuple[m.Envelope, chain.RawTx | None]] = {}
 
     def snapshot(self) -> bytes:
         """Who is who and each job's parties, for ``--state-dir``: a ledger restarted on the same
@@ -152,9 +155,21 @@ class LedgerCore:
         require(known is None or known.lower() == address.lower(),
                 f"{env.sender} is already registered with another address")
         self.addresses[env.sender] = to_checksum_address(address)
-        self.chain.fund(address)
+        for tx_hash, (waiting, tx) in self.pending.items():
+            if tx is None and waiting.payload.address.lower() == address.lower():  # greeted again, unfunded
+                self.pending[tx_hash] = (env, None)  # its latest greeting is answered, once
+                return []
+        funding = self.chain.fund(address)
+        if funding is not None:  # a chain that mines blocks: answered once the party can pay its gas
+            self.pending[funding] = (env, None)
+            log.info("funding sent", party=env.sender, tx_hash=funding)
+            return []
+        return self._info(env)
+
+    def _info(self, env: m.Envelope) -> list[m.Envelope]:
+        """A greeting's answer: the chain, the contract and the party's nonce."""
         info = m.ChainInfo(chain_id=self.chain.chain_id, contract=self.chain.address,
-                           nonce=self.chain.nonce(address), gas_price=self.chain.gas_price())
+                           nonce=self.chain.nonce(env.payload.address), gas_price=self.chain.gas_price())
         return [self.ctx.reply(env, info)]
 
     def _relay(self, env: m.Envelope) -> list[m.Envelope]:
@@ -192,14 +207,15 @@ class LedgerCore:
         return out
 
     def tick(self, seconds: float) -> list[m.Envelope]:
-        """Answer the transactions sent and since mined (each tick: a second); the others wait on."""
+        """Answer the transactions sent and since mined, and the greetings whose funding was (each
+        tick: a second); the others wait on."""
         out = []
         for tx_hash, (env, tx) in list(self.pending.items()):
             try:
                 receipt = self.chain.mined(tx_hash)
                 if receipt is None:
                     continue
-                out += self._relayed(env, tx, receipt, self.chain.outcome(receipt, tx))
+                out += self._info(env) if tx is None else self._relayed(env, tx, receipt, self.chain.outcome(receipt, tx))
             except OSError as exc:  # the node away: asked again at the next tick
                 log.warning("receipt not read", tx_hash=tx_hash, reason=_unanswered(exc))
                 break

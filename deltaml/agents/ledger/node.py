@@ -78,22 +78,32 @@ class Chain:
     def address(self) -> str:
         return self.contract.address
 
-    def balance(self, address: str) -> int:
-        return self.w3.eth.get_balance(to_checksum_address(address))
+    def balance(self, address: str, block: str = "latest") -> int:
+        return self.w3.eth.get_balance(to_checksum_address(address), block)
 
     def nonce(self, address: str) -> int:
         return self.w3.eth.get_transaction_count(to_checksum_address(address), "pending")
 
-    def fund(self, address: str) -> None:
-        """Top a development account up so it can pay gas (and a deposit)."""
-        if self.faucet is None or self.balance(address) >= FAUCET_TOPUP // 2:
-            return
+    def fund(self, address: str) -> str | None:
+        """Top a development account up so it can pay gas (and a deposit); the hash of the transfer
+        if the chain has not mined it within ``QUICK`` seconds (as :meth:`send`), else None. A
+        transfer already on its way counts (the balance is read at the pending block): a greeting
+        delivered again does not send a second."""
+        if self.faucet is None or self.balance(address, "pending") >= FAUCET_TOPUP // 2:
+            return None
         to = to_checksum_address(address)
         transfer = {"from": self.faucet, "to": to, "value": FAUCET_TOPUP}
         if not self.w3.eth.get_code(to):  # a plain account: a transfer's fixed gas, no estimate (half the time)
             transfer["gas"] = PLAIN_TRANSFER_GAS
-        tx = self.w3.eth.send_transaction(transfer)
-        self.w3.eth.wait_for_transaction_receipt(tx)
+        tx_hash = self.w3.eth.send_transaction(transfer)
+        return None if self._quickly(tx_hash) is not None else "0x" + bytes(tx_hash).hex()
+
+    def _quickly(self, tx_hash: bytes):
+        """The receipt if the chain mines the transaction within ``QUICK`` seconds, else None."""
+        try:
+            return self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=QUICK, poll_latency=0.02)
+        except TimeExhausted:
+            return None
 
     def gas_price(self) -> int:
         return 2 * self.w3.eth.gas_price
@@ -151,9 +161,8 @@ class Chain:
             except Exception as exc:  # rejected before mining, or reverted by eth-tester at once
                 if not self.pooled(tx_hash):  # (sent before, by a ledger that stopped before it said so)
                     return None, self.reason(exc), None
-            try:
-                receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=QUICK, poll_latency=0.02)
-            except TimeExhausted:
+            receipt = self._quickly(tx_hash)
+            if receipt is None:
                 return None, "", "0x" + tx_hash.hex()
         return receipt, self.outcome(receipt, tx), None
 
