@@ -411,6 +411,101 @@ def test_on_a_chain_that_mines_blocks_the_ledger_does_not_wait_for_each_receipt(
         assert len(blocks) == 1  # one block for both
 
 
+@contextlib.contextmanager
+def ledger_on_a_chain_without_mining():
+    """A ledger on ``anvil --no-mining`` (blocks mined by the test), and a party greeted and funded
+    through it: (web3, mine, ledger, party, its signing)."""
+    from deltaml.protocol.chain import Collector
+    with anvil_node("--no-mining") as (url, w3):
+        def mine():
+            w3.provider.make_request("evm_mine", [])
+
+        deploying = threading.Timer(1.0, mine)
+        deploying.start()
+        core = LedgerCore(context(LEDGER), Chain(url))
+        deploying.join()
+        party = Collector(Context(f"c-{uuid.uuid4().hex[:6]}", wallet=load_wallet(None)))
+        assert core.handle(party.wallet.hello(party.ctx)) == []
+        mine()
+        [info] = core.tick(1.0)
+        assert party.handle(info) == []
+        yield w3, mine, core, party, lambda env: sign(env, party.wallet.private_key)
+
+
+def base_fee_from_next_block(w3, wei):
+    w3.provider.make_request("anvil_setNextBlockBaseFeePerGas", [hex(wei)])
+
+
+def test_a_transaction_below_the_base_fee_is_signed_again_at_the_chains_price_not_failed():
+    """A wallet signs at the gas price it learnt when it greeted the ledger. A daemon that greeted
+    days ago, or a fee that rose since, meant a price below the chain's base fee: anvil refused the
+    transaction and the job failed on the receipt; geth would have held it for ever. The ledger now
+    sends none such. Its receipt says "sign again" with the chain's price, and the wallet signs the
+    same call at the same nonce; the party's job never hears of the first. Every receipt carries
+    the price to sign at (twice the base fee and a tip), which the wallet follows."""
+    with ledger_on_a_chain_without_mining() as (w3, mine, core, party, signed):
+        old_price = party.wallet.gas_price
+        base_fee_from_next_block(w3, 20 * old_price)
+        [request] = party.collect()
+        [receipt] = core.handle(signed(request))
+        r = receipt.payload
+        assert r.sign_again and not r.mined and "below the chain's base fee" in r.reason
+        assert w3.eth.get_transaction_count(party.wallet.address, "pending") == 0  # not sent
+        assert r.gas_price > 20 * old_price
+        [again] = party.handle(receipt)
+        assert party.receipts == {}  # the collector (a job) did not hear of it
+        first, second = (parse_tx(bytes.fromhex(e.payload.raw[2:])) for e in (request, again))
+        assert (second.nonce, second.gas_price, second.data) == (first.nonce, r.gas_price, first.data)
+        assert core.handle(signed(again)) == []  # sent; mined at the next block
+        mine()
+        [mined] = core.tick(1.0)
+        party.handle(mined)
+        assert party.receipts["withdraw"].mined and party.receipts["withdraw"].reason == "NothingToWithdraw"
+        assert party.wallet.nonce == 1 and party.wallet.gas_price == mined.payload.gas_price  # it follows the chain
+        assert mined.payload.gas_price < r.gas_price  # twice the base fee: the fee falls after an empty block
+
+
+@pytest.mark.parametrize("how", ["fee rose", "fee rose, mined after all", "dropped"])
+def test_a_transaction_stranded_in_the_pool_is_replaced(how):
+    """Sent, then the base fee rose above its price before a block took it (anvil drops such a
+    transaction from its pool; geth keeps it), or the node dropped it: the ledger waited for its
+    receipt for ever, and so did its signer. At its next tick the ledger now tells the signer to
+    sign it again, and the same call at the same nonce and a price that replaces it in any pool
+    (above the base fee, and at least 1/8 more) takes its place. If the first is mined after all
+    before its replacement reaches the ledger, the replacement is answered with the first's receipt
+    (one nonce, one effect)."""
+    with ledger_on_a_chain_without_mining() as (w3, mine, core, party, signed):
+        [request] = party.collect()
+        assert core.handle(signed(request)) == [] and len(core.pending) == 1
+        assert core.tick(1.0) == []  # priced right and held: it waits for its block
+        first_hash = next(iter(core.pending))
+        first_price = parse_tx(bytes.fromhex(request.payload.raw[2:])).gas_price
+        if how == "dropped":
+            w3.provider.make_request("anvil_dropTransaction", [first_hash])
+        else:
+            base_fee_from_next_block(w3, 20 * party.wallet.gas_price)
+        [receipt] = core.tick(1.0)
+        expected = "no longer holds it" if how == "dropped" else "fell below the chain's base fee"
+        assert receipt.payload.sign_again and expected in receipt.payload.reason
+        assert receipt.payload.gas_price > first_price * 9 // 8
+        assert not core.pending and core.tick(1.0) == []
+        [again] = party.handle(receipt)
+        if how == "fee rose, mined after all":
+            base_fee_from_next_block(w3, 1)
+            mine()
+            assert w3.eth.get_transaction_receipt(first_hash).status == 0  # (NothingToWithdraw)
+            [answer] = core.handle(signed(again))
+            assert answer.payload.tx_hash == first_hash  # the first's receipt, nothing sent
+        else:
+            assert core.handle(signed(again)) == []
+            mine()
+            [answer] = core.tick(1.0)
+            assert answer.payload.tx_hash != first_hash
+        party.handle(answer)
+        assert party.receipts["withdraw"].mined and party.receipts["withdraw"].reason == "NothingToWithdraw"
+        assert w3.eth.get_transaction_count(party.wallet.address) == 1 and not core.replaced
+
+
 def test_a_jobs_key_hash_is_read_from_the_chain_once(ledger, training, keypair, monkeypatch):
     job, buyer, agg, owners = training
     calls = []

@@ -462,6 +462,11 @@ class TxReceipt(_Payload):
     gas_used: int = 0
     reason: str = ""
     next_nonce: int | None = None
+    #: the price to sign at now (twice the base fee and a tip), which the wallet follows
+    gas_price: int | None = Field(default=None, ge=0)
+    #: not mined and never will be at its price (below the chain's base fee, or dropped by the node):
+    #: its nonce is still the signer's, and the same call signed again at ``gas_price`` replaces it
+    sign_again: bool = False
 
 
 class ChainEvent(_Payload):

@@ -13,7 +13,11 @@ a chain that mines each transaction as it comes (the embedded one, anvil's
 default); on one that mines a block every few seconds the ledger goes on with
 other requests and answers at its first tick after the block (a greeting
 alike, once its faucet transfer is mined: the parties greeting together are
-funded in one block). Every party of the job and
+funded in one block). A transaction the chain will not mine at its gas price
+(below the base fee when it comes, or when the fee rises while it waits, or
+dropped by the node) is answered "sign again" with the chain's price; the one
+signed again in its place gets the first's receipt if the first is mined
+after all. Every party of the job and
 the progress exchange get each event the contract emitted (``ChainEvent``),
 sent to the addresses the contract names for the job (each agent's queue is
 bound to its address as well as its name). A request delivered again (the
@@ -47,7 +51,7 @@ from ...protocol.errors import ProtocolError, Transient
 from ...protocol.machine import Context, require
 from ..bus import MAX_ATTEMPTS
 from ..topology import PROGRESS, address_recipient
-from .node import FAUCET_TOPUP, Chain, ChainUnavailable
+from .node import FAUCET_TOPUP, Chain, ChainUnavailable, Underpriced
 
 __all__ = ["FAUCET_TOPUP", "JOB_FUNCTIONS", "Chain", "ChainUnavailable", "LedgerCore", "saved_chain", "saved_contract"]
 
@@ -64,6 +68,12 @@ def _unanswered(exc: OSError) -> str:
     """What to say of a node that did not answer: the exception's kind, not its text, which may
     quote the node's URL, and an API key in it."""
     return f"the chain node did not answer ({type(exc).__name__})"
+
+
+def _slot(tx: chain.RawTx) -> str:
+    """A transaction's place in its sender's sequence: what a transaction signed again shares with
+    the one it replaces."""
+    return f"{tx.sender}/{tx.nonce}"
 
 
 def saved_chain(chain_id: int, contract: str) -> dict:
@@ -89,6 +99,9 @@ class LedgerCore:
         self.withdrawn: dict[str, int] = defaultdict(int)  # address → wei withdrawn
         # sent, not mined yet: hash → the request it answers (a greeting's: its faucet transfer, no RawTx)
         self.pending: dict[str, tuple[m.Envelope, chain.RawTx | None]] = {}
+        # a transaction its signer was told to sign again while the node still held it: "sender/nonce" → its
+        # hash, for if the chain mines it after all (the one signed again is then answered with its receipt)
+        self.replaced: dict[str, str] = {}
 
     def snapshot(self) -> bytes:
         """Who is who and each job's parties, for ``--state-dir``: a ledger restarted on the same
@@ -96,7 +109,7 @@ class LedgerCore:
         return pickle.dumps({"chain": saved_chain(self.chain.chain_id, self.chain.address),
                              "addresses": self.addresses, "jobs": self.jobs,
                              "parties": dict(self.parties), "gas": dict(self.gas), "withdrawn": dict(self.withdrawn),
-                             "pending": self.pending, "rng": self.ctx.rng.getstate()})
+                             "pending": self.pending, "replaced": self.replaced, "rng": self.ctx.rng.getstate()})
 
     def restore(self, blob: bytes) -> None:
         """Go on from a :meth:`snapshot` taken on this chain and contract (and no other: the
@@ -112,6 +125,7 @@ class LedgerCore:
         self.gas = defaultdict(list, state["gas"])
         self.withdrawn = defaultdict(int, state["withdrawn"])
         self.pending = state.get("pending", {})  # (a state saved before the ledger waited for blocks: none)
+        self.replaced = state.get("replaced", {})
         self.ctx.rng.setstate(state["rng"])
 
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
@@ -187,7 +201,17 @@ class LedgerCore:
         except ProtocolError as exc:
             log.warning("transaction refused", sender=env.sender, function=req.function, reason=str(exc))
             return [self._receipt(env, req, None, f"refused by the ledger: {exc}", tx.sender)]
-        receipt, reason, waiting = self.chain.send(raw, tx)
+        replaces = self.replaced.get(_slot(tx))
+        earlier = self.chain.mined(replaces) if replaces else None
+        if earlier is not None:  # the one it replaces was mined after all: that is its receipt
+            del self.replaced[_slot(tx)]
+            return self._relayed(env, tx, earlier, self.chain.outcome(earlier, tx))
+        try:
+            receipt, reason, waiting = self.chain.send(raw, tx)
+        except Underpriced as exc:
+            log.info("transaction underpriced", sender=env.sender, function=req.function, reason=str(exc))
+            return [self._receipt(env, req, None, f"not sent: {exc}", tx.sender, sign_again=tx)]
+        self.replaced.pop(_slot(tx), None)  # sent in its place: the node holds one of the two at most
         if waiting is not None:  # a chain that mines a block every so often: answered when it is mined
             self.pending[waiting] = (env, tx)
             log.info("transaction sent", sender=env.sender, function=req.function, tx_hash=waiting)
@@ -208,19 +232,40 @@ class LedgerCore:
 
     def tick(self, seconds: float) -> list[m.Envelope]:
         """Answer the transactions sent and since mined, and the greetings whose funding was (each
-        tick: a second); the others wait on."""
+        tick: a second); the others wait on, but for one the chain will not mine: its gas price has
+        fallen below the base fee, or the node dropped it. Its signer signs it again."""
         out = []
+        floor = None
         for tx_hash, (env, tx) in list(self.pending.items()):
             try:
                 receipt = self.chain.mined(tx_hash)
-                if receipt is None:
+                if receipt is not None:
+                    out += self._info(env) if tx is None else self._relayed(env, tx, receipt,
+                                                                            self.chain.outcome(receipt, tx))
+                elif tx is None:
                     continue
-                out += self._info(env) if tx is None else self._relayed(env, tx, receipt, self.chain.outcome(receipt, tx))
+                else:
+                    floor = self.chain.base_fee() if floor is None else floor
+                    stranded = self._stranded(tx_hash, tx, floor)
+                    if not stranded:
+                        continue
+                    log.info("transaction stranded", sender=env.sender, function=env.payload.function, tx_hash=tx_hash,
+                             reason=stranded)
+                    self.replaced[_slot(tx)] = tx_hash
+                    out.append(self._receipt(env, env.payload, None, stranded, tx.sender, sign_again=tx))
             except OSError as exc:  # the node away: asked again at the next tick
                 log.warning("receipt not read", tx_hash=tx_hash, reason=_unanswered(exc))
                 break
             del self.pending[tx_hash]
         return out
+
+    def _stranded(self, tx_hash: str, tx: chain.RawTx, floor: int) -> str:
+        """Why the chain will not mine a transaction sent and not mined yet ("" while it may)."""
+        if tx.gas_price < floor:
+            return f"not mined: its gas price ({tx.gas_price} wei) fell below the chain's base fee ({floor} wei)"
+        if not self.chain.pooled(tx_hash):
+            return "not mined: the chain node no longer holds it"
+        return ""
 
     def _check(self, env: m.Envelope, req: m.TxRequest, tx: chain.RawTx) -> None:
         require(tx.to == self.chain.address, "transaction is not addressed to the escrow contract")
@@ -236,11 +281,19 @@ class LedgerCore:
         if function in ("recordMetric", "recordMetrics"):
             chain.check_metric_proofs(function, args, req.proof, self.chain.key_hash(args[0]))
 
-    def _receipt(self, env, req, receipt, reason: str, sender: str) -> m.Envelope:
+    def _receipt(self, env, req, receipt, reason: str, sender: str,
+                 sign_again: chain.RawTx | None = None) -> m.Envelope:
+        """The signer's receipt; with ``sign_again``, the transaction to sign again, at a price that
+        also replaces it in a node that still holds it (geth's pool takes a replacement only at 10 %
+        more: the node may answer that it dropped a transaction it still holds)."""
+        price = self.chain.gas_price()
+        if sign_again is not None:
+            price = max(price, sign_again.gas_price * 9 // 8 + 1)
         payload = m.TxReceipt(
             function=req.function, tx_hash=None if receipt is None else "0x" + bytes(receipt.transactionHash).hex(),
             mined=receipt is not None, ok=receipt is not None and receipt.status == 1,
-            gas_used=0 if receipt is None else receipt.gasUsed, reason=reason, next_nonce=self.chain.nonce(sender))
+            gas_used=0 if receipt is None else receipt.gasUsed, reason=reason, next_nonce=self.chain.nonce(sender),
+            gas_price=price, sign_again=sign_again is not None)
         return self.ctx.reply(env, payload)
 
     def _publish(self, env: m.Envelope, receipt) -> list[m.Envelope]:

@@ -124,19 +124,20 @@ class RawTx:
     value: int
     data: bytes
     gas: int
+    gas_price: int = 0  # (0 in a ledger's state saved before it read it)
 
 
 def parse_tx(raw: bytes) -> RawTx:
     """Decode and authenticate a signed transaction; :class:`ProtocolError` if it is not one."""
     try:
         fields = rlp.decode(raw)
-        nonce, _gas_price, gas, to, value, data = fields[:6]
+        nonce, gas_price, gas, to, value, data = fields[:6]
         sender = Account.recover_transaction(raw)
     except Exception as exc:
         raise ProtocolError(f"not a signed legacy transaction: {exc}") from None
     as_int = lambda b: int.from_bytes(b, "big")  # noqa: E731
     return RawTx(sender=sender, nonce=as_int(nonce), to=to_checksum_address(to) if to else "",
-                 value=as_int(value), data=bytes(data), gas=as_int(gas))
+                 value=as_int(value), data=bytes(data), gas=as_int(gas), gas_price=as_int(gas_price))
 
 
 def gas_limit(function: str, args: Sequence[Any], participants: int | None = None) -> int:

@@ -16,6 +16,16 @@ from ..errors import JobOver, ProtocolError
 from .contract import LEDGER, encode_call, gas_limit, job_key
 
 
+@dataclass(frozen=True)
+class Signed:
+    """A transaction sent to the ledger, until its receipt: what to sign again (the same call at
+    the same nonce) if the chain will not mine it at its price."""
+
+    function: str
+    nonce: int | None = None  # None, and no call: sent as it was signed before (it cannot be signed again)
+    call: tuple | None = None  # (job_id, round, function, args, value, proof, participants)
+
+
 @dataclass
 class Wallet:
     """A party's Ethereum key and the transactions it has signed."""
@@ -27,7 +37,7 @@ class Wallet:
     nonce: int = 0
     greeted: bool = False
     hello_id: str | None = None
-    sent: dict[str, str] = field(default_factory=dict)  # request message id → function, until its receipt
+    sent: dict[str, Signed] = field(default_factory=dict)  # request message id → its call, until its receipt
     queue: list[tuple[str, int, str, list, int, m.MetricProof | None]] = field(default_factory=list)
 
     @property
@@ -62,21 +72,30 @@ class Wallet:
             return [] if self.greeted else [self.hello(ctx)]
         return [self._sign(ctx, job_id, round_, function, args, value, proof, participants)]
 
-    def _sign(self, ctx, job_id, round_, function, args, value, proof, participants=None) -> m.Envelope:
+    def _sign(self, ctx, job_id, round_, function, args, value, proof, participants=None,
+              nonce: int | None = None) -> m.Envelope:
+        """Sign a call at the next nonce (or at ``nonce``, again) and the wallet's gas price."""
+        if nonce is None:
+            nonce, self.nonce = self.nonce, self.nonce + 1
         tx = {"to": self.contract, "data": encode_call(function, args), "value": value,
-              "gas": gas_limit(function, args, participants), "gasPrice": self.gas_price, "nonce": self.nonce,
+              "gas": gas_limit(function, args, participants), "gasPrice": self.gas_price, "nonce": nonce,
               "chainId": self.chain_id}
         raw = Account.sign_transaction(tx, self.private_key).raw_transaction
-        self.nonce += 1
-        return self.send(ctx, job_id, round_, m.TxRequest(function=function, raw="0x" + bytes(raw).hex(),
-                                                          proof=proof))
+        request = m.TxRequest(function=function, raw="0x" + bytes(raw).hex(), proof=proof)
+        return self.send(ctx, job_id, round_, request,
+                         Signed(function, nonce, (job_id, round_, function, args, value, proof, participants)))
 
-    def send(self, ctx, job_id: str, round_: int, request: m.TxRequest) -> m.Envelope:
+    def sign_again(self, ctx, signed: Signed) -> list[m.Envelope]:
+        """The same call at the same nonce, at the wallet's gas price now (the chain's, learnt from
+        the receipt that asked): it replaces a transaction the chain will not mine at its price."""
+        return [self._sign(ctx, *signed.call, nonce=signed.nonce)]
+
+    def send(self, ctx, job_id: str, round_: int, request: m.TxRequest, signed: Signed | None = None) -> m.Envelope:
         """A signed transaction to the ledger, its receipt awaited. One signed before may be sent
         again: the ledger answers from the chain if it was mined, else sends it; its nonce is spent,
         so it cannot take effect twice."""
         env = ctx.message(job_id, round_, LEDGER, request)
-        self.sent[env.message_id] = request.function
+        self.sent[env.message_id] = signed or Signed(request.function)
         return env
 
     def on_info(self, ctx, info: m.ChainInfo) -> list[m.Envelope]:
@@ -87,8 +106,11 @@ class Wallet:
         return [self._sign(ctx, *q) for q in queued]
 
     def on_receipt(self, receipt: m.TxReceipt) -> None:
-        """Follow the chain's count: a rejected transaction frees its nonce, a mined one confirms it."""
-        if receipt.next_nonce is None:
+        """Follow the chain's price, and its count: a rejected transaction frees its nonce, a mined
+        one confirms it; one to sign again keeps it."""
+        if receipt.gas_price:
+            self.gas_price = receipt.gas_price
+        if receipt.next_nonce is None or receipt.sign_again:
             return
         if not receipt.mined or receipt.next_nonce > self.nonce:
             self.nonce = receipt.next_nonce
@@ -166,9 +188,14 @@ class ChainParty:
         if env.type == "tx_receipt":
             if env.sender != LEDGER or self.wallet is None:
                 raise ProtocolError("receipt from a party that is not the ledger")
-            if self.wallet.sent.pop(env.correlation_id or "", None) is None:
+            signed = self.wallet.sent.pop(env.correlation_id or "", None)
+            if signed is None:
                 raise ProtocolError("receipt for a transaction this wallet did not send (stale?)")
             self.wallet.on_receipt(env.payload)
+            if isinstance(signed, str):  # (a wallet saved before it kept its calls)
+                signed = Signed(signed)
+            if env.payload.sign_again and signed.call is not None:  # the job never hears of it
+                return self.wallet.sign_again(ctx, signed)
         return None
 
     def guarded(self, step, env: m.Envelope) -> list[m.Envelope]:
