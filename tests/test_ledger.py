@@ -384,6 +384,10 @@ def test_on_a_chain_that_mines_blocks_the_ledger_does_not_wait_for_each_receipt(
         assert len(core.pending) == 2 and core.tick(1.0) == []
         again = core.handle(parties[0].ctx.wallet.hello(parties[0].ctx))  # a greeting delivered again
         assert again == [] and len(core.pending) == 2  # its latest greeting answered when funded, once
+        dropped = list(core.pending)[-1]  # (the faucet's last: no gap in its nonces)
+        w3.provider.make_request("anvil_dropTransaction", [dropped])  # a top-up the node let go
+        assert core.tick(1.0) == [] and len(core.pending) == 2
+        assert core.chain.pooled(dropped)  # sent again (the same transfer, the same hash)
         mine()
         answered = core.tick(1.0)
         for p in parties:

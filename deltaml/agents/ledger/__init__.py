@@ -233,7 +233,8 @@ class LedgerCore:
     def tick(self, seconds: float) -> list[m.Envelope]:
         """Answer the transactions sent and since mined, and the greetings whose funding was (each
         tick: a second); the others wait on, but for one the chain will not mine: its gas price has
-        fallen below the base fee, or the node dropped it. Its signer signs it again."""
+        fallen below the base fee, or the node dropped it. Its signer signs it again (a greeting's
+        top-up the node dropped, the ledger sends again)."""
         out = []
         floor = None
         for tx_hash, (env, tx) in list(self.pending.items()):
@@ -243,6 +244,13 @@ class LedgerCore:
                     out += self._info(env) if tx is None else self._relayed(env, tx, receipt,
                                                                             self.chain.outcome(receipt, tx))
                 elif tx is None:
+                    if not self.chain.pooled(tx_hash):  # the node dropped its top-up: sent again
+                        del self.pending[tx_hash]
+                        try:
+                            out += self._hello(env)
+                        except OSError:
+                            self.pending[tx_hash] = (env, None)
+                            raise
                     continue
                 else:
                     floor = self.chain.base_fee() if floor is None else floor
