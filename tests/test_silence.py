@@ -202,6 +202,33 @@ async def test_an_aggregator_that_missed_both_settle_signals_asks_the_ledger_aga
     assert job.settled and credited == deposit and balance == 0
 
 
+async def test_a_settle_signed_again_is_the_one_the_aggregator_asks_the_ledger_about_again(keypair, monkeypatch):
+    """The aggregator keeps its signed settle, to send it again if neither the receipt nor the
+    Settled event comes. When the ledger had it signed again (a gas price below the base fee), it
+    sent the first once more: a nonce the chain had used, refused, and the job failed although
+    the escrow was settled. It now sends the one signed again, and the chain's answer lets the
+    result go."""
+    from deltaml.agents.ledger.node import Chain, Underpriced
+    from deltaml.protocol.chain import decode_call
+
+    real, spiked = Chain.send, []
+
+    def send(self, raw, tx):  # the first settle meets a base fee above its price
+        if decode_call(tx.data)[0] == "settle" and not spiked:
+            spiked.append(tx)
+            raise Underpriced("its gas price is below the chain's base fee (a test's spike)")
+        return real(self, raw, tx)
+
+    monkeypatch.setattr(Chain, "send", send)
+    config = DemoConfig(rounds=3, eval_every=3, round_timeout=5.0)
+    unheard = [("chain_event", 0, settled_event), ("tx_receipt", 0, once(lambda p: settle_receipt(p) and p.mined))]
+    job, ledger, _, wrapped = await run(config, keypair, {"aggregator": unheard})
+    assert job.phase is BuyerPhase.FINISHED, job.reason
+    assert len(spiked) == 1 and len(ledger.gas["settle"]) == 2  # mined once, then answered from the chain
+    deposit, credited, balance = chain_totals(ledger, job)
+    assert job.settled and credited == deposit and balance == 0
+
+
 async def test_an_aggregator_that_never_hears_the_escrow_settled_fails_the_job_without_a_result(keypair):
     """The final model goes out only on the chain's word that the escrow is settled (its Settled
     event or the settle's receipt); without either, even after asking the ledger again, the job

@@ -102,6 +102,12 @@ class AggregatorCore(ChainParty):
     def own_state(self):
         return self.lost.memory()
 
+    def signed_again(self, job_id: str, request: m.TxRequest) -> None:
+        """The settle it would ask the ledger about again is the one signed last."""
+        job = self.jobs.get(job_id)
+        if job is not None and request.function == "settle" and job.settle_request is not None:
+            job.settle_request = request
+
     def restore_own(self, own) -> None:
         self.lost.recall(own)
 

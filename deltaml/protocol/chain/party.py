@@ -177,6 +177,10 @@ class ChainParty:
     def _step(self, env: m.Envelope) -> list[m.Envelope]:
         raise NotImplementedError
 
+    def signed_again(self, job_id: str, request: m.TxRequest) -> None:
+        """A transaction of ``job_id`` was signed again in place of one the chain would not mine:
+        a party that keeps a signed transaction, to send it again, keeps this one instead."""
+
     def chain_prelude(self, env: m.Envelope, ctx) -> list[m.Envelope] | None:
         """Handle messages that belong to the wallet rather than to a job; None if not one."""
         if env.type == "chain_info":
@@ -195,7 +199,9 @@ class ChainParty:
             if isinstance(signed, str):  # (a wallet saved before it kept its calls)
                 signed = Signed(signed)
             if env.payload.sign_again and signed.call is not None:  # the job never hears of it
-                return self.wallet.sign_again(ctx, signed)
+                again = self.wallet.sign_again(ctx, signed)
+                self.signed_again(env.job_id, again[0].payload)
+                return again
         return None
 
     def guarded(self, step, env: m.Envelope) -> list[m.Envelope]:
