@@ -455,12 +455,13 @@ def test_a_transaction_below_the_base_fee_is_signed_again_at_the_chains_price_no
         r = receipt.payload
         assert r.sign_again and not r.mined and "below the chain's base fee" in r.reason
         assert w3.eth.get_transaction_count(party.wallet.address, "pending") == 0  # not sent
+        assert len(core.replaced) == 1  # (a node may hold it all the same, sent by an earlier ledger)
         assert r.gas_price > 20 * old_price
         [again] = party.handle(receipt)
         assert party.receipts == {}  # the collector (a job) did not hear of it
         first, second = (parse_tx(bytes.fromhex(e.payload.raw[2:])) for e in (request, again))
         assert (second.nonce, second.gas_price, second.data) == (first.nonce, r.gas_price, first.data)
-        assert core.handle(signed(again)) == []  # sent; mined at the next block
+        assert core.handle(signed(again)) == [] and not core.replaced  # sent; mined at the next block
         mine()
         [mined] = core.tick(1.0)
         party.handle(mined)
