@@ -792,6 +792,24 @@ class Outage:
             dst.shutdown(socket.SHUT_WR)
 
 
+def test_the_base_fee_comes_from_the_last_block_on_a_node_without_a_pending_one(monkeypatch):
+    """Some nodes answer no pending block; the ledger's price check and advice must not fail every
+    transaction there."""
+    from web3.exceptions import BlockNotFound
+
+    chain = Chain("embedded")
+    latest = chain.w3.eth.get_block("latest")["baseFeePerGas"]
+    real = chain.w3.eth.get_block
+
+    def no_pending(which, *args, **kwargs):
+        if which == "pending":
+            raise BlockNotFound("Block with id: 'pending' not found.")
+        return real(which, *args, **kwargs)
+
+    monkeypatch.setattr(chain.w3.eth, "get_block", no_pending)
+    assert chain.base_fee() == latest > 0 and chain.gas_price() == 2 * latest + 10**9
+
+
 def test_the_ledger_raises_a_node_it_cannot_reach_as_a_fault_not_as_a_refusal(monkeypatch):
     """A transaction the node did not answer for was relayed back as refused, with the connection
     error as its revert reason: the party's call failed for good. It is a fault, retried later;

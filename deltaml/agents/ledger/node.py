@@ -9,7 +9,7 @@ from typing import Any
 
 from eth_utils import is_address, to_checksum_address
 from web3 import Web3
-from web3.exceptions import TimeExhausted, TransactionNotFound
+from web3.exceptions import BlockNotFound, TimeExhausted, TransactionNotFound
 
 from ...protocol import chain
 from ...protocol import messages as m
@@ -121,8 +121,13 @@ class Chain:
         return 2 * base + TIP if base else 2 * self.w3.eth.gas_price
 
     def base_fee(self) -> int:
-        """The least gas price the next block takes (0 on a chain without EIP-1559 fees)."""
-        return self.w3.eth.get_block("pending").get("baseFeePerGas") or 0
+        """The least gas price the next block takes (0 on a chain without EIP-1559 fees); the last
+        block's on a node that keeps no pending block."""
+        try:
+            block = self.w3.eth.get_block("pending")
+        except BlockNotFound:
+            block = self.w3.eth.get_block("latest")
+        return block.get("baseFeePerGas") or 0
 
     def key_hash(self, job: bytes) -> bytes:
         """The key hash a job was created with (read once: createJob sets it and nothing changes it;
