@@ -37,6 +37,7 @@ from deltaml.protocol.machine import Context
 
 ROOT = Path(__file__).resolve().parents[1]
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+AN_ADDRESS = "0x000000000000000000000000000000000000bEEF"
 
 
 class Party:
@@ -467,6 +468,11 @@ def test_a_transaction_below_the_base_fee_is_signed_again_at_the_chains_price_no
         party.handle(mined)
         assert party.receipts["withdraw"].mined and party.receipts["withdraw"].reason == "NothingToWithdraw"
         assert party.wallet.nonce == 1 and party.wallet.gas_price == mined.payload.gas_price  # it follows the chain
+        # an EIP-1559 transaction: it paid the block's base fee and its tip, not its whole cap
+        on_chain = w3.eth.get_transaction_receipt(mined.payload.tx_hash)
+        base = w3.eth.get_block(on_chain.blockNumber).baseFeePerGas
+        assert w3.eth.get_transaction(mined.payload.tx_hash).type == 2 and second.tip == r.tip
+        assert on_chain.effectiveGasPrice == base + second.tip < second.gas_price
         assert mined.payload.gas_price < r.gas_price  # twice the base fee: the fee falls after an empty block
 
 
@@ -792,6 +798,25 @@ class Outage:
             dst.shutdown(socket.SHUT_WR)
 
 
+def test_a_transaction_is_legacy_or_eip_1559_and_read_alike():
+    """Wallets sign EIP-1559 transactions (a fee cap and a tip) where the chain has a base fee, and
+    legacy ones where it has not; the ledger reads both, and refuses other types in one line."""
+    from eth_account import Account
+
+    key = Account.create()
+    common = {"to": AN_ADDRESS, "value": 5, "gas": 50_000, "nonce": 3, "chainId": 31337, "data": b"\x01"}
+    legacy = Account.sign_transaction({**common, "gasPrice": 7}, key.key).raw_transaction
+    capped = Account.sign_transaction({**common, "type": 2, "maxFeePerGas": 9, "maxPriorityFeePerGas": 2},
+                                      key.key).raw_transaction
+    access = Account.sign_transaction({**common, "type": 1, "gasPrice": 7, "accessList": []}, key.key).raw_transaction
+    for raw, (price, tip) in [(legacy, (7, 7)), (capped, (9, 2))]:
+        tx = parse_tx(bytes(raw))
+        assert (tx.sender, tx.nonce, tx.to, tx.value, tx.gas, tx.data) == (key.address, 3, AN_ADDRESS, 5, 50_000, b"\x01")
+        assert (tx.gas_price, tx.tip) == (price, tip)
+    with pytest.raises(ProtocolError, match="transaction type 1 is not taken"):
+        parse_tx(bytes(access))
+
+
 def test_the_base_fee_comes_from_the_last_block_on_a_node_without_a_pending_one(monkeypatch):
     """Some nodes answer no pending block; the ledger's price check and advice must not fail every
     transaction there."""
@@ -807,7 +832,7 @@ def test_the_base_fee_comes_from_the_last_block_on_a_node_without_a_pending_one(
         return real(which, *args, **kwargs)
 
     monkeypatch.setattr(chain.w3.eth, "get_block", no_pending)
-    assert chain.base_fee() == latest > 0 and chain.gas_price() == 2 * latest + 10**9
+    assert chain.base_fee() == latest > 0 and chain.prices() == (2 * latest + 10**9, 10**9)
 
 
 def test_the_ledger_raises_a_node_it_cannot_reach_as_a_fault_not_as_a_refusal(monkeypatch):

@@ -407,7 +407,8 @@ class ChainInfo(_Payload):
     chain_id: int
     contract: str
     nonce: int
-    gas_price: int
+    gas_price: int  # the most to pay per gas: a fee cap where ``tip`` is given, else a legacy price
+    tip: int | None = Field(default=None, ge=0)  # for the block's producer above the base fee (EIP-1559)
 
 
 #: The escrow's ``enum State``, in order (the ABI carries an enum as a bare uint8; a test reads the
@@ -462,8 +463,9 @@ class TxReceipt(_Payload):
     gas_used: int = 0
     reason: str = ""
     next_nonce: int | None = None
-    #: the price to sign at now (twice the base fee and a tip), which the wallet follows
+    #: the price to sign at now (twice the base fee and a tip: a fee cap), which the wallet follows
     gas_price: int | None = Field(default=None, ge=0)
+    tip: int | None = Field(default=None, ge=0)  # as in ChainInfo
     #: not mined and never will be at its price (below the chain's base fee, or dropped by the node):
     #: its nonce is still the signer's, and the same call signed again at ``gas_price`` replaces it
     sign_again: bool = False

@@ -182,8 +182,9 @@ class LedgerCore:
 
     def _info(self, env: m.Envelope) -> list[m.Envelope]:
         """A greeting's answer: the chain, the contract and the party's nonce."""
+        price, tip = self.chain.prices()
         info = m.ChainInfo(chain_id=self.chain.chain_id, contract=self.chain.address,
-                           nonce=self.chain.nonce(env.payload.address), gas_price=self.chain.gas_price())
+                           nonce=self.chain.nonce(env.payload.address), gas_price=price, tip=tip)
         return [self.ctx.reply(env, info)]
 
     def _relay(self, env: m.Envelope) -> list[m.Envelope]:
@@ -292,17 +293,19 @@ class LedgerCore:
 
     def _receipt(self, env, req, receipt, reason: str, sender: str,
                  sign_again: chain.RawTx | None = None) -> m.Envelope:
-        """The signer's receipt; with ``sign_again``, the transaction to sign again, at a price that
-        also replaces it in a node that still holds it (geth's pool takes a replacement only at 10 %
-        more: the node may answer that it dropped a transaction it still holds)."""
-        price = self.chain.gas_price()
+        """The signer's receipt, with the prices to sign at now; with ``sign_again``, the transaction
+        to sign again, at prices that also replace it in a node that still holds it (geth's pool
+        takes a replacement only at 10 % more, fee cap and tip: a node may say it dropped a
+        transaction that it still holds, behind a load balancer)."""
+        price, tip = self.chain.prices()
         if sign_again is not None:
             price = max(price, sign_again.gas_price * 9 // 8 + 1)
+            tip = None if tip is None else min(max(tip, sign_again.tip * 9 // 8 + 1), price)
         payload = m.TxReceipt(
             function=req.function, tx_hash=None if receipt is None else "0x" + bytes(receipt.transactionHash).hex(),
             mined=receipt is not None, ok=receipt is not None and receipt.status == 1,
             gas_used=0 if receipt is None else receipt.gasUsed, reason=reason, next_nonce=self.chain.nonce(sender),
-            gas_price=price, sign_again=sign_again is not None)
+            gas_price=price, tip=tip, sign_again=sign_again is not None)
         return self.ctx.reply(env, payload)
 
     def _publish(self, env: m.Envelope, receipt) -> list[m.Envelope]:

@@ -31,8 +31,9 @@ class NonceAhead(Transient):
 
 
 class Underpriced(Exception):
-    """A transaction whose gas price is below the chain's base fee: no node would mine it (anvil
-    refuses it, geth holds it until the fee falls), so it is not sent and its signer signs it again."""
+    """A transaction whose gas price (or fee cap) is below the chain's base fee: no node would mine
+    it (anvil refuses it, geth holds it until the fee falls), so it is not sent and its signer signs
+    it again."""
 
 
 class Chain:
@@ -111,14 +112,15 @@ class Chain:
         except TimeExhausted:
             return None
 
-    def gas_price(self) -> int:
-        """The price parties sign at: twice the next block's base fee, so a rising fee does not
-        strand them at once, and a tip of ``TIP``; twice the node's price on a chain without a base
-        fee. Not from the node's suggestion where there is a base fee: anvil's and geth's follow the
-        tips of recent blocks, which at legacy prices are ours (everything above the base fee is
-        tip), so each price would raise the next (a trial on anvil: 3 gwei to 755 in two steps)."""
+    def prices(self) -> tuple[int, int | None]:
+        """What parties sign at: on a chain with a base fee, a fee cap of twice the next block's
+        (so that a rising fee does not strand them at once) and a tip of ``TIP``; without one, twice
+        the node's price and no tip (a legacy transaction). Not from the node's suggestion where
+        there is a base fee: anvil's and geth's follow the tips of recent blocks, which at legacy
+        prices were ours (everything above the base fee is tip), so each price raised the next (a
+        trial on anvil: 3 gwei to 755 in two steps)."""
         base = self.base_fee()
-        return 2 * base + TIP if base else 2 * self.w3.eth.gas_price
+        return (2 * base + TIP, TIP) if base else (2 * self.w3.eth.gas_price, None)
 
     def base_fee(self) -> int:
         """The least gas price the next block takes (0 on a chain without EIP-1559 fees); the last

@@ -6,10 +6,11 @@ signatures) and wraps it in a ``TxRequest`` for the ledger agent, the only
 chain client. Before its first transaction a wallet greets the ledger
 (``ChainHello``) and learns the chain id, the contract address and its nonce
 (``ChainInfo``); calls made before that wait in order. Every receipt carries
-the sender's next nonce and the price to sign at, so a wallet never drifts
-from the chain; one that says "sign again" (the chain will not mine the
-transaction at its price) has the wallet sign the same call at the same
-nonce and that price.
+the sender's next nonce and the prices to sign at (an EIP-1559 fee cap and
+tip, or a legacy price on a chain without a base fee), so a wallet never
+drifts from the chain; one that says "sign again" (the chain will not mine
+the transaction at its price) has the wallet sign the same call at the same
+nonce and those prices.
 
 The contract's job key is ``keccak256(job_id)``; model index 0 is the model
 trained by everyone and ``i + 1`` the model without the ``i``-th trainer.

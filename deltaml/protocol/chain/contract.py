@@ -116,7 +116,8 @@ def decode_call(data: bytes) -> tuple[str, tuple]:
 
 @dataclass(frozen=True)
 class RawTx:
-    """The fields of a signed legacy (EIP-155) transaction, and its signer."""
+    """The fields of a signed transaction, legacy (EIP-155) or with a fee cap (EIP-1559, type 2),
+    and its signer."""
 
     sender: str
     nonce: int
@@ -124,20 +125,29 @@ class RawTx:
     value: int
     data: bytes
     gas: int
-    gas_price: int = 0  # (0 in a ledger's state saved before it read it)
+    gas_price: int = 0  # the most it pays per gas: a legacy price, or a fee cap (0 in an older ledger's state)
+    tip: int = 0  # the most of that above the base fee for the block's producer (legacy: all of it)
+
+
+FEE_CAP_TYPE = 2  # EIP-1559
 
 
 def parse_tx(raw: bytes) -> RawTx:
     """Decode and authenticate a signed transaction; :class:`ProtocolError` if it is not one."""
+    if raw[:1] and raw[0] <= 0x7F and raw[0] != FEE_CAP_TYPE:
+        raise ProtocolError(f"transaction type {raw[0]} is not taken: legacy or EIP-1559 (type 2) only")
     try:
-        fields = rlp.decode(raw)
-        nonce, gas_price, gas, to, value, data = fields[:6]
+        if raw[:1] == bytes([FEE_CAP_TYPE]):
+            _chain_id, nonce, tip, gas_price, gas, to, value, data = rlp.decode(raw[1:])[:8]
+        else:
+            nonce, gas_price, gas, to, value, data = rlp.decode(raw)[:6]
+            tip = gas_price
         sender = Account.recover_transaction(raw)
     except Exception as exc:
-        raise ProtocolError(f"not a signed legacy transaction: {exc}") from None
+        raise ProtocolError(f"not a signed transaction: {exc}") from None
     as_int = lambda b: int.from_bytes(b, "big")  # noqa: E731
     return RawTx(sender=sender, nonce=as_int(nonce), to=to_checksum_address(to) if to else "",
-                 value=as_int(value), data=bytes(data), gas=as_int(gas), gas_price=as_int(gas_price))
+                 value=as_int(value), data=bytes(data), gas=as_int(gas), gas_price=as_int(gas_price), tip=as_int(tip))
 
 
 def gas_limit(function: str, args: Sequence[Any], participants: int | None = None) -> int:

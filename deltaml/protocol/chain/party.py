@@ -33,7 +33,8 @@ class Wallet:
     private_key: bytes
     chain_id: int | None = None
     contract: str | None = None
-    gas_price: int = 0
+    gas_price: int = 0  # a fee cap where ``tip`` is known (EIP-1559 transactions), else a legacy price
+    tip: int | None = None
     nonce: int = 0
     greeted: bool = False
     hello_id: str | None = None
@@ -78,8 +79,11 @@ class Wallet:
         if nonce is None:
             nonce, self.nonce = self.nonce, self.nonce + 1
         tx = {"to": self.contract, "data": encode_call(function, args), "value": value,
-              "gas": gas_limit(function, args, participants), "gasPrice": self.gas_price, "nonce": nonce,
-              "chainId": self.chain_id}
+              "gas": gas_limit(function, args, participants), "nonce": nonce, "chainId": self.chain_id}
+        if self.tip is None:  # a chain without a base fee
+            tx["gasPrice"] = self.gas_price
+        else:  # pays the base fee and the tip, at most the cap: a legacy price would give the producer it all
+            tx.update(type=2, maxFeePerGas=self.gas_price, maxPriorityFeePerGas=min(self.tip, self.gas_price))
         raw = Account.sign_transaction(tx, self.private_key).raw_transaction
         request = m.TxRequest(function=function, raw="0x" + bytes(raw).hex(), proof=proof)
         return self.send(ctx, job_id, round_, request,
@@ -100,7 +104,7 @@ class Wallet:
 
     def on_info(self, ctx, info: m.ChainInfo) -> list[m.Envelope]:
         """Learn the chain; sign what was waiting, in order."""
-        self.chain_id, self.contract, self.gas_price = info.chain_id, info.contract, info.gas_price
+        self.chain_id, self.contract, self.gas_price, self.tip = info.chain_id, info.contract, info.gas_price, info.tip
         self.nonce = max(self.nonce, info.nonce)
         queued, self.queue = self.queue, []
         return [self._sign(ctx, *q) for q in queued]
@@ -109,7 +113,7 @@ class Wallet:
         """Follow the chain's price, and its count: a rejected transaction frees its nonce, a mined
         one confirms it; one to sign again keeps it."""
         if receipt.gas_price:
-            self.gas_price = receipt.gas_price
+            self.gas_price, self.tip = receipt.gas_price, receipt.tip
         if receipt.next_nonce is None or receipt.sign_again:
             return
         if not receipt.mined or receipt.next_nonce > self.nonce:
