@@ -60,7 +60,7 @@ def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().split(")")[-1].split()[0] != "Z"  # a zombie has stopped
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone (read while it was being reaped: ESRCH)
         return False
 
 
