@@ -38,6 +38,7 @@ is a JSON-RPC URL (anvil, a testnet node).
 
 from __future__ import annotations
 
+import functools
 import pickle
 from collections import defaultdict
 
@@ -238,36 +239,41 @@ class LedgerCore:
         fallen below the base fee, or the node dropped it. Its signer signs it again (a greeting's
         top-up the node dropped, the ledger sends again)."""
         out = []
-        floor = None
+        floor = functools.cache(self.chain.base_fee)  # read once a tick, and only if a transaction waits
         for tx_hash, (env, tx) in list(self.pending.items()):
             try:
-                receipt = self.chain.mined(tx_hash)
-                if receipt is not None:
-                    out += self._info(env) if tx is None else self._relayed(env, tx, receipt,
-                                                                            self.chain.outcome(receipt, tx))
-                elif tx is None:
-                    if not self.chain.pooled(tx_hash):  # the node dropped its top-up: sent again
-                        del self.pending[tx_hash]
-                        try:
-                            out += self._hello(env)
-                        except OSError:
-                            self.pending[tx_hash] = (env, None)
-                            raise
-                    continue
-                else:
-                    floor = self.chain.base_fee() if floor is None else floor
-                    stranded = self._stranded(tx_hash, tx, floor)
-                    if not stranded:
-                        continue
-                    log.info("transaction stranded", sender=env.sender, function=env.payload.function, tx_hash=tx_hash,
-                             reason=stranded)
-                    self.replaced[_slot(tx)] = tx_hash
-                    out.append(self._receipt(env, env.payload, None, stranded, tx.sender, sign_again=tx))
+                out += self._waited(tx_hash, env, tx, floor)
             except OSError as exc:  # the node away: asked again at the next tick
                 log.warning("receipt not read", tx_hash=tx_hash, reason=_unanswered(exc))
                 break
-            del self.pending[tx_hash]
         return out
+
+    def _waited(self, tx_hash: str, env: m.Envelope, tx: chain.RawTx | None, floor) -> list[m.Envelope]:
+        """What a transaction sent, or a greeting's top-up, calls for now: its answer once mined;
+        a top-up the node dropped, sent again; a transaction the chain will not mine, signed again
+        by its signer; nothing while it may still be mined (it stays in ``pending``)."""
+        receipt = self.chain.mined(tx_hash)
+        if receipt is None and tx is None:
+            if self.chain.pooled(tx_hash):
+                return []
+            funding = self.chain.fund(env.payload.address)  # dropped by the node: sent again
+            if funding is not None:  # (the same transfer has the same hash)
+                del self.pending[tx_hash]
+                self.pending[funding] = (env, None)
+                return []
+            answer = self._info(env)  # funded meanwhile
+        elif receipt is None:
+            stranded = self._stranded(tx_hash, tx, floor())
+            if not stranded:
+                return []
+            answer = [self._receipt(env, env.payload, None, stranded, tx.sender, sign_again=tx)]
+            log.info("transaction stranded", sender=env.sender, function=env.payload.function, tx_hash=tx_hash,
+                     reason=stranded)
+            self.replaced[_slot(tx)] = tx_hash
+        else:
+            answer = self._info(env) if tx is None else self._relayed(env, tx, receipt, self.chain.outcome(receipt, tx))
+        del self.pending[tx_hash]  # (only once answered: a node that fails meanwhile leaves it for the next tick)
+        return answer
 
     def _stranded(self, tx_hash: str, tx: chain.RawTx, floor: int) -> str:
         """Why the chain will not mine a transaction sent and not mined yet ("" while it may)."""
