@@ -208,6 +208,8 @@ async def test_a_settle_signed_again_is_the_one_the_aggregator_asks_the_ledger_a
     sent the first once more: a nonce the chain had used, refused, and the job failed although
     the escrow was settled. It now sends the one signed again, and the chain's answer lets the
     result go."""
+    from web3 import Web3
+
     from deltaml.agents.ledger.node import Chain, Underpriced
     from deltaml.protocol.chain import decode_call
 
@@ -215,8 +217,8 @@ async def test_a_settle_signed_again_is_the_one_the_aggregator_asks_the_ledger_a
 
     def send(self, raw, tx):  # the first settle meets a base fee above its price
         if decode_call(tx.data)[0] == "settle" and not spiked:
-            spiked.append(tx)
-            raise Underpriced("its gas price is below the chain's base fee (a test's spike)")
+            spiked.append("0x" + Web3.keccak(raw).hex())
+            raise Underpriced("its gas price is below the chain's base fee (a test's spike)", spiked[0])
         return real(self, raw, tx)
 
     monkeypatch.setattr(Chain, "send", send)
@@ -225,6 +227,7 @@ async def test_a_settle_signed_again_is_the_one_the_aggregator_asks_the_ledger_a
     job, ledger, _, wrapped = await run(config, keypair, {"aggregator": unheard})
     assert job.phase is BuyerPhase.FINISHED, job.reason
     assert len(spiked) == 1 and len(ledger.gas["settle"]) == 2  # mined once, then answered from the chain
+    assert ledger.chain.mined(spiked[0]) is None  # the settle mined is the one signed again, not a retry of the first
     deposit, credited, balance = chain_totals(ledger, job)
     assert job.settled and credited == deposit and balance == 0
 

@@ -43,7 +43,7 @@ import pickle
 from collections import defaultdict
 
 import structlog
-from eth_utils import is_address, keccak, to_checksum_address
+from eth_utils import is_address, to_checksum_address
 
 from ...protocol import chain
 from ...protocol import messages as m
@@ -212,7 +212,7 @@ class LedgerCore:
             receipt, reason, waiting = self.chain.send(raw, tx)
         except Underpriced as exc:  # (a node may hold it all the same: sent by a ledger before this one)
             log.info("transaction underpriced", sender=env.sender, function=req.function, reason=str(exc))
-            self.replaced[_slot(tx)] = "0x" + keccak(raw).hex()
+            self.replaced[_slot(tx)] = exc.tx_hash
             return [self._receipt(env, req, None, f"not sent: {exc}", tx.sender, sign_again=tx)]
         self.replaced.pop(_slot(tx), None)  # sent in its place: the node holds one of the two at most
         if waiting is not None:  # a chain that mines a block every so often: answered when it is mined

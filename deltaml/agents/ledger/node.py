@@ -33,7 +33,11 @@ class NonceAhead(Transient):
 class Underpriced(Exception):
     """A transaction whose gas price (or fee cap) is below the chain's base fee: no node would mine
     it (anvil refuses it, geth holds it until the fee falls), so it is not sent and its signer signs
-    it again."""
+    it again. ``tx_hash``: its hash (a node may hold it all the same, sent by an earlier ledger)."""
+
+    def __init__(self, reason: str, tx_hash: str) -> None:
+        super().__init__(reason)
+        self.tx_hash = tx_hash
 
 
 class Chain:
@@ -180,7 +184,8 @@ class Chain:
                                  "an earlier one of that sender has not reached the chain yet")
             floor = self.base_fee()
             if tx.gas_price < floor:
-                raise Underpriced(f"its gas price ({tx.gas_price} wei) is below the chain's base fee ({floor} wei)")
+                raise Underpriced(f"its gas price ({tx.gas_price} wei) is below the chain's base fee ({floor} wei)",
+                                  "0x" + tx_hash.hex())
             try:
                 self.w3.eth.send_raw_transaction(raw)
             except OSError:  # the node did not answer: not a refusal, a fault to retry (the ack policy)
