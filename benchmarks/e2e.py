@@ -25,11 +25,13 @@ each message type (``busy_seconds`` in the report). Trainers work in parallel,
 so the slowest trainer's products are on the path; evaluations overlap
 training except the last, and every process shares two cores, so the phases
 add up to more than the wall. What the job left undone is measured instead:
-the wall time minus every process's CPU seconds spread over the cores (start-up
-and waiting with a core idle). Messaging is measured twice: as the CPU seconds
-the daemons spent outside their handlers, helper threads and workers (receiving,
-decoding, signature checks, signing, publishing, the event loop), and by the
-plain-numpy run through the same bus.
+the wall time minus every process's CPU seconds, the broker's included, spread
+over the cores (start-up and waiting with a core idle). Messaging is measured
+three ways: as the CPU seconds the daemons spent outside their handlers, helper
+threads and workers (receiving, decoding, signature checks, signing, publishing,
+the event loop); as the CPU seconds of the RabbitMQ node, when it runs on this
+machine (it shares the job's two cores); and by the plain-numpy run through the
+same bus.
 
     python benchmarks/e2e.py [--rounds 100] [--repeat 3] [--original-rounds 10] [--levers] [--json FILE]
 """
@@ -55,7 +57,8 @@ from deltaml.marketplace import DemoConfig, baselines, prepare_parts, run_demo, 
 
 
 CORES = os.cpu_count() or 1
-IDLE = f"wall time the {CORES} cores were not working (wall - CPU seconds / {CORES})"
+IDLE = f"wall time the {CORES} cores were not working (wall - all CPU seconds / {CORES})"
+BROKER = "messaging: CPU seconds of the broker (RabbitMQ on this machine)"
 
 
 #: The floor's other readings, each a dict with its own ``floor_seconds``.
@@ -136,6 +139,22 @@ def cpu_seconds(busy: dict[str, dict[str, float]], before: os.times_result) -> d
     return out
 
 
+def broker_cpu() -> float | None:
+    """CPU seconds the local RabbitMQ node (its Erlang VM) has used so far; None if none runs here.
+    The broker shares the job's cores, so what it does is neither the agents' work nor idle time."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            if b"beam" not in cmdline or b"rabbit" not in cmdline:
+                continue
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=100)
@@ -154,9 +173,12 @@ def main() -> None:
     runs = []
     for i in range(args.repeat):
         print(f"\n== the job over RabbitMQ, separate processes, embedded chain ({i + 1} of {args.repeat}) ==")
-        before = os.times()
+        before, broker = os.times(), broker_cpu()
         report = run_demo(config, "amqp", on_progress=lambda r, mse, t: print(f"round {r:>4} {mse:10.2f} {t:7.1f}s"))
-        runs.append((report, cpu_seconds(report["busy_seconds"], before)))
+        cpu = cpu_seconds(report["busy_seconds"], before)
+        if broker is not None:
+            cpu["broker"] = broker_cpu() - broker
+        runs.append((report, cpu))
         print(f"\n== crypto floor, after run {i + 1} ==")
         floors.append(crypto_floor.measure(floor_args))
     # this machine's speed drifts within minutes: each run is compared with the floors timed just before
@@ -170,7 +192,9 @@ def main() -> None:
     # the agents' busy seconds include time spent preempted by the other processes on these two cores,
     # so the wall minus their sum is no residual; what the cores did not do is: the wall minus every
     # process's CPU seconds spread over the cores
-    path[IDLE] = wall - cpu["total"] / CORES
+    if "broker" in cpu:
+        path[BROKER] = cpu["broker"]
+    path[IDLE] = wall - (cpu["total"] + cpu.get("broker", 0.0)) / CORES
     floor = {**floors[0], **{k: statistics.mean(f[k] for f in floors)
                             for k in ("floor_seconds", "total_seconds", "critical_path_seconds")},
              **{v: {"floor_seconds": mean_floor(floors, v)} for v in VARIANTS},
