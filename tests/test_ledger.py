@@ -22,7 +22,7 @@ from deltaml.agents.agent import Agent
 from deltaml.agents.amqp import AmqpBus
 from deltaml.agents.bus import Outcome, Verdict
 from deltaml.agents.ledger import FAUCET_TOPUP, Chain, ChainUnavailable, LedgerCore
-from deltaml.agents.ledger.node import NonceAhead
+from deltaml.agents.ledger.node import PATIENCE, TIP, NonceAhead
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.agents.runtime import run_buyer_job
 from deltaml.agents.topology import address_recipient
@@ -372,14 +372,7 @@ def test_on_a_chain_that_mines_blocks_the_ledger_does_not_wait_for_each_receipt(
     its first tick after the block: two parties' transactions go into one block. Greetings alike:
     each waited for its faucet transfer (seven blocks before a job's first transaction); now the
     parties greeting together are funded in one block, and each answered once it can pay."""
-    with anvil_node("--no-mining") as (url, w3):
-        def mine():
-            w3.provider.make_request("evm_mine", [])
-
-        deploying = threading.Timer(1.0, mine)
-        deploying.start()
-        core = LedgerCore(context(LEDGER), Chain(url))  # the deployment waits for its block
-        deploying.join()
+    with ledger_without_mining() as (w3, mine, core):
         parties = [Party(f"p{k}-{uuid.uuid4().hex[:6]}", core) for k in range(2)]
         assert all(p.ctx.wallet.chain_id is None for p in parties)  # not answered: not funded yet
         assert len(core.pending) == 2 and core.tick(1.0) == []
@@ -417,18 +410,25 @@ def test_on_a_chain_that_mines_blocks_the_ledger_does_not_wait_for_each_receipt(
 
 
 @contextlib.contextmanager
-def ledger_on_a_chain_without_mining():
-    """A ledger on ``anvil --no-mining`` (blocks mined by the test), and a party greeted and funded
-    through it: (web3, mine, ledger, party, its signing)."""
-    from deltaml.protocol.chain import Collector
+def ledger_without_mining():
+    """A ledger on ``anvil --no-mining``, whose blocks the test mines: (web3, mine, ledger)."""
     with anvil_node("--no-mining") as (url, w3):
         def mine():
             w3.provider.make_request("evm_mine", [])
 
         deploying = threading.Timer(1.0, mine)
         deploying.start()
-        core = LedgerCore(context(LEDGER), Chain(url))
+        core = LedgerCore(context(LEDGER), Chain(url))  # the deployment waits for its block
         deploying.join()
+        yield w3, mine, core
+
+
+@contextlib.contextmanager
+def ledger_on_a_chain_without_mining():
+    """A ledger on ``anvil --no-mining`` (blocks mined by the test), and a party greeted and funded
+    through it: (web3, mine, ledger, party, its signing)."""
+    from deltaml.protocol.chain import Collector
+    with ledger_without_mining() as (w3, mine, core):
         party = Collector(Context(f"c-{uuid.uuid4().hex[:6]}", wallet=load_wallet(None)))
         assert core.handle(party.wallet.hello(party.ctx)) == []
         mine()
@@ -515,6 +515,76 @@ def test_a_transaction_stranded_in_the_pool_is_replaced(how):
         party.handle(answer)
         assert party.receipts["withdraw"].mined and party.receipts["withdraw"].reason == "NothingToWithdraw"
         assert w3.eth.get_transaction_count(party.wallet.address) == 1 and not core.replaced
+
+
+@contextlib.contextmanager
+def blocks_too_small_for_it(w3, gas: int):
+    """What a busy chain does to a transaction with a low tip (blocks full of better-paying ones),
+    done on anvil: blocks whose gas limit is below the transaction's, until the ``with`` ends."""
+    w3.provider.make_request("evm_setBlockGasLimit", [hex(gas - 1)])
+    try:
+        yield
+    finally:
+        w3.provider.make_request("evm_setBlockGasLimit", [hex(30_000_000)])
+
+
+def test_a_transaction_left_in_the_pool_while_blocks_go_by_is_signed_again_with_twice_its_tip():
+    """Priced above the base fee and still not taken: a busy chain's block producers fill their
+    blocks with better tips first, and the parties' tip is a fixed 1 gwei. The ledger waited for
+    it for ever, and so did its signer. Once it has stayed in the pool for ``PATIENCE`` blocks, the
+    signer now signs it again with twice its tip, and the replacement takes its place and is mined.
+    The next transactions go at the chain's own tip again."""
+    with ledger_on_a_chain_without_mining() as (w3, mine, core, party, signed):
+        [request] = party.collect()
+        first = parse_tx(bytes.fromhex(request.payload.raw[2:]))
+        assert core.handle(signed(request)) == [] and core.tick(1.0) == []
+        [first_hash] = core.pending
+        with blocks_too_small_for_it(w3, first.gas):
+            for _ in range(PATIENCE - 1):
+                mine()
+            assert core.tick(1.0) == [] and core.chain.pooled(first_hash)  # a few blocks: it waits on
+            mine()
+        [receipt] = core.tick(1.0)
+        r = receipt.payload
+        assert r.sign_again and f"not mined in {PATIENCE} blocks at a tip of {first.tip} wei" in r.reason
+        assert r.tip == 2 * first.tip == 2 * TIP and r.gas_price > first.gas_price * 9 // 8
+        [again] = party.handle(receipt)
+        assert party.receipts == {}  # the collector (a job) did not hear of it
+        second = parse_tx(bytes.fromhex(again.payload.raw[2:]))
+        assert (second.nonce, second.tip, second.data) == (first.nonce, 2 * first.tip, first.data)
+        assert core.handle(signed(again)) == [] and not core.chain.pooled(first_hash)  # replaced in the pool
+        mine()
+        [answer] = core.tick(1.0)
+        party.handle(answer)
+        assert answer.payload.tx_hash != first_hash and party.receipts["withdraw"].mined
+        assert w3.eth.get_transaction(answer.payload.tx_hash).maxPriorityFeePerGas == 2 * TIP
+        assert w3.eth.get_transaction_count(party.wallet.address) == 1 and party.wallet.tip == TIP
+
+
+def test_a_greetings_top_up_left_in_the_pool_is_sent_again_with_twice_its_tip():
+    """A greeting is answered once the faucet's transfer is mined: one left in the pool waited for
+    ever, and so did the party. After ``PATIENCE`` blocks the ledger now sends it again at the same
+    nonce with twice its tip, and the greeting is answered once that one is mined."""
+    from deltaml.protocol.chain import Collector
+    with ledger_without_mining() as (w3, mine, core):
+        party = Collector(Context(f"c-{uuid.uuid4().hex[:6]}", wallet=load_wallet(None)))
+        assert core.handle(party.wallet.hello(party.ctx)) == [] and core.tick(1.0) == []
+        [first_hash] = core.pending
+        first = core.chain.held(first_hash)
+        with blocks_too_small_for_it(w3, first.gas):
+            for _ in range(PATIENCE):
+                mine()
+        assert core.tick(1.0) == []
+        [second_hash] = core.pending
+        second = core.chain.held(second_hash)
+        assert second_hash != first_hash and not core.chain.pooled(first_hash)
+        assert (second.sender, second.nonce, second.to, second.value) == (first.sender, first.nonce, first.to,
+                                                                          FAUCET_TOPUP)
+        assert second.tip == 2 * first.tip and second.gas_price > first.gas_price * 9 // 8
+        mine()
+        [info] = core.tick(1.0)
+        assert party.handle(info) == [] and party.wallet.chain_id == 31337 and not core.pending
+        assert w3.eth.get_balance(party.wallet.address) == FAUCET_TOPUP
 
 
 def test_a_jobs_key_hash_is_read_from_the_chain_once(ledger, training, keypair, monkeypatch):
@@ -833,6 +903,28 @@ def test_the_base_fee_comes_from_the_last_block_on_a_node_without_a_pending_one(
 
     monkeypatch.setattr(chain.w3.eth, "get_block", no_pending)
     assert chain.base_fee() == latest > 0 and chain.prices() == (2 * latest + 10**9, 10**9)
+
+
+def test_a_top_up_the_node_will_not_take_in_place_of_the_first_leaves_the_first_waited_for(monkeypatch):
+    """The node may refuse a top-up's replacement (the first mined meanwhile: its nonce used; a
+    pool's own rules): the ledger goes on waiting for the first rather than failing its tick."""
+    from web3.exceptions import Web3RPCError
+
+    chain = Chain("embedded")
+    held = chain.held(chain.w3.eth.send_transaction({"from": chain.faucet, "to": chain.w3.eth.accounts[1], "value": 1}))
+    assert held.sender == chain.faucet and held.value == 1
+
+    def refused(transaction):
+        raise Web3RPCError("nonce too low")
+
+    monkeypatch.setattr(chain.w3.eth, "send_transaction", refused)
+    assert chain.fund_again("0xfirst", held, 2 * held.gas_price, held.tip) == "0xfirst"
+    def unreachable(transaction):
+        raise ConnectionError("node away")
+
+    monkeypatch.setattr(chain.w3.eth, "send_transaction", unreachable)
+    with pytest.raises(OSError):  # the node away is a fault, retried at the next tick
+        chain.fund_again("0xfirst", held, 2 * held.gas_price, held.tip)
 
 
 def test_the_ledger_raises_a_node_it_cannot_reach_as_a_fault_not_as_a_refusal(monkeypatch):

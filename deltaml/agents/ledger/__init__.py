@@ -15,7 +15,9 @@ other requests and answers at its first tick after the block (a greeting
 alike, once its faucet transfer is mined: the parties greeting together are
 funded in one block). A transaction the chain will not mine at its gas price
 (below the base fee when it comes, or when the fee rises while it waits, or
-dropped by the node) is answered "sign again" with the chain's price; the one
+dropped by the node) is answered "sign again" with the chain's price, and one
+left in the pool for ``PATIENCE`` blocks with twice its tip (a top-up alike,
+sent again by the ledger itself); the one
 signed again in its place gets the first's receipt if the first is mined
 after all. Every party of the job and
 the progress exchange get each event the contract emitted (``ChainEvent``),
@@ -41,6 +43,7 @@ from __future__ import annotations
 import functools
 import pickle
 from collections import defaultdict
+from types import SimpleNamespace
 
 import structlog
 from eth_utils import is_address, to_checksum_address
@@ -52,7 +55,7 @@ from ...protocol.errors import ProtocolError, Transient
 from ...protocol.machine import Context, require
 from ..bus import MAX_ATTEMPTS
 from ..topology import PROGRESS, address_recipient
-from .node import FAUCET_TOPUP, Chain, ChainUnavailable, Underpriced
+from .node import FAUCET_TOPUP, PATIENCE, TIP, Chain, ChainUnavailable, Underpriced
 
 __all__ = ["FAUCET_TOPUP", "JOB_FUNCTIONS", "Chain", "ChainUnavailable", "LedgerCore", "saved_chain", "saved_contract"]
 
@@ -75,6 +78,12 @@ def _slot(tx: chain.RawTx) -> str:
     """A transaction's place in its sender's sequence: what a transaction signed again shares with
     the one it replaces."""
     return f"{tx.sender}/{tx.nonce}"
+
+
+def _raised(price: int) -> int:
+    """The least price that replaces one of ``price`` in any node's pool (geth's takes a
+    replacement at 10 % more, fee cap and tip alike), with room to spare."""
+    return price * 9 // 8 + 1
 
 
 def saved_chain(chain_id: int, contract: str) -> dict:
@@ -103,6 +112,8 @@ class LedgerCore:
         # a transaction its signer was told to sign again while the node still held it: "sender/nonce" → its
         # hash, for if the chain mines it after all (the one signed again is then answered with its receipt)
         self.replaced: dict[str, str] = {}
+        # a pending transaction's (or top-up's) first tick unmined: hash → the chain's block number then
+        self.since: dict[str, int] = {}
 
     def snapshot(self) -> bytes:
         """Who is who and each job's parties, for ``--state-dir``: a ledger restarted on the same
@@ -110,7 +121,7 @@ class LedgerCore:
         return pickle.dumps({"chain": saved_chain(self.chain.chain_id, self.chain.address),
                              "addresses": self.addresses, "jobs": self.jobs,
                              "parties": dict(self.parties), "gas": dict(self.gas), "withdrawn": dict(self.withdrawn),
-                             "pending": self.pending, "replaced": self.replaced, "rng": self.ctx.rng.getstate()})
+                             "pending": self.pending, "replaced": self.replaced, "since": self.since, "rng": self.ctx.rng.getstate()})
 
     def restore(self, blob: bytes) -> None:
         """Go on from a :meth:`snapshot` taken on this chain and contract (and no other: the
@@ -127,6 +138,7 @@ class LedgerCore:
         self.withdrawn = defaultdict(int, state["withdrawn"])
         self.pending = state.get("pending", {})  # (a state saved before the ledger waited for blocks: none)
         self.replaced = state.get("replaced", {})
+        self.since = state.get("since", {})
         self.ctx.rng.setstate(state["rng"])
 
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
@@ -236,52 +248,60 @@ class LedgerCore:
     def tick(self, seconds: float) -> list[m.Envelope]:
         """Answer the transactions sent and since mined, and the greetings whose funding was (each
         tick: a second); the others wait on, but for one the chain will not mine: its gas price has
-        fallen below the base fee, or the node dropped it. Its signer signs it again (a greeting's
-        top-up the node dropped, the ledger sends again)."""
+        fallen below the base fee, the node dropped it, or it has stayed in the pool for ``PATIENCE``
+        blocks (block producers took better tips). Its signer signs it again (a greeting's top-up, the ledger sends again)."""
         out = []
-        floor = functools.cache(self.chain.base_fee)  # read once a tick, and only if a transaction waits
+        # read once a tick, and only if a transaction waits
+        now = SimpleNamespace(floor=functools.cache(self.chain.base_fee), block=functools.cache(self.chain.block_number))
         for tx_hash, (env, tx) in list(self.pending.items()):
             try:
-                out += self._waited(tx_hash, env, tx, floor)
+                out += self._waited(tx_hash, env, tx, now)
             except OSError as exc:  # the node away: asked again at the next tick
                 log.warning("receipt not read", tx_hash=tx_hash, reason=_unanswered(exc))
                 break
+        self.since = {h: b for h, b in self.since.items() if h in self.pending}
         return out
 
-    def _waited(self, tx_hash: str, env: m.Envelope, tx: chain.RawTx | None, floor) -> list[m.Envelope]:
+    def _waited(self, tx_hash: str, env: m.Envelope, tx: chain.RawTx | None, now) -> list[m.Envelope]:
         """What a transaction sent, or a greeting's top-up, calls for now: its answer once mined;
-        a top-up the node dropped, sent again; a transaction the chain will not mine, signed again
-        by its signer; nothing while it may still be mined (it stays in ``pending``)."""
+        a transaction the chain will not mine, signed again by its signer (a top-up, sent again
+        by the ledger); nothing while it may still be mined (it stays in ``pending``)."""
         receipt = self.chain.mined(tx_hash)
-        if receipt is None and tx is None:
-            if self.chain.pooled(tx_hash):
-                return []
-            funding = self.chain.fund(env.payload.address)  # dropped by the node: sent again
-            if funding is not None:  # (the same transfer has the same hash)
-                del self.pending[tx_hash]
-                self.pending[funding] = (env, None)
-                return []
-            answer = self._info(env)  # funded meanwhile
-        elif receipt is None:
-            stranded = self._stranded(tx_hash, tx, floor())
-            if not stranded:
-                return []
-            answer = [self._receipt(env, env.payload, None, stranded, tx.sender, sign_again=tx)]
-            log.info("transaction stranded", sender=env.sender, function=env.payload.function, tx_hash=tx_hash,
-                     reason=stranded)
-            self.replaced[_slot(tx)] = tx_hash
-        else:
-            answer = self._info(env) if tx is None else self._relayed(env, tx, receipt, self.chain.outcome(receipt, tx))
-        del self.pending[tx_hash]  # (only once answered: a node that fails meanwhile leaves it for the next tick)
+        if receipt is not None:
+            del self.pending[tx_hash]
+            return self._info(env) if tx is None else self._relayed(env, tx, receipt, self.chain.outcome(receipt, tx))
+        held = self.chain.held(tx_hash)
+        waited = now.block() - self.since.setdefault(tx_hash, now.block())
+        stranded, outbid = self._stranded(tx or held, held is not None, now.floor, waited)
+        if not stranded:
+            return []
+        log.info("transaction stranded", sender=env.sender, function=env.type if tx is None else env.payload.function,
+                 tx_hash=tx_hash, reason=stranded)
+        if tx is None:  # a greeting's top-up: the ledger sends it again (a dropped one, the same transfer)
+            funding = self.chain.fund_again(tx_hash, held, *self._advice(held, outbid)) if held else self.chain.fund(
+                env.payload.address)
+            del self.pending[tx_hash]  # (only once done: a node that fails meanwhile leaves it for the next tick)
+            if funding is None:  # mined at once, or funded meanwhile
+                return self._info(env)
+            self.pending[funding] = (env, None)
+            return []
+        answer = [self._receipt(env, env.payload, None, stranded, tx.sender, sign_again=tx, outbid=outbid)]
+        del self.pending[tx_hash]
+        self.replaced[_slot(tx)] = tx_hash
         return answer
 
-    def _stranded(self, tx_hash: str, tx: chain.RawTx, floor: int) -> str:
-        """Why the chain will not mine a transaction sent and not mined yet ("" while it may)."""
-        if tx.gas_price < floor:
-            return f"not mined: its gas price ({tx.gas_price} wei) fell below the chain's base fee ({floor} wei)"
-        if not self.chain.pooled(tx_hash):
-            return "not mined: the chain node no longer holds it"
-        return ""
+    @staticmethod
+    def _stranded(tx: chain.RawTx | None, held: bool, floor, waited: int) -> tuple[str, bool]:
+        """Why the chain will not mine a transaction sent and not mined yet ("" while it may), and
+        whether the reason is its tip (others outbid it); ``tx`` None: a top-up the node dropped."""
+        if tx is not None and tx.gas_price < floor():
+            return f"not mined: its gas price ({tx.gas_price} wei) fell below the chain's base fee ({floor()} wei)", False
+        if not held:
+            return "not mined: the chain node no longer holds it", False
+        if waited >= PATIENCE:
+            return (f"not mined in {waited} blocks at a tip of {tx.tip} wei: the chain's block producers took "
+                    "others first", True)
+        return "", False
 
     def _check(self, env: m.Envelope, req: m.TxRequest, tx: chain.RawTx) -> None:
         require(tx.to == self.chain.address, "transaction is not addressed to the escrow contract")
@@ -298,21 +318,29 @@ class LedgerCore:
             chain.check_metric_proofs(function, args, req.proof, self.chain.key_hash(args[0]))
 
     def _receipt(self, env, req, receipt, reason: str, sender: str,
-                 sign_again: chain.RawTx | None = None) -> m.Envelope:
-        """The signer's receipt, with the prices to sign at now; with ``sign_again``, the transaction
-        to sign again, at prices that also replace it in a node that still holds it (geth's pool
-        takes a replacement only at 10 % more, fee cap and tip: a node may say it dropped a
-        transaction that it still holds, behind a load balancer)."""
-        price, tip = self.chain.prices()
-        if sign_again is not None:
-            price = max(price, sign_again.gas_price * 9 // 8 + 1)
-            tip = None if tip is None else min(max(tip, sign_again.tip * 9 // 8 + 1), price)
+                 sign_again: chain.RawTx | None = None, outbid: bool = False) -> m.Envelope:
+        """The signer's receipt, with the prices to sign at now (:meth:`_advice`); with
+        ``sign_again``, the transaction to sign again."""
+        price, tip = self._advice(sign_again, outbid)
         payload = m.TxReceipt(
             function=req.function, tx_hash=None if receipt is None else "0x" + bytes(receipt.transactionHash).hex(),
             mined=receipt is not None, ok=receipt is not None and receipt.status == 1,
             gas_used=0 if receipt is None else receipt.gasUsed, reason=reason, next_nonce=self.chain.nonce(sender),
             gas_price=price, tip=tip, sign_again=sign_again is not None)
         return self.ctx.reply(env, payload)
+
+    def _advice(self, old: chain.RawTx | None = None, outbid: bool = False) -> tuple[int, int | None]:
+        """The prices to sign at now (:meth:`Chain.prices`). In place of ``old``: prices that
+        also replace it in a node that still holds it (a node may say it dropped a transaction
+        that it still holds, behind a load balancer), and, ``outbid``, twice its tip (twice its
+        price on a chain without a base fee): raised each ``PATIENCE`` blocks, a tip reaches what
+        block producers take in a few rounds."""
+        if old is None:
+            return self.chain.prices()
+        price, tip = self.chain.prices(max(TIP, 2 * old.tip if outbid else _raised(old.tip)))
+        if tip is None:  # a chain without a base fee: the price is all there is
+            return max(price, 2 * old.gas_price if outbid else _raised(old.gas_price)), None
+        return max(price, _raised(old.gas_price)), tip
 
     def _publish(self, env: m.Envelope, receipt) -> list[m.Envelope]:
         out = []

@@ -19,6 +19,9 @@ FAUCET_TOPUP = 100 * 10**18
 PLAIN_TRANSFER_GAS = 21_000
 TIP = 10**9  # wei per gas for the block's producer above the base fee (1 gwei, anvil's own default)
 QUICK = 0.5  # seconds a relayed transaction is waited for before the ledger moves on (see send)
+#: Blocks a transaction priced above the base fee may wait in the pool before its tip is raised: block
+#: producers take the best tips first, so in a busy spell the parties' fixed one may never be enough.
+PATIENCE = 5
 
 
 class ChainUnavailable(RuntimeError):
@@ -106,6 +109,23 @@ class Chain:
         transfer = {"from": self.faucet, "to": to, "value": FAUCET_TOPUP}
         if not self.w3.eth.get_code(to):  # a plain account: a transfer's fixed gas, no estimate (half the time)
             transfer["gas"] = PLAIN_TRANSFER_GAS
+        return self._transfer(transfer)
+
+    def fund_again(self, tx_hash: str, held: chain.RawTx, price: int, tip: int | None) -> str | None:
+        """Send a top-up the node holds but will not mine again at these prices, at its nonce (the
+        node takes it in place of the first); its hash, or None if mined within ``QUICK`` seconds.
+        A node that refuses it keeps the first, which is waited for on: its hash (the first mined
+        meanwhile, say: its nonce is used)."""
+        transfer = {"from": held.sender, "to": held.to, "value": held.value, "gas": held.gas, "nonce": held.nonce}
+        transfer.update({"gasPrice": price} if tip is None else {"maxFeePerGas": price, "maxPriorityFeePerGas": tip})
+        try:
+            return self._transfer(transfer)
+        except OSError:
+            raise
+        except Exception:
+            return tx_hash
+
+    def _transfer(self, transfer: dict) -> str | None:
         tx_hash = self.w3.eth.send_transaction(transfer)
         return None if self._quickly(tx_hash) is not None else "0x" + bytes(tx_hash).hex()
 
@@ -116,15 +136,15 @@ class Chain:
         except TimeExhausted:
             return None
 
-    def prices(self) -> tuple[int, int | None]:
+    def prices(self, tip: int = TIP) -> tuple[int, int | None]:
         """What parties sign at: on a chain with a base fee, a fee cap of twice the next block's
-        (so that a rising fee does not strand them at once) and a tip of ``TIP``; without one, twice
+        (so that a rising fee does not strand them at once) and a tip of ``tip``; without one, twice
         the node's price and no tip (a legacy transaction). Not from the node's suggestion where
         there is a base fee: anvil's and geth's follow the tips of recent blocks, which at legacy
         prices were ours (everything above the base fee is tip), so each price raised the next (a
         trial on anvil: 3 gwei to 755 in two steps)."""
         base = self.base_fee()
-        return (2 * base + TIP, TIP) if base else (2 * self.w3.eth.gas_price, None)
+        return (2 * base + tip, tip) if base else (2 * self.w3.eth.gas_price, None)
 
     def base_fee(self) -> int:
         """The least gas price the next block takes (0 on a chain without EIP-1559 fees); the last
@@ -213,13 +233,23 @@ class Chain:
             return self.reason(exc)
         return "reverted"
 
-    def pooled(self, tx_hash: bytes) -> bool:
+    def block_number(self) -> int:
+        return self.w3.eth.block_number
+
+    def pooled(self, tx_hash: bytes | str) -> bool:
         """Whether the node holds this transaction, mined or waiting to be."""
+        return self.held(tx_hash) is not None
+
+    def held(self, tx_hash: bytes | str) -> chain.RawTx | None:
+        """The transaction the node holds under this hash, mined or waiting to be (None if none)."""
         try:
-            self.w3.eth.get_transaction(tx_hash)
+            tx = self.w3.eth.get_transaction(tx_hash)
         except TransactionNotFound:
-            return False
-        return True
+            return None
+        cap = tx.get("maxFeePerGas") or tx["gasPrice"]
+        return chain.RawTx(sender=tx["from"], nonce=tx["nonce"], to=tx["to"], value=tx["value"],
+                           data=bytes(tx["input"]), gas=tx["gas"], gas_price=cap,
+                           tip=tx.get("maxPriorityFeePerGas", cap))
 
     def mined(self, tx_hash: bytes | str):
         """The receipt of this transaction if the chain has mined it, else None."""
