@@ -965,17 +965,17 @@ def test_a_transaction_ahead_of_its_senders_earlier_one_waits_for_it_instead_of_
                                                                           (True, "NothingToWithdraw", 2)]
 
 
-async def relay_through_outage(anvil, outage: float, bus_kwargs: dict) -> m.TxReceipt:
+async def relay_through_outage(anvil, outage: float, **ledger_kwargs) -> m.TxReceipt:
     """A party's transaction sent to a ledger agent on the broker while the node behind it is down
     for ``outage`` seconds; the receipt the party hears."""
     url, w3 = anvil
     relay = Outage(int(url.rsplit(":", 1)[1]))
     tag = uuid.uuid4().hex[:6]
     ledger_name, party_name = f"ledger-{tag}", f"buyer-{tag}"
-    core = LedgerCore(context(LEDGER), Chain(relay.url))
+    core = LedgerCore(context(LEDGER), Chain(relay.url), **ledger_kwargs)
     party = Party(party_name, core)
     [request] = party.ctx.wallet.call(party.ctx, f"job-{tag}", 0, "withdraw", [])
-    bus = await AmqpBus(AMQP_URL, **bus_kwargs).connect()
+    bus = await AmqpBus(AMQP_URL).connect()
     agent = Agent("ledger", ledger_name, core, bus)
     receipts = []
 
@@ -1003,20 +1003,45 @@ async def relay_through_outage(anvil, outage: float, bus_kwargs: dict) -> m.TxRe
         relay.down()
 
 
-async def test_a_ledger_rides_out_a_node_outage_of_seconds(anvil):
-    """The node behind the ledger stops answering for 5 s as a party's transaction arrives (a node
-    restarting, a network blip): the ledger's handler fails at once (web3's own retries do not
-    take requests' connection errors), the bus retries after 2 s and after 8 s more, and the
-    third attempt goes through. Retried at once, as the bus did, the three attempts were spent in
-    milliseconds and the party got no receipt."""
-    receipt = await relay_through_outage(anvil, 5, {})
+async def test_a_ledger_rides_out_a_node_outage_of_longer_than_its_retries(anvil):
+    """The node behind the ledger stops answering for 12 s as a party's transaction arrives (a node
+    restarting, an RPC provider's outage or rate limit). The request was retried by the bus after
+    2 s and 8 s more, then given up: an outage over about 10 s failed the party's transaction, and
+    its job with it. (Before that, retried at once, the three attempts were spent in milliseconds.)
+    The ledger now keeps the request and sends it at the first tick the node answers."""
+    receipt = await relay_through_outage(anvil, 12)
     assert receipt.mined and receipt.function == "withdraw", receipt.reason
     assert receipt.reason == "NothingToWithdraw"  # the contract's answer: it did reach the chain
 
 
 async def test_a_ledger_that_cannot_reach_its_node_tells_the_signer_instead_of_going_silent(anvil):
-    """The outage outlasts the retries: the party hears its transaction was not mined, and why,
-    instead of waiting out its round timeout for a receipt that never comes."""
-    receipt = await relay_through_outage(anvil, 2, {"retry_delays": (0.2, 0.2)})
+    """The outage outlasts the ledger's patience (10 minutes; 1 s here): the party hears its
+    transaction was not mined, and why, instead of waiting out its round timeout for a receipt that
+    never comes."""
+    receipt = await relay_through_outage(anvil, 3, node_patience=1.0)
     assert not receipt.mined and not receipt.ok and receipt.next_nonce is None  # the node still away
-    assert "gave it up after 3 attempts: the chain node did not answer" in receipt.reason
+    assert "gave it up: the chain node did not answer for" in receipt.reason
+
+
+def test_requests_kept_while_the_node_is_away_go_in_order_and_outlive_a_restart(anvil):
+    """A party's two transactions come while the node is away: both are kept, in order (a node
+    would hold the second until the first came), with the ledger's state, so a ledger restarted
+    from it sends them once its node answers, and each signer hears of each."""
+    url, w3 = anvil
+    relay = Outage(int(url.rsplit(":", 1)[1]))
+    try:
+        core = LedgerCore(context(LEDGER), Chain(relay.url))
+        party = Party(f"buyer-{uuid.uuid4().hex[:6]}", core)
+        requests = [party.ctx.wallet.call(party.ctx, "j", 0, "withdraw", [])[0] for _ in range(2)]
+        relay.down()
+        for request in requests:
+            assert core.handle(sign(request, party.ctx.wallet.private_key)) == []
+        assert core.tick(1.0) == [] and [env.message_id for env, _ in core.kept] == [r.message_id for r in requests]
+        restarted = LedgerCore(context(LEDGER), Chain(url, contract=core.chain.address))
+        restarted.restore(core.snapshot())
+        party.deliver(restarted.tick(1.0))
+        assert [(r.mined, r.reason, r.next_nonce) for r in party.receipts] == [(True, "NothingToWithdraw", 1),
+                                                                              (True, "NothingToWithdraw", 2)]
+        assert not restarted.kept and restarted.tick(1.0) == []
+    finally:
+        relay.down()

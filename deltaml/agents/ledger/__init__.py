@@ -26,6 +26,10 @@ bound to its address as well as its name). A request delivered again (the
 ledger stopped before it acknowledged it) is answered from the chain: the
 receipt and events of the transaction already mined, not a second send.
 
+A request that comes while the node does not answer (and every one after it,
+in order) is kept and handled at the first tick the node answers; after
+``NODE_PATIENCE`` seconds its signer is told it was given up.
+
 A ledger restarted without its state on the same escrow (``--contract``)
 goes on too: a request from a party that greeted the ledger before it is
 taken from the address that signed both envelope and transaction, and a job
@@ -51,7 +55,7 @@ from eth_utils import is_address, to_checksum_address
 from ...protocol import chain
 from ...protocol import messages as m
 from ...protocol.auth import signer
-from ...protocol.errors import ProtocolError, Transient
+from ...protocol.errors import ProtocolError
 from ...protocol.machine import Context, require
 from ..bus import MAX_ATTEMPTS
 from ..topology import PROGRESS, address_recipient
@@ -64,8 +68,9 @@ JOB_FUNCTIONS = {"createJob", "cancel", "setParticipants", "confirm", "drop", "r
                  "abandon", "settle"}
 
 
-class NodeUnreachable(Transient):
-    """The chain node did not answer: the request is retried after a wait."""
+#: Seconds the ledger keeps requests that came while its chain node did not answer (a node restarting,
+#: an RPC provider's outage or rate limit) before it tells their signers it gave them up.
+NODE_PATIENCE = 600.0
 
 
 def _unanswered(exc: OSError) -> str:
@@ -99,9 +104,10 @@ def saved_contract(blob: bytes) -> str:
 class LedgerCore:
     """Registers parties, checks and relays their transactions, fans chain events out."""
 
-    def __init__(self, ctx: Context, chain_: Chain) -> None:
+    def __init__(self, ctx: Context, chain_: Chain, node_patience: float = NODE_PATIENCE) -> None:
         self.ctx = ctx
         self.chain = chain_
+        self.node_patience = node_patience
         self.addresses: dict[str, str] = {}            # party name → address
         self.jobs: dict[bytes, str] = {}               # contract job key → job id
         self.parties: dict[str, set[str]] = defaultdict(set)  # job id → addresses (lower)
@@ -114,6 +120,8 @@ class LedgerCore:
         self.replaced: dict[str, str] = {}
         # a pending transaction's (or top-up's) first tick unmined: hash → the chain's block number then
         self.since: dict[str, int] = {}
+        # requests that came while the node did not answer, in order, each with the seconds it has waited
+        self.kept: list[tuple[m.Envelope, float]] = []
 
     def snapshot(self) -> bytes:
         """Who is who and each job's parties, for ``--state-dir``: a ledger restarted on the same
@@ -121,7 +129,7 @@ class LedgerCore:
         return pickle.dumps({"chain": saved_chain(self.chain.chain_id, self.chain.address),
                              "addresses": self.addresses, "jobs": self.jobs,
                              "parties": dict(self.parties), "gas": dict(self.gas), "withdrawn": dict(self.withdrawn),
-                             "pending": self.pending, "replaced": self.replaced, "since": self.since, "rng": self.ctx.rng.getstate()})
+                             "pending": self.pending, "replaced": self.replaced, "since": self.since, "kept": self.kept, "rng": self.ctx.rng.getstate()})
 
     def restore(self, blob: bytes) -> None:
         """Go on from a :meth:`snapshot` taken on this chain and contract (and no other: the
@@ -139,13 +147,38 @@ class LedgerCore:
         self.pending = state.get("pending", {})  # (a state saved before the ledger waited for blocks: none)
         self.replaced = state.get("replaced", {})
         self.since = state.get("since", {})
+        self.kept = state.get("kept", [])
         self.ctx.rng.setstate(state["rng"])
 
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
-        try:
-            return self._handle(env)
-        except OSError as exc:
-            raise NodeUnreachable(_unanswered(exc)) from None
+        """Handle a request; one that comes while the node does not answer, or behind one that
+        did (a sender's transactions must reach the chain in order), is kept: acknowledged, and
+        handled at the first tick the node answers, in the order they came."""
+        if not self.kept:
+            try:
+                return self._handle(env)
+            except OSError as exc:
+                log.warning("chain node away: request kept", type=env.type, sender=env.sender,
+                            reason=_unanswered(exc))
+        self.kept.append((env, 0.0))
+        return []
+
+    def _handle_kept(self) -> list[m.Envelope]:
+        """The kept requests, in the order they came, until the node fails to answer again. One
+        that cannot be handled now (refused, or a nonce ahead of the chain's) gets the answer of a
+        request given up: it was acknowledged, and nobody will send it again."""
+        out = []
+        while self.kept:
+            env, _ = self.kept[0]
+            try:
+                out += self._handle(env)
+            except OSError:
+                break
+            except Exception as exc:
+                log.warning("kept request given up", type=env.type, sender=env.sender, reason=str(exc))
+                out += self.fault(env, f"the ledger could not relay it: {exc}")
+            self.kept.pop(0)
+        return out
 
     def _handle(self, env: m.Envelope) -> list[m.Envelope]:
         if env.type == "chain_hello":
@@ -156,12 +189,13 @@ class LedgerCore:
             return [self.ctx.reply(env, self.chain.standing(chain.job_key(env.job_id)))]
         raise ProtocolError(f"the ledger takes chain_hello, tx_request and escrow_query, not {env.type}")
 
-    def fault(self, env: m.Envelope) -> list[m.Envelope]:
-        """A transaction the ledger could not relay, its retries spent (the node did not answer for
-        seconds): the signer is told it was not mined, rather than waiting for a receipt that will
-        not come (STYLE §4), with the chain's count of its transactions if the node answers by then
-        (its wallet follows it). The reason stays generic: the error may quote the node's URL, which
-        can carry an API key."""
+    def fault(self, env: m.Envelope, reason: str = "") -> list[m.Envelope]:
+        """A transaction the ledger could not relay, its retries spent (an earlier transaction of
+        the sender had not reached the chain) or kept for ``node_patience`` seconds without the
+        node answering: the signer is told it was not mined, rather than waiting for a receipt that
+        will not come (STYLE §4), with the chain's count of its transactions if the node answers by
+        then (its wallet follows it). The reason stays generic: the error may quote the node's URL,
+        which can carry an API key."""
         if env.type != "tx_request":
             return []
         try:  # the chain's count if the node answers now; else the wallet keeps its own
@@ -169,9 +203,9 @@ class LedgerCore:
         except Exception:
             next_nonce = None
         payload = m.TxReceipt(function=env.payload.function, tx_hash=None, mined=False, ok=False, gas_used=0,
-                              reason=f"the ledger gave it up after {MAX_ATTEMPTS} attempts: the chain node did "
-                                     "not answer, an earlier transaction of the sender had not reached it, or "
-                                     "the ledger failed (its log says which)",
+                              reason=reason or f"the ledger gave it up after {MAX_ATTEMPTS} attempts: an earlier "
+                                               "transaction of the sender had not reached the chain, or the ledger "
+                                               "failed (its log says which)",
                               next_nonce=next_nonce)
         return [self.ctx.reply(env, payload)]
 
@@ -250,7 +284,7 @@ class LedgerCore:
         tick: a second); the others wait on, but for one the chain will not mine: its gas price has
         fallen below the base fee, the node dropped it, or it has stayed in the pool for ``PATIENCE``
         blocks (block producers took better tips). Its signer signs it again (a greeting's top-up, the ledger sends again)."""
-        out = []
+        out = self._kept_on(seconds)
         # read once a tick, and only if a transaction waits
         now = SimpleNamespace(floor=functools.cache(self.chain.base_fee), block=functools.cache(self.chain.block_number))
         for tx_hash, (env, tx) in list(self.pending.items()):
@@ -261,6 +295,17 @@ class LedgerCore:
                 break
         self.since = {h: b for h, b in self.since.items() if h in self.pending}
         return out
+
+    def _kept_on(self, seconds: float) -> list[m.Envelope]:
+        """The kept requests handled if the node answers now; those kept ``node_patience`` seconds
+        given up (their signers told)."""
+        self.kept = [(env, waited + seconds) for env, waited in self.kept]
+        out = []
+        while self.kept and self.kept[0][1] >= self.node_patience:
+            env, waited = self.kept.pop(0)
+            log.warning("kept request given up", type=env.type, sender=env.sender, seconds=round(waited))
+            out += self.fault(env, f"the ledger gave it up: the chain node did not answer for {waited:.0f} s")
+        return out + self._handle_kept()
 
     def _waited(self, tx_hash: str, env: m.Envelope, tx: chain.RawTx | None, now) -> list[m.Envelope]:
         """What a transaction sent, or a greeting's top-up, calls for now: its answer once mined;
