@@ -32,8 +32,10 @@ async def _amqp_job(config: DemoConfig, data: Dataset, daemons: DemoDaemons,
     from ..agents.amqp import AmqpBus
 
     bus = await AmqpBus(url).connect()
+    agents: list[Agent] = []
     try:
         ledger, ledger_agent = make_ledger(bus, config.chain, daemons.ledger_key)
+        agents.append(ledger_agent)
         await ledger_agent.start()
         # the buyer's key is made while the daemons start (they need it only in the job request)
         public, key = await asyncio.to_thread(make_key)
@@ -43,12 +45,15 @@ async def _amqp_job(config: DemoConfig, data: Dataset, daemons: DemoDaemons,
             workers.warm(public)
             core.ctx.map = workers.map
         buyer = Agent("buyer", "buyer", core, bus, pinned=daemons.trust)
+        agents.append(buyer)
         await buyer.start()
         job_id = uuid.uuid4().hex
         job = await run_buyer_job(buyer, spec, on_progress=on_progress, job_id=job_id)
         job = await withdrawals(ledger, buyer.core, job_id)
     finally:
         timings = daemons.stop()
+        for agent in agents:  # their tickers first: a tick publishing on a closing bus fails
+            await agent.stop()
         await bus.close()
     timings.update({"buyer-buyer": buyer.policy.busy, "ledger-ledger": ledger_agent.policy.busy})
     return public, (job, job_id, [], ledger, timings)
