@@ -22,7 +22,7 @@ from deltaml.agents.agent import Agent
 from deltaml.agents.amqp import AmqpBus
 from deltaml.agents.bus import Outcome, Verdict
 from deltaml.agents.ledger import FAUCET_TOPUP, Chain, ChainUnavailable, LedgerCore
-from deltaml.agents.ledger.node import PATIENCE, TIP, NonceAhead
+from deltaml.agents.ledger.node import PATIENCE, TIP, NonceAhead, shown
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.agents.runtime import run_buyer_job
 from deltaml.agents.topology import address_recipient
@@ -289,6 +289,16 @@ def test_the_ledger_takes_only_its_messages(ledger):
 def test_no_node_at_the_url_is_one_clear_error():
     with pytest.raises(ChainUnavailable, match="no Ethereum node answers"):
         Chain("http://127.0.0.1:1")
+
+
+def test_a_nodes_url_is_shown_without_what_may_be_an_api_key():
+    """RPC providers put the API key in the URL's path, query or user part; the error said the
+    URL whole, and a daemon's log kept it."""
+    with pytest.raises(ChainUnavailable) as refused:
+        Chain("http://user:s3cret@127.0.0.1:1/v3/0123abcd?key=zz9")
+    assert "at http://127.0.0.1:1/… (" in str(refused.value)
+    assert not any(secret in str(refused.value) for secret in ("s3cret", "0123abcd", "zz9", "user"))
+    assert shown("http://127.0.0.1:8545") == "http://127.0.0.1:8545" and shown("nonsense") == "the given URL"
 
 
 # ---- the whole job against a real anvil ----------------------------------------------------

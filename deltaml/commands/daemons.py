@@ -28,8 +28,10 @@ def cmd_demo(args) -> int:
     try:
         report = run_demo(config, args.bus, _progress, amqp_url=args.amqp_url)
     except KeyboardInterrupt:
+        from ..agents.ledger.node import shown
+
         kept = ("" if args.chain == "embedded" else
-                f"; its throw-away buyer key leaves the deposit in the escrow on {args.chain}")
+                f"; its throw-away buyer key leaves the deposit in the escrow on {shown(args.chain)}")
         print(f"deltaml: interrupted: the demo's job is dropped and its daemons are stopped; nothing is "
               f"kept{kept}", file=sys.stderr)
         raise
@@ -125,6 +127,7 @@ def cmd_aggregator(args) -> int:
 
 def cmd_ledger(args) -> int:
     from ..agents.ledger import Chain, ChainUnavailable, LedgerCore
+    from ..agents.ledger.node import shown
     from ..agents.parties import context
     from ..protocol.chain import LEDGER
 
@@ -141,7 +144,7 @@ def cmd_ledger(args) -> int:
         chain = Chain(args.chain, contract=contract)
     except ChainUnavailable as exc:
         raise CliError(str(exc)) from None
-    where = "embedded: this process's own chain, gone when it stops" if args.chain == "embedded" else args.chain
+    where = "embedded: this process's own chain, gone when it stops" if args.chain == "embedded" else shown(args.chain)
     print(f"ledger: escrow contract {chain.address} on chain {chain.chain_id} ({where})", file=sys.stderr)
     return _serve("ledger", LEDGER, LedgerCore(context(LEDGER), chain), args, {"chain": args.chain},
                   key=key.private_key)

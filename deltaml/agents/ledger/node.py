@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from eth_utils import is_address, to_checksum_address
 from web3 import Web3
@@ -22,6 +23,20 @@ QUICK = 0.5  # seconds a relayed transaction is waited for before the ledger mov
 #: Blocks a transaction priced above the base fee may wait in the pool before its tip is raised: block
 #: producers take the best tips first, so in a busy spell the parties' fixed one may never be enough.
 PATIENCE = 5
+
+
+def shown(url: str) -> str:
+    """A node's URL as messages and logs may show it: scheme, host and port only, since providers
+    put API keys in the path, the query or the user part (``/…`` says something was left out)."""
+    try:
+        parts = urlsplit(url)
+        host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
+    except ValueError:  # a port that is no number
+        host = None
+    if not host:
+        return "the given URL"
+    hidden = parts.path.strip("/") or parts.query or parts.fragment or parts.username or parts.password
+    return f"{parts.scheme}://{host}" + ("/…" if hidden else "")
 
 
 class ChainUnavailable(RuntimeError):
@@ -53,7 +68,7 @@ class Chain:
         else:
             self.w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
             if not self.w3.is_connected():
-                raise ChainUnavailable(f"no Ethereum node answers at {url} (start one, e.g. `anvil`, or use --chain embedded)")
+                raise ChainUnavailable(f"no Ethereum node answers at {shown(url)} (start one, e.g. `anvil`, or use --chain embedded)")
         self.url = url
         art = chain.artifact()
         accounts = self.w3.eth.accounts
@@ -82,7 +97,7 @@ class Chain:
             raise ChainUnavailable(f"--contract {contract}: not an Ethereum address")
         code = bytes(self.w3.eth.get_code(to_checksum_address(contract)))
         if not code:
-            raise ChainUnavailable(f"--contract {contract}: no contract at that address on {self.url}")
+            raise ChainUnavailable(f"--contract {contract}: no contract at that address on {shown(self.url)}")
         if code != bytes.fromhex(art["deployed_bytecode"].removeprefix("0x")):
             raise ChainUnavailable(f"--contract {contract}: holds other code than this version's "
                                    f"{art['contract']} (deploy it with the ledger's default, no --contract)")
