@@ -57,6 +57,18 @@ class Books:
     wei_lost: int = 0
 
 
+def last_step_outputs(trace: Path) -> frozenset[str]:
+    """The ids of the messages a trace's last step sent: a step's answers are recorded before each
+    is published, so a process killed in that step may never have published some of them. A
+    process restarted from its checkpoint publishes them again; one restarted without its state
+    never does (they are the fault, not a loss of the system's)."""
+    last: list[str] = []
+    for line in trace.read_text().splitlines():
+        record = json.loads(line)
+        last = [*last, record["message"]["message_id"]] if record.get("dir") == "out" else []
+    return frozenset(last)
+
+
 class Market:
     """One job's parties on the real broker, with handles to hurt them."""
 
@@ -68,6 +80,7 @@ class Market:
         self.owners = [f"owner-{i}-{self.tag}" for i in range(1, config.owners + 1)]
         self.aggregator_process = aggregator_process
         self.procs: dict[str, subprocess.Popen] = {}
+        self.unsent: frozenset[str] = frozenset()  # ids a killed process may never have published
         self.agents: list[Agent] = []
         self.traces: list[Trace] = []
         self.job_id = uuid.uuid4().hex
@@ -148,10 +161,14 @@ class Market:
         """(role, name) of this market's own queues (the ledger's is shared)."""
         return [*(("owner", o) for o in self.owners), ("aggregator", self.aggregator), ("buyer", self.buyer_name)]
 
-    def kill(self, name: str) -> None:
-        """SIGKILL: no goodbye, no flush beyond what was written."""
+    def kill(self, name: str, resumes: bool = False) -> None:
+        """SIGKILL: no goodbye, no flush beyond what was written. Unless it ``resumes`` from its
+        checkpoint (which publishes its last step again), what its last step recorded and may not
+        have published will never come: the books do not count it lost."""
         self.procs[name].send_signal(signal.SIGKILL)
         self.procs[name].wait(timeout=10)
+        if not resumes:
+            self.unsent |= last_step_outputs(self.tmp / f"{name}.jsonl")
 
     # ---- run --------------------------------------------------------------------------------
 
@@ -218,7 +235,8 @@ class Market:
             await asyncio.sleep(0.2)
 
     async def books(self) -> Books:
-        """Account for every message of this job and every wei of its escrow."""
+        """Account for every message of this job and every wei of its escrow (but what a killed
+        process was publishing as it died: :meth:`kill`)."""
         await self.quiet()
         await asyncio.sleep(1.0)  # let the last acks and dead letters land
         books = Books()
@@ -256,7 +274,7 @@ class Market:
         books.dead = len(dead & set(sent))
         books.queued = len(queued & set(sent))
         books.lost = sorted(f"{msg['payload']['type']} → {msg['recipient']}"
-                            for mid, msg in sent.items() if mid not in handled | dead | queued)
+                            for mid, msg in sent.items() if mid not in handled | dead | queued | self.unsent)
         job = self.buyer_job()
         if job_key(self.job_id) in self.ledger.jobs and job.settled:
             books.wei_deposited = job.spec.deposit_wei

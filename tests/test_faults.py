@@ -167,7 +167,7 @@ async def test_the_aggregator_killed_and_restarted_resumes_from_its_checkpoint(m
             await mk.wait_for(lambda: mk.buyer_job() is not None and round_ in mk.buyer_job().published,
                               what=f"the metric of round {round_}")
             await asyncio.sleep(0.3)  # in the middle of the next training round
-            mk.kill(mk.aggregator)
+            mk.kill(mk.aggregator, resumes=True)
             kills += 1
             mk.start_aggregator()
 
