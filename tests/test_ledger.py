@@ -22,7 +22,7 @@ from deltaml.agents.agent import Agent
 from deltaml.agents.amqp import AmqpBus
 from deltaml.agents.bus import Outcome, Verdict
 from deltaml.agents.ledger import FAUCET_TOPUP, Chain, ChainUnavailable, LedgerCore
-from deltaml.agents.ledger.node import PATIENCE, TIP, NonceAhead, shown
+from deltaml.agents.ledger.node import MAX_TIP, PATIENCE, TIP, NonceAhead, shown
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.agents.runtime import run_buyer_job
 from deltaml.agents.topology import address_recipient
@@ -569,6 +569,28 @@ def test_a_transaction_left_in_the_pool_while_blocks_go_by_is_signed_again_with_
         assert answer.payload.tx_hash != first_hash and party.receipts["withdraw"].mined
         assert w3.eth.get_transaction(answer.payload.tx_hash).maxPriorityFeePerGas == 2 * TIP
         assert w3.eth.get_transaction_count(party.wallet.address) == 1 and party.wallet.tip == TIP
+
+
+def test_a_tip_is_raised_up_to_a_ceiling_and_no_further():
+    """Doubled each ``PATIENCE`` blocks without end, a tip in a long spell of full blocks would
+    reach hundreds of gwei; it stops at ``MAX_TIP``, and the transaction then waits."""
+    from deltaml.protocol.chain import RawTx
+
+    core = LedgerCore(context(LEDGER), Chain("embedded"))
+
+    def sent_at(tip):
+        return RawTx(sender=AN_ADDRESS, nonce=0, to=AN_ADDRESS, value=0, data=b"", gas=21_000, gas_price=3 * tip,
+                     tip=tip)
+
+    def next_tip(tip):
+        return core._advice(sent_at(tip), outbid=True)[1]
+
+    assert next_tip(TIP) == 2 * TIP and next_tip(MAX_TIP // 2) == MAX_TIP
+    assert next_tip(MAX_TIP * 5 // 8) == MAX_TIP  # (not twice: 80 gwei)
+    assert next_tip(MAX_TIP * 15 // 16) > MAX_TIP  # enough to replace it, the least above the ceiling
+    waited = 10 * PATIENCE
+    assert core._stranded(sent_at(MAX_TIP // 2), True, core.chain.base_fee, waited)[1]  # raised again
+    assert core._stranded(sent_at(MAX_TIP), True, core.chain.base_fee, waited) == ("", False)  # waits
 
 
 def test_a_greetings_top_up_left_in_the_pool_is_sent_again_with_twice_its_tip():

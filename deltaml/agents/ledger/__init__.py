@@ -16,8 +16,8 @@ alike, once its faucet transfer is mined: the parties greeting together are
 funded in one block). A transaction the chain will not mine at its gas price
 (below the base fee when it comes, or when the fee rises while it waits, or
 dropped by the node) is answered "sign again" with the chain's price, and one
-left in the pool for ``PATIENCE`` blocks with twice its tip (a top-up alike,
-sent again by the ledger itself); the one
+left in the pool for ``PATIENCE`` blocks with twice its tip, up to ``MAX_TIP``
+(a top-up alike, sent again by the ledger itself); the one
 signed again in its place gets the first's receipt if the first is mined
 after all. Every party of the job and
 the progress exchange get each event the contract emitted (``ChainEvent``),
@@ -59,7 +59,7 @@ from ...protocol.errors import ProtocolError
 from ...protocol.machine import Context, require
 from ..bus import MAX_ATTEMPTS
 from ..topology import PROGRESS, address_recipient
-from .node import FAUCET_TOPUP, PATIENCE, TIP, Chain, ChainUnavailable, Underpriced
+from .node import FAUCET_TOPUP, MAX_TIP, PATIENCE, TIP, Chain, ChainUnavailable, Underpriced
 
 __all__ = ["FAUCET_TOPUP", "JOB_FUNCTIONS", "Chain", "ChainUnavailable", "LedgerCore", "saved_chain", "saved_contract"]
 
@@ -89,6 +89,12 @@ def _raised(price: int) -> int:
     """The least price that replaces one of ``price`` in any node's pool (geth's takes a
     replacement at 10 % more, fee cap and tip alike), with room to spare."""
     return price * 9 // 8 + 1
+
+
+def _outbid(tip: int) -> int:
+    """A tip raised for a transaction block producers passed over: twice as much, up to ``MAX_TIP``
+    (and at least enough to replace it)."""
+    return max(_raised(tip), min(2 * tip, MAX_TIP))
 
 
 def saved_chain(chain_id: int, contract: str) -> dict:
@@ -338,12 +344,13 @@ class LedgerCore:
     @staticmethod
     def _stranded(tx: chain.RawTx | None, held: bool, floor, waited: int) -> tuple[str, bool]:
         """Why the chain will not mine a transaction sent and not mined yet ("" while it may), and
-        whether the reason is its tip (others outbid it); ``tx`` None: a top-up the node dropped."""
+        whether the reason is its tip (others outbid it: raised up to ``MAX_TIP``, beyond which it
+        waits); ``tx`` None: a top-up the node dropped."""
         if tx is not None and tx.gas_price < floor():
             return f"not mined: its gas price ({tx.gas_price} wei) fell below the chain's base fee ({floor()} wei)", False
         if not held:
             return "not mined: the chain node no longer holds it", False
-        if waited >= PATIENCE:
+        if waited >= PATIENCE and tx.tip < MAX_TIP:
             return (f"not mined in {waited} blocks at a tip of {tx.tip} wei: the chain's block producers took "
                     "others first", True)
         return "", False
@@ -382,9 +389,9 @@ class LedgerCore:
         block producers take in a few rounds."""
         if old is None:
             return self.chain.prices()
-        price, tip = self.chain.prices(max(TIP, 2 * old.tip if outbid else _raised(old.tip)))
+        price, tip = self.chain.prices(max(TIP, _outbid(old.tip) if outbid else _raised(old.tip)))
         if tip is None:  # a chain without a base fee: the price is all there is
-            return max(price, 2 * old.gas_price if outbid else _raised(old.gas_price)), None
+            return max(price, _outbid(old.gas_price) if outbid else _raised(old.gas_price)), None
         return max(price, _raised(old.gas_price)), tip
 
     def _publish(self, env: m.Envelope, receipt) -> list[m.Envelope]:

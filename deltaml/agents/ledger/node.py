@@ -23,6 +23,10 @@ QUICK = 0.5  # seconds a relayed transaction is waited for before the ledger mov
 #: Blocks a transaction priced above the base fee may wait in the pool before its tip is raised: block
 #: producers take the best tips first, so in a busy spell the parties' fixed one may never be enough.
 PATIENCE = 5
+#: The most a tip is raised to (wei per gas; the price, on a chain without a base fee): in a spell of
+#: blocks that stay full, a transaction waits there rather than outbid without end (at 64 gwei a
+#: 200,000-gas call pays 0.0128 ETH to the block's producer).
+MAX_TIP = 64 * TIP
 
 
 def shown(url: str) -> str:
