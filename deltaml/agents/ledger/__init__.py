@@ -135,7 +135,8 @@ class LedgerCore:
         return pickle.dumps({"chain": saved_chain(self.chain.chain_id, self.chain.address),
                              "addresses": self.addresses, "jobs": self.jobs,
                              "parties": dict(self.parties), "gas": dict(self.gas), "withdrawn": dict(self.withdrawn),
-                             "pending": self.pending, "replaced": self.replaced, "since": self.since, "kept": self.kept, "rng": self.ctx.rng.getstate()})
+                             "pending": self.pending, "replaced": self.replaced, "since": self.since,
+                             "kept": self.kept, "rng": self.ctx.rng.getstate()})
 
     def restore(self, blob: bytes) -> None:
         """Go on from a :meth:`snapshot` taken on this chain and contract (and no other: the
@@ -157,9 +158,9 @@ class LedgerCore:
         self.ctx.rng.setstate(state["rng"])
 
     def handle(self, env: m.Envelope) -> list[m.Envelope]:
-        """Handle a request; one that comes while the node does not answer, or behind one that
-        did (a sender's transactions must reach the chain in order), is kept: acknowledged, and
-        handled at the first tick the node answers, in the order they came."""
+        """Handle a request. One that comes while the node does not answer, or while earlier ones
+        are kept (a sender's transactions must reach the chain in order), is kept: acknowledged,
+        and handled at the first tick the node answers, in the order they came."""
         if not self.kept:
             try:
                 return self._handle(env)
@@ -288,11 +289,13 @@ class LedgerCore:
     def tick(self, seconds: float) -> list[m.Envelope]:
         """Answer the transactions sent and since mined, and the greetings whose funding was (each
         tick: a second); the others wait on, but for one the chain will not mine: its gas price has
-        fallen below the base fee, the node dropped it, or it has stayed in the pool for ``PATIENCE``
-        blocks (block producers took better tips). Its signer signs it again (a greeting's top-up, the ledger sends again)."""
+        fallen below the base fee, the node dropped it, or it has stayed in the pool for
+        ``PATIENCE`` blocks (block producers took better tips). Its signer signs it again (a
+        greeting's top-up, the ledger sends again). Kept requests go first."""
         out = self._kept_on(seconds)
         # read once a tick, and only if a transaction waits
-        now = SimpleNamespace(floor=functools.cache(self.chain.base_fee), block=functools.cache(self.chain.block_number))
+        now = SimpleNamespace(floor=functools.cache(self.chain.base_fee),
+                              block=functools.cache(self.chain.block_number))
         for tx_hash, (env, tx) in list(self.pending.items()):
             try:
                 out += self._waited(tx_hash, env, tx, now)
@@ -347,7 +350,8 @@ class LedgerCore:
         whether the reason is its tip (others outbid it: raised up to ``MAX_TIP``, beyond which it
         waits); ``tx`` None: a top-up the node dropped."""
         if tx is not None and tx.gas_price < floor():
-            return f"not mined: its gas price ({tx.gas_price} wei) fell below the chain's base fee ({floor()} wei)", False
+            return (f"not mined: its gas price ({tx.gas_price} wei) fell below the chain's base fee "
+                    f"({floor()} wei)", False)
         if not held:
             return "not mined: the chain node no longer holds it", False
         if waited >= PATIENCE and tx.tip < MAX_TIP:
@@ -384,9 +388,9 @@ class LedgerCore:
     def _advice(self, old: chain.RawTx | None = None, outbid: bool = False) -> tuple[int, int | None]:
         """The prices to sign at now (:meth:`Chain.prices`). In place of ``old``: prices that
         also replace it in a node that still holds it (a node may say it dropped a transaction
-        that it still holds, behind a load balancer), and, ``outbid``, twice its tip (twice its
-        price on a chain without a base fee): raised each ``PATIENCE`` blocks, a tip reaches what
-        block producers take in a few rounds."""
+        that it still holds, behind a load balancer), and, ``outbid``, twice its tip up to
+        ``MAX_TIP`` (its price, on a chain without a base fee): raised each ``PATIENCE`` blocks, a
+        tip reaches what block producers take in a few rounds."""
         if old is None:
             return self.chain.prices()
         price, tip = self.chain.prices(max(TIP, _outbid(old.tip) if outbid else _raised(old.tip)))

@@ -72,7 +72,8 @@ class Chain:
         else:
             self.w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
             if not self.w3.is_connected():
-                raise ChainUnavailable(f"no Ethereum node answers at {shown(url)} (start one, e.g. `anvil`, or use --chain embedded)")
+                raise ChainUnavailable(f"no Ethereum node answers at {shown(url)} (start one, e.g. `anvil`, "
+                                       "or use --chain embedded)")
         self.url = url
         art = chain.artifact()
         accounts = self.w3.eth.accounts
