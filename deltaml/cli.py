@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 from .commands.buyer import cmd_buyer_train, cmd_buyer_withdraw
@@ -41,9 +42,28 @@ def _workers_option(p: argparse.ArgumentParser, settings: Settings, work: str) -
                    help=f"processes for {work} (0: one per core; 1: this process only)")
 
 
-def _key(p: argparse.ArgumentParser) -> None:
+def _key(p: argparse.ArgumentParser, settings: Settings) -> None:
     p.add_argument("--key", type=Path, default=None,
                    help="this party's Ethereum key file, created with mode 0600 if missing")
+    _fees(p, settings)
+
+
+def _gwei(text: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except ArithmeticError:  # decimal.InvalidOperation, which argparse does not take for a bad value
+        raise argparse.ArgumentTypeError(f"not a number of gwei: {text!r}") from None
+
+
+def _fees(p: argparse.ArgumentParser, settings: Settings) -> None:
+    """A paying party's ceilings on the prices the ledger advises (``Wallet.follow``)."""
+    p.add_argument("--max-fee-gwei", type=_gwei, default=settings.max_fee_gwei, metavar="GWEI",
+                   help="sign no transaction that may cost more than this per gas (an EIP-1559 fee cap, or a "
+                        "legacy price), whatever the ledger advises; one the chain will only take above it fails")
+    tip = settings.max_tip_gwei if "max_tip_gwei" in settings.model_fields_set else None  # (DELTAML_MAX_TIP_GWEI)
+    p.add_argument("--max-tip-gwei", type=_gwei, default=tip, metavar="GWEI",
+                   help=f"of which at most this for the block's producer (default: {settings.max_tip_gwei}, or "
+                        "--max-fee-gwei if lower)")
 
 
 class HELP(argparse.HelpFormatter):
@@ -98,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="aggregator", help="the party's name on the bus (its queue)")
     _workers_option(p, settings, "the models' gradient steps")
     _common(p, settings)
-    _key(p)
+    _key(p, settings)
     _state(p)
     p.set_defaults(func=cmd_aggregator)
 
@@ -120,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="defaults to the data file's name")
     p.add_argument("--auto-accept", action="store_true", help="join every job the data matches")
     _common(p, settings)
-    _key(p)
+    _key(p, settings)
     _state(p)
     p.set_defaults(func=cmd_owner)
 
@@ -143,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-hours", type=int, default=24,
                    help="after this the escrow can be settled or refunded without the buyer")
     _common(p, settings)
-    _key(p)
+    _key(p, settings)
     p.set_defaults(func=cmd_buyer_train)
 
     p = buyer.add_parser("withdraw", formatter_class=HELP,
@@ -155,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first settle this job (anyone may once it is given up or past its deadline)")
     p.add_argument("--owners", type=int, default=None, help="with --settle: the owners the job enrolled")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the ledger's receipts")
+    _fees(p, settings)
     _common(p, settings, daemon=False)
     p.set_defaults(func=cmd_buyer_withdraw)
 

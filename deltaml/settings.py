@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, get_args
 
+from decimal import Decimal
+
 from pydantic import BeforeValidator, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .protocol.chain.party import GWEI, MAX_FEE, MAX_TIP
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS = get_args(LogLevel)
@@ -28,6 +32,8 @@ class Settings(BaseSettings):
     key_bits: int = 2048
     precompute: bool = True
     workers: int = 0  # the aggregator's and the buyer's processes for per-model work; 0: one per core
+    max_fee_gwei: Decimal = Decimal(MAX_FEE) / GWEI  # the most a party signs for per gas (chain.party)
+    max_tip_gwei: Decimal = Decimal(MAX_TIP) / GWEI
 
     @classmethod
     def from_environment(cls) -> "Settings":

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+from decimal import Decimal
 from pathlib import Path
 
 
@@ -109,14 +110,33 @@ def _wallet(args, role: str | None = None):
     from ..agents.checkpoint import Checkpoint
     from ..agents.parties import load_wallet
 
+    # a paying party's ceilings (the ledger signs no transaction), checked before a key file is made
+    ceilings = _ceilings(args.max_fee_gwei, args.max_tip_gwei) if getattr(args, "max_fee_gwei", None) is not None else None
     path, state_dir = args.key, getattr(args, "state_dir", None)
     if path is None and state_dir is not None and role is not None:
         Checkpoint(state_dir).close()  # the directory made, or refused in one line, as its checkpoint would be
         path = Path(state_dir) / f"{role}.key"
     try:
-        return load_wallet(path)
+        wallet = load_wallet(path)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    if ceilings is not None:
+        wallet.max_fee, wallet.max_tip = ceilings
+    return wallet
+
+
+def _ceilings(fee: Decimal, tip: Decimal | None) -> tuple[int, int]:
+    """``--max-fee-gwei`` and ``--max-tip-gwei`` in wei (the tip's by default the wallet's, or the
+    fee's if lower), or a :class:`CliError` saying what is wrong."""
+    from ..protocol.chain import GWEI, MAX_TIP
+
+    if not fee.is_finite() or fee * GWEI < 1:
+        raise CliError(f"--max-fee-gwei {fee:f}: expected at least one wei (0.000000001 gwei)")
+    if tip is None:
+        return int(fee * GWEI), min(MAX_TIP, int(fee * GWEI))
+    if not tip.is_finite() or tip < 0 or tip > fee:
+        raise CliError(f"--max-tip-gwei {tip:f}: expected 0 to --max-fee-gwei ({fee:f}): the tip is part of the fee")
+    return int(fee * GWEI), int(tip * GWEI)
 
 
 def _workers(args, core, pub=None):

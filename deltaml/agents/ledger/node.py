@@ -25,8 +25,9 @@ QUICK = 0.5  # seconds a relayed transaction is waited for before the ledger mov
 PATIENCE = 5
 #: The most a tip is raised to (wei per gas; the price, on a chain without a base fee): in a spell of
 #: blocks that stay full, a transaction waits there rather than outbid without end (at 64 gwei a
-#: 200,000-gas call pays 0.0128 ETH to the block's producer).
-MAX_TIP = 64 * TIP
+#: 200,000-gas call pays 0.0128 ETH to the block's producer). A wallet's own ceiling by default, which
+#: it would not sign beyond (:data:`deltaml.protocol.chain.party.MAX_TIP`).
+MAX_TIP = chain.party.MAX_TIP
 
 
 def shown(url: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from decimal import Decimal
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
 from eth_account import Account
@@ -15,15 +16,34 @@ from ..ended import EndedJobs
 from ..errors import JobOver, ProtocolError
 from .contract import LEDGER, encode_call, gas_limit, job_key
 
+GWEI = 10**9
+#: The most a wallet signs for per gas unless its party says otherwise (``--max-fee-gwei``): the
+#: fee cap of an EIP-1559 transaction (it pays the base fee and its tip, at most this), or a legacy
+#: price. The ledger advises prices (the chain's), and a wallet follows them only up to this, so a
+#: ledger cannot spend a party's ether on fees (given to a block producer it works with): at the
+#: ceiling, a ``confirm`` costs at most 0.025 ETH and a ``createJob`` 0.1 ETH.
+MAX_FEE = 500 * GWEI
+#: The most of that for the block's producer (``--max-tip-gwei``); the ledger raises a tip passed
+#: over up to this and no further (``deltaml.agents.ledger.node.MAX_TIP``).
+MAX_TIP = 64 * GWEI
+
+
+def gwei(wei: int) -> str:
+    """An amount of wei in gwei, exactly ("0.000000001", "20", "1.5")."""
+    text = f"{Decimal(wei) / GWEI:f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
 
 @dataclass(frozen=True)
 class Signed:
     """A transaction sent to the ledger, until its receipt: what to sign again (the same call at
-    the same nonce) if the chain will not mine it at its price."""
+    the same nonce) if the chain will not mine it at its price, and that price."""
 
     function: str
     nonce: int | None = None  # None, and no call: sent as it was signed before (it cannot be signed again)
     call: tuple | None = None  # (job_id, round, function, args, value, proof, participants)
+    price: int = 0  # its fee cap (or legacy price) and tip
+    tip: int | None = None
 
 
 @dataclass
@@ -36,6 +56,8 @@ class Wallet:
     gas_price: int = 0  # a fee cap where ``tip`` is known (EIP-1559 transactions), else a legacy price
     tip: int | None = None
     nonce: int = 0
+    max_fee: int = MAX_FEE  # its party's ceilings (configuration, not state: not in a snapshot)
+    max_tip: int = MAX_TIP
     greeted: bool = False
     hello_id: str | None = None
     sent: dict[str, Signed] = field(default_factory=dict)  # request message id → its call, until its receipt
@@ -46,7 +68,7 @@ class Wallet:
         return Account.from_key(self.private_key).address
 
     def snapshot(self) -> dict:
-        return copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "private_key"})
+        return copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in _NOT_STATE})
 
     def restore(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -87,7 +109,8 @@ class Wallet:
         raw = Account.sign_transaction(tx, self.private_key).raw_transaction
         request = m.TxRequest(function=function, raw="0x" + bytes(raw).hex(), proof=proof)
         return self.send(ctx, job_id, round_, request,
-                         Signed(function, nonce, (job_id, round_, function, args, value, proof, participants)))
+                         Signed(function, nonce, (job_id, round_, function, args, value, proof, participants),
+                                self.gas_price, self.tip))
 
     def sign_again(self, ctx, signed: Signed) -> list[m.Envelope]:
         """The same call at the same nonce, at the wallet's gas price now (the chain's, learnt from
@@ -104,16 +127,36 @@ class Wallet:
 
     def on_info(self, ctx, info: m.ChainInfo) -> list[m.Envelope]:
         """Learn the chain; sign what was waiting, in order."""
-        self.chain_id, self.contract, self.gas_price, self.tip = info.chain_id, info.contract, info.gas_price, info.tip
+        self.chain_id, self.contract = info.chain_id, info.contract
+        self.follow(info.gas_price, info.tip)
         self.nonce = max(self.nonce, info.nonce)
         queued, self.queue = self.queue, []
         return [self._sign(ctx, *q) for q in queued]
+
+    def follow(self, price: int, tip: int | None) -> None:
+        """Sign at the prices the ledger advises, up to this wallet's ceilings."""
+        self.gas_price = min(price, self.max_fee)
+        self.tip = None if tip is None else min(tip, self.max_tip, self.gas_price)
+
+    def beyond(self, receipt: m.TxReceipt, signed: Signed) -> str:
+        """Why a transaction the chain will not mine at its price is not signed again ("" if it
+        is): the price asked is above this wallet's ceiling, and the one signed was at it already
+        (below it, the wallet signs again at the ceiling, which the chain may still take)."""
+        asked = [(receipt.gas_price or 0, self.max_fee, signed.price, "fee cap", "max-fee")]
+        if receipt.tip is not None:
+            asked.append((receipt.tip, self.max_tip, signed.tip or 0, "tip", "max-tip"))
+        over = [a for a in asked if a[0] > a[1]]
+        if not over or any(ceiling > was for _, ceiling, was, _, _ in over):
+            return ""
+        price, ceiling, _, what, flag = over[0]
+        return (f"not signed again: the chain asks a {what} of {gwei(price)} gwei per gas, above this "
+                f"party's ceiling of {gwei(ceiling)} gwei (--{flag}-gwei)")
 
     def on_receipt(self, receipt: m.TxReceipt) -> None:
         """Follow the chain's price, and its count: a rejected transaction frees its nonce, a mined
         one confirms it; one to sign again keeps it."""
         if receipt.gas_price:
-            self.gas_price, self.tip = receipt.gas_price, receipt.tip
+            self.follow(receipt.gas_price, receipt.tip)
         if receipt.next_nonce is None or receipt.sign_again:
             return
         if not receipt.mined or receipt.next_nonce > self.nonce:
@@ -199,13 +242,20 @@ class ChainParty:
             signed = self.wallet.sent.pop(env.correlation_id or "", None)
             if signed is None:
                 raise ProtocolError("receipt for a transaction this wallet did not send (stale?)")
-            self.wallet.on_receipt(env.payload)
             if isinstance(signed, str):  # (a wallet saved before it kept its calls)
                 signed = Signed(signed)
-            if env.payload.sign_again and signed.call is not None:  # the job never hears of it
+            receipt: m.TxReceipt = env.payload
+            refused = self.wallet.beyond(receipt, signed) if receipt.sign_again and signed.call is not None else ""
+            if refused:  # the job hears of it as of a transaction not mined, and its nonce is free again
+                receipt = receipt.model_copy(update={"sign_again": False, "reason": f"{receipt.reason}; {refused}"})
+                env = env.model_copy(update={"payload": receipt})
+            self.wallet.on_receipt(receipt)
+            if receipt.sign_again and signed.call is not None:  # the job never hears of it
                 again = self.wallet.sign_again(ctx, signed)
                 self.signed_again(env.job_id, again[0].payload)
                 return again
+            if refused:
+                return self.guarded(self._step, env)
         return None
 
     def guarded(self, step, env: m.Envelope) -> list[m.Envelope]:
@@ -218,6 +268,11 @@ class ChainParty:
         except Exception:
             self.wallet.restore(saved)
             raise
+
+
+#: A wallet's fields that are not its state: its key, and its party's ceilings (a restarted party
+#: takes the ones it is started with, not those of its checkpoint).
+_NOT_STATE = ("private_key", "max_fee", "max_tip")
 
 
 def event_for(env: m.Envelope, name: str) -> dict | None:
@@ -269,10 +324,7 @@ class Collector(ChainParty):
         withdraw = self.receipts.get("withdraw")
         return wanted <= set(self.receipts) and not (withdraw.ok and not self.withdrawn_wei)
 
-    def handle(self, env: m.Envelope) -> list[m.Envelope]:
-        out = self.chain_prelude(env, self.ctx)
-        if out is not None:
-            return out
+    def _step(self, env: m.Envelope) -> list[m.Envelope]:
         if env.sender != LEDGER or env.type not in ("tx_receipt", "chain_event"):
             raise JobOver(f"{env.type!r} from {env.sender} is left from a job that ended")
         if env.type == "tx_receipt":
