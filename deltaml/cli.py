@@ -56,7 +56,13 @@ def _gwei(text: str) -> Decimal:
 
 
 def _fees(p: argparse.ArgumentParser, settings: Settings) -> None:
-    """A paying party's ceilings on the prices the ledger advises (``Wallet.follow``)."""
+    """What a paying party's wallet signs, whatever the ledger says: for which escrow and chain
+    (``Wallet.foreign``), and up to which prices (``Wallet.follow``)."""
+    p.add_argument("--escrow", default=settings.escrow, metavar="ADDRESS",
+                   help="sign only calls to this escrow contract (the ledger prints its own when it starts); "
+                        "by default the one the ledger names")
+    p.add_argument("--chain-id", type=int, default=settings.chain_id, metavar="N",
+                   help="sign only for the chain of this id; by default the ledger's")
     p.add_argument("--max-fee-gwei", type=_gwei, default=settings.max_fee_gwei, metavar="GWEI",
                    help="sign no transaction that may cost more than this per gas (an EIP-1559 fee cap, or a "
                         "legacy price), whatever the ledger advises; one the chain will only take above it fails")

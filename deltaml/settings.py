@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     workers: int = 0  # the aggregator's and the buyer's processes for per-model work; 0: one per core
     max_fee_gwei: Decimal = Decimal(MAX_FEE) / GWEI  # the most a party signs for per gas (chain.party)
     max_tip_gwei: Decimal = Decimal(MAX_TIP) / GWEI
+    escrow: str | None = None  # the only escrow contract, and chain, a party signs for
+    chain_id: int | None = None
 
     @classmethod
     def from_environment(cls) -> "Settings":

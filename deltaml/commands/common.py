@@ -110,8 +110,9 @@ def _wallet(args, role: str | None = None):
     from ..agents.checkpoint import Checkpoint
     from ..agents.parties import load_wallet
 
-    # a paying party's ceilings (the ledger signs no transaction), checked before a key file is made
-    ceilings = _ceilings(args.max_fee_gwei, args.max_tip_gwei) if getattr(args, "max_fee_gwei", None) is not None else None
+    # a paying party's ceilings and pins (the ledger signs no transaction), checked before a key file is made
+    paying = getattr(args, "max_fee_gwei", None) is not None
+    terms = (*_ceilings(args.max_fee_gwei, args.max_tip_gwei), *_pins(args.escrow, args.chain_id)) if paying else None
     path, state_dir = args.key, getattr(args, "state_dir", None)
     if path is None and state_dir is not None and role is not None:
         Checkpoint(state_dir).close()  # the directory made, or refused in one line, as its checkpoint would be
@@ -120,9 +121,20 @@ def _wallet(args, role: str | None = None):
         wallet = load_wallet(path)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    if ceilings is not None:
-        wallet.max_fee, wallet.max_tip = ceilings
+    if terms is not None:
+        wallet.max_fee, wallet.max_tip, wallet.escrow, wallet.escrow_chain = terms
     return wallet
+
+
+def _pins(escrow: str | None, chain_id: int | None) -> tuple[str | None, int | None]:
+    """``--escrow`` and ``--chain-id`` as a wallet takes them, or a :class:`CliError`."""
+    from eth_utils import is_address, to_checksum_address
+
+    if escrow is not None and not is_address(escrow):
+        raise CliError(f"--escrow {escrow}: not an Ethereum address (0x and 40 hex digits)")
+    if chain_id is not None and chain_id < 1:
+        raise CliError(f"--chain-id {chain_id}: expected a chain id, 1 or more")
+    return (None if escrow is None else to_checksum_address(escrow)), chain_id
 
 
 def _ceilings(fee: Decimal, tip: Decimal | None) -> tuple[int, int]:

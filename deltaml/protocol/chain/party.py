@@ -58,6 +58,8 @@ class Wallet:
     nonce: int = 0
     max_fee: int = MAX_FEE  # its party's ceilings (configuration, not state: not in a snapshot)
     max_tip: int = MAX_TIP
+    escrow: str | None = None  # the only contract, and chain, it signs for, if its party says (configuration)
+    escrow_chain: int | None = None
     greeted: bool = False
     hello_id: str | None = None
     sent: dict[str, Signed] = field(default_factory=dict)  # request message id → its call, until its receipt
@@ -72,6 +74,21 @@ class Wallet:
 
     def restore(self, state: dict) -> None:
         self.__dict__.update(state)
+        if self.chain_id is not None and self.foreign(self.chain_id, self.contract):  # saved under other pins
+            self.chain_id = self.contract = None
+            self.greeted = False
+
+    def foreign(self, chain_id: int, contract: str) -> str:
+        """Why this wallet signs nothing for ``contract`` on chain ``chain_id`` ("" if it does):
+        its party named another escrow or chain (``--escrow``, ``--chain-id``). The ledger says
+        which contract to call, and a call's value (a deposit) goes there."""
+        if self.escrow is not None and contract.lower() != self.escrow.lower():
+            return (f"the ledger names escrow {contract}; this party signs only for {self.escrow} (--escrow): "
+                    "nothing signed")
+        if self.escrow_chain is not None and chain_id != self.escrow_chain:
+            return (f"the ledger's chain has id {chain_id}; this party signs only for chain {self.escrow_chain} "
+                    "(--chain-id): nothing signed")
+        return ""
 
     def hello(self, ctx) -> m.Envelope:
         """Greet the ledger: it answers with the chain's id, the contract and this address's nonce."""
@@ -235,6 +252,9 @@ class ChainParty:
                 raise ProtocolError("chain info from a party that is not the ledger")
             if env.correlation_id is None or env.correlation_id != self.wallet.hello_id:
                 raise ProtocolError("chain info that answers no greeting of this wallet (stale?)")
+            refused = self.wallet.foreign(env.payload.chain_id, env.payload.contract)
+            if refused:
+                return self._unsigned(env, refused)
             return self.wallet.on_info(ctx, env.payload)
         if env.type == "tx_receipt":
             if env.sender != LEDGER or self.wallet is None:
@@ -258,6 +278,17 @@ class ChainParty:
                 return self.guarded(self._step, env)
         return None
 
+    def _unsigned(self, info: m.Envelope, reason: str) -> list[m.Envelope]:
+        """The calls that waited for the chain, none signed: each job hears of its call as of a
+        transaction not mined, with ``reason``. The next call greets the ledger again."""
+        queued, self.wallet.queue, self.wallet.greeted = self.wallet.queue, [], False
+        out = []
+        for job_id, round_, function, *_ in queued:
+            receipt = m.TxReceipt(function=function, mined=False, ok=False, reason=reason)
+            out += self.guarded(self._step, info.model_copy(update={"job_id": job_id, "round": round_,
+                                                                    "payload": receipt}))
+        return out
+
     def guarded(self, step, env: m.Envelope) -> list[m.Envelope]:
         """Run ``step``; if it refuses the message, the wallet forgets what it signed meanwhile."""
         if self.wallet is None:
@@ -270,9 +301,9 @@ class ChainParty:
             raise
 
 
-#: A wallet's fields that are not its state: its key, and its party's ceilings (a restarted party
-#: takes the ones it is started with, not those of its checkpoint).
-_NOT_STATE = ("private_key", "max_fee", "max_tip")
+#: A wallet's fields that are not its state: its key, and its party's ceilings and pins (a restarted
+#: party takes the ones it is started with, not those of its checkpoint).
+_NOT_STATE = ("private_key", "max_fee", "max_tip", "escrow", "escrow_chain")
 
 
 def event_for(env: m.Envelope, name: str) -> dict | None:

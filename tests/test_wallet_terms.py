@@ -1,11 +1,14 @@
-"""A party pays no more per gas than it agreed to, whatever the ledger advises.
+"""A party's wallet signs on its own terms, whatever the ledger says: for its escrow, on its
+chain, and at no more per gas than it agreed to.
 
-The ledger relays transactions and advises the prices to sign at (the chain's: twice the base fee
-and a tip, raised for a transaction left waiting). A wallet followed that advice without a bound,
-so a ledger, or a node lying to it, could have a party sign away its ether in fees to a block
-producer it works with. Each paying party now has ceilings (``--max-fee-gwei``, ``--max-tip-gwei``):
-it signs at the advice up to them, and a transaction the chain takes only above them fails, with
-its reason, instead of being signed again without end.
+The ledger relays transactions and tells a wallet what to sign: the chain's id and the escrow's
+address when it greets it, and the prices to sign at (the chain's: twice the base fee and a tip,
+raised for a transaction left waiting). A wallet took both without a check, so a ledger, or a node
+lying to it, could have a buyer deposit into another contract, or a party give its ether to a block
+producer in fees. A paying party may now pin its escrow and chain (``--escrow``, ``--chain-id``),
+and has ceilings on prices (``--max-fee-gwei``, ``--max-tip-gwei``): a wallet signs at the advice up
+to them, and a transaction the chain takes only above them, or a call to another escrow, fails with
+its reason instead of being signed.
 """
 
 import pytest
@@ -24,8 +27,11 @@ from deltaml.protocol.machine import Context
 from test_ledger import base_fee_from_next_block, ledger_on_a_chain_without_mining
 
 
+ESCROW = "0x" + "11" * 20
+
+
 def info(price, tip):
-    return m.ChainInfo(chain_id=1, contract="0x" + "11" * 20, nonce=0, gas_price=price, tip=tip)
+    return m.ChainInfo(chain_id=1, contract=ESCROW, nonce=0, gas_price=price, tip=tip)
 
 
 def signed_prices(wallet, ctx):
@@ -184,6 +190,8 @@ async def test_a_party_whose_ceiling_is_below_the_chains_price_fails_its_part_wi
 
 
 @pytest.mark.parametrize("flags, said", [
+    (["--escrow", "0x12"], "--escrow 0x12: not an Ethereum address"),
+    (["--chain-id", "0"], "--chain-id 0: expected a chain id, 1 or more"),
     (["--max-fee-gwei", "0"], "--max-fee-gwei 0: expected at least one wei"),
     (["--max-fee-gwei", "-3"], "--max-fee-gwei -3: expected at least one wei"),
     (["--max-fee-gwei", "nan"], "--max-fee-gwei NaN: expected at least one wei"),
@@ -200,10 +208,12 @@ def test_a_ceiling_that_cannot_be_is_one_clear_error(flags, said, capsys, tmp_pa
 
 
 @pytest.mark.parametrize("flags, env, ceilings", [
-    ([], {}, (MAX_FEE, MAX_TIP)),
-    (["--max-fee-gwei", "0.000000001"], {}, (1, 1)),  # the tip's ceiling follows a lower fee's
-    (["--max-fee-gwei", "30", "--max-tip-gwei", "0"], {}, (30 * GWEI, 0)),
-    ([], {"DELTAML_MAX_FEE_GWEI": "40", "DELTAML_MAX_TIP_GWEI": "2.5"}, (40 * GWEI, 5 * GWEI // 2)),
+    ([], {}, (MAX_FEE, MAX_TIP, None, None)),
+    (["--max-fee-gwei", "0.000000001"], {}, (1, 1, None, None)),  # the tip's ceiling follows a lower fee's
+    (["--max-fee-gwei", "30", "--max-tip-gwei", "0", "--escrow", ESCROW.lower(), "--chain-id", "31337"], {},
+     (30 * GWEI, 0, "0x1111111111111111111111111111111111111111", 31337)),
+    ([], {"DELTAML_MAX_FEE_GWEI": "40", "DELTAML_MAX_TIP_GWEI": "2.5", "DELTAML_ESCROW": ESCROW,
+          "DELTAML_CHAIN_ID": "5"}, (40 * GWEI, 5 * GWEI // 2, ESCROW, 5)),
 ])
 def test_a_partys_ceilings_come_from_its_flags_or_environment(flags, env, ceilings, monkeypatch, tmp_path):
     from deltaml.cli import build_parser
@@ -213,10 +223,91 @@ def test_a_partys_ceilings_come_from_its_flags_or_environment(flags, env, ceilin
         monkeypatch.setenv(name, value)
     args = build_parser().parse_args(["owner", "--data", "x.csv", "--key", str(tmp_path / "k"), *flags])
     wallet = _wallet(args, "owner")
-    assert (wallet.max_fee, wallet.max_tip) == ceilings
+    assert (wallet.max_fee, wallet.max_tip, wallet.escrow, wallet.escrow_chain) == ceilings
 
 
 def test_a_ceiling_that_is_not_a_number_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["owner", "--data", "x.csv", "--max-fee-gwei", "lots"])
     assert exc.value.code == 2 and "not a number of gwei: 'lots'" in capsys.readouterr().err
+
+
+
+def collector(**terms):
+    from deltaml.protocol.chain import Collector
+
+    return Collector(Context("c", wallet=Wallet(private_key=b"\x01" * 32, **terms)))
+
+
+def chain_info(party, chain_id=1, contract=ESCROW):
+    return party.ctx.reply(party.wallet.hello(party.ctx), info(GWEI, GWEI)).model_copy(
+        update={"sender": LEDGER, "payload": info(GWEI, GWEI).model_copy(update={"chain_id": chain_id,
+                                                                                 "contract": contract})})
+
+
+@pytest.mark.parametrize("terms, chain_id, contract, said", [
+    ({"escrow": "0x" + "22" * 20}, 1, ESCROW, f"the ledger names escrow {ESCROW}; this party signs only for "
+                                              f"0x{'22' * 20} (--escrow): nothing signed"),
+    ({"escrow_chain": 5}, 1, ESCROW, "the ledger's chain has id 1; this party signs only for chain 5 (--chain-id)"),
+], ids=["another escrow", "another chain"])
+def test_a_wallet_signs_nothing_for_an_escrow_or_chain_its_party_did_not_name(terms, chain_id, contract, said):
+    """The calls that waited for the ledger's answer fail, each job told why; nothing is signed,
+    and the next call greets the ledger again."""
+    party = collector(**terms)
+    assert [e.type for e in party.collect()] == ["chain_hello"]
+    answer = chain_info(party, chain_id, contract)
+    party.wallet.hello_id = answer.correlation_id
+    assert party.handle(answer) == []
+    r = party.receipts["withdraw"]
+    assert not r.mined and not r.ok and said in r.reason
+    assert party.wallet.chain_id is None and party.wallet.sent == {} and party.wallet.queue == []
+    assert [e.type for e in party.collect()] == ["chain_hello"]  # greets again, signs nothing
+
+
+@pytest.mark.parametrize("terms", [{"escrow": ESCROW.upper().replace("0X", "0x")}, {"escrow_chain": 1}, {}],
+                         ids=["its escrow", "its chain", "no pins"])
+def test_a_wallet_signs_for_the_escrow_and_chain_its_party_named(terms):
+    party = collector(**terms)
+    party.collect()
+    answer = chain_info(party)
+    party.wallet.hello_id = answer.correlation_id
+    [request] = party.handle(answer)
+    assert request.type == "tx_request" and parse_tx(bytes.fromhex(request.payload.raw[2:])).to.lower() == ESCROW
+
+
+def test_a_wallet_restored_from_a_checkpoint_under_other_pins_greets_the_ledger_again():
+    before = Wallet(private_key=b"\x01" * 32, chain_id=1, contract=ESCROW, greeted=True)
+    after = Wallet(private_key=b"\x01" * 32, escrow="0x" + "22" * 20)
+    after.restore(before.snapshot())
+    assert (after.chain_id, after.contract, after.greeted) == (None, None, False)
+    same = Wallet(private_key=b"\x01" * 32, escrow=ESCROW)
+    same.restore(before.snapshot())
+    assert (same.chain_id, same.contract, same.greeted) == (1, ESCROW, True)
+
+
+@pytest.mark.parametrize("pinned", ["the ledger's", "another"])
+async def test_a_buyer_pinned_to_an_escrow_deposits_only_there(pinned, keypair, monkeypatch):
+    """The whole job on the embedded chain, every party pinned: to the ledger's escrow and chain it
+    runs as ever; a buyer pinned to another escrow makes no deposit, and its job fails saying why."""
+    made = memory.make_ledger
+    ledgers = []
+    monkeypatch.setattr(memory, "make_ledger", lambda *a, **kw: ledgers.append(made(*a, **kw)) or ledgers[-1])
+
+    def wrap(name, core):
+        chain = ledgers[0][0].chain
+        core.wallet.escrow = chain.address if pinned == "the ledger's" or name != "buyer" else "0x" + "22" * 20
+        core.wallet.escrow_chain = chain.w3.eth.chain_id
+        return core
+
+    config = DemoConfig(rounds=2, eval_every=2)
+    data, parts = prepare_parts(config)
+    spec = make_spec(config, data, keypair[0].to_hex(), "buyer")
+    job, _, dead, ledger, _ = await memory_job(config, parts, spec, keypair[1], wrap=wrap)
+    assert not dead, dead
+    if pinned == "the ledger's":
+        assert job.phase is BuyerPhase.FINISHED and job.withdrawn, job.reason
+        assert job.refund_wei + sum(job.payments_wei.values()) == spec.deposit_wei
+        return
+    assert job.phase is BuyerPhase.FAILED and job.deposit == "refused", job.reason
+    assert job.reason.startswith("deposit failed: the ledger names escrow ") and "(--escrow)" in job.reason
+    assert "createJob" not in ledger.gas and ledger.chain.w3.eth.get_balance(ledger.chain.address) == 0
