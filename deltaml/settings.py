@@ -9,7 +9,7 @@ from decimal import Decimal
 from pydantic import BeforeValidator, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .protocol.chain.party import GWEI, MAX_FEE, MAX_TIP
+from .protocol.fees import GWEI, MAX_FEE, MAX_TIP
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS = get_args(LogLevel)

@@ -140,7 +140,7 @@ def _pins(escrow: str | None, chain_id: int | None) -> tuple[str | None, int | N
 def _ceilings(fee: Decimal, tip: Decimal | None) -> tuple[int, int]:
     """``--max-fee-gwei`` and ``--max-tip-gwei`` in wei (the tip's by default the wallet's, or the
     fee's if lower), or a :class:`CliError` saying what is wrong."""
-    from ..protocol.chain import GWEI, MAX_TIP
+    from ..protocol.fees import GWEI, MAX_TIP
 
     if not fee.is_finite() or fee * GWEI < 1:
         raise CliError(f"--max-fee-gwei {fee:f}: expected at least one wei (0.000000001 gwei)")

@@ -12,7 +12,7 @@ from eth_utils import is_address, to_checksum_address
 from web3 import Web3
 from web3.exceptions import BlockNotFound, TimeExhausted, TransactionNotFound
 
-from ...protocol import chain
+from ...protocol import chain, fees
 from ...protocol import messages as m
 from ...protocol.errors import Transient
 
@@ -26,8 +26,8 @@ PATIENCE = 5
 #: The most a tip is raised to (wei per gas; the price, on a chain without a base fee): in a spell of
 #: blocks that stay full, a transaction waits there rather than outbid without end (at 64 gwei a
 #: 200,000-gas call pays 0.0128 ETH to the block's producer). A wallet's own ceiling by default, which
-#: it would not sign beyond (:data:`deltaml.protocol.chain.party.MAX_TIP`).
-MAX_TIP = chain.party.MAX_TIP
+#: it would not sign beyond (:data:`deltaml.protocol.fees.MAX_TIP`).
+MAX_TIP = fees.MAX_TIP
 
 
 def shown(url: str) -> str:

@@ -29,7 +29,8 @@ from .contract import (ABANDONED, CONTRACT, DEFAULT_DEADLINE, GAS_LIMITS, GAS_PE
                        job_key, key_hash, parse_tx, signature)
 from .metrics import (KEPT_BITS, check_metric_proof, check_metric_proofs, expected_settlement, metric_args,
                       model_index, mse_micro)
-from .party import GWEI, MAX_FEE, MAX_TIP, ChainParty, Collector, Wallet, event_for, same_address
+from ..fees import GWEI, MAX_FEE, MAX_TIP
+from .party import ChainParty, Collector, Wallet, event_for, same_address
 
 __all__ = ["ABANDONED", "CONTRACT", "DEFAULT_DEADLINE", "GAS_LIMITS", "GAS_PER_PARTICIPANT", "GWEI", "JOB_STATES",
            "KEPT_BITS", "LEDGER", "MAX_FEE", "MAX_TIP", "METRICS_PER_TX", "ChainParty", "Collector", "RawTx", "Wallet", "artifact",
