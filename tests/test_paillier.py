@@ -6,7 +6,8 @@ from hypothesis import given, settings, strategies as st
 
 from deltaml.protocol.errors import KeyTooShort
 from deltaml.protocol.paillier import Decryption, PublicKey, generate_keypair, verify_decryption
-from deltaml.protocol.powers import MatrixPowers
+from deltaml.protocol.powers import WINDOWS, FixedBase, MatrixPowers, window_for
+from deltaml.protocol.randomness import djn_hs
 
 small = st.integers(min_value=-(2**200), max_value=2**200)
 
@@ -130,6 +131,29 @@ def test_matrix_powers_refuse_a_vector_of_the_wrong_length(keypair):
     pub, _ = keypair
     with pytest.raises(ValueError, match="expected 2 ciphertexts"):
         MatrixPowers([[1, 2]]).apply(pub, [pub.encrypt(1)])
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from(list(WINDOWS)), st.integers(1, 200), st.data())
+def test_fixed_base_tables_of_every_window_give_the_powers(keypair, window, bits, data):
+    pub, _ = keypair
+    table = FixedBase(djn_hs(pub.n), pub.nsquare, bits, window)
+    assert table.width >= bits and table.window == window
+    for x in (0, 1, (1 << bits) - 1, data.draw(st.integers(0, (1 << table.width) - 1))):
+        assert table.pow(x) == gmpy2.powmod(djn_hs(pub.n), x, pub.nsquare)
+    for x in (-1, 1 << table.width):
+        with pytest.raises(ValueError, match="exponent outside"):
+            table.pow(x)
+
+
+def test_a_tables_window_grows_with_the_powers_it_will_serve():
+    """Counted multiplications, table included: a few hundred obfuscators (a validator, a short job)
+    want a narrow table, a 100-round trainer of the demo (4,400) a 10-bit one, and a billion no wider."""
+    chosen = [window_for(uses, 1024) for uses in (0, 100, 300, 1000, 2000, 4400, 10**9)]
+    assert chosen == [4, 5, 6, 8, 9, 10, 10] and max(WINDOWS) == 10
+    assert all(window_for(u, 1024) <= window_for(u + 1, 1024) for u in range(0, 6000, 7))
+    with pytest.raises(ValueError, match="table window of 11 bits"):
+        FixedBase(3, 35, 8, 11)
 
 
 def test_the_key_holders_randomness_pair_is_the_public_one(keypair):

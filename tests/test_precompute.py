@@ -14,7 +14,8 @@ from deltaml.protocol.budget import plan
 from deltaml.protocol.drbg import Drbg
 from deltaml.protocol.machine import Context
 from deltaml.protocol.owner import OwnerCore, OwnerData
-from deltaml.protocol.randomness import expect_obfuscators
+from deltaml.protocol.powers import window_for
+from deltaml.protocol.randomness import djn_exponent_bits, expect_obfuscators
 
 
 def wait_until(predicate, timeout=30.0):
@@ -195,3 +196,53 @@ def test_the_aggregator_prepares_refresh_masks_only_for_refreshes_to_come(keypai
     assert aheads(4) == (0, 0)  # a short job never refreshes: nothing to prepare
     assert aheads(30) == (1, per_refresh)
     assert aheads(100) == (5, 3 * per_refresh)  # three refreshes' worth at most wait
+
+
+def test_a_processs_trainers_announce_their_obfuscators_and_its_table_suits_their_sum(keypair, monkeypatch):
+    from deltaml.protocol import randomness
+
+    pub, _ = keypair
+    monkeypatch.setattr(randomness, "_TABLES", {})
+    monkeypatch.setattr(randomness, "_EXPECTED", {})
+    # 50 rounds, 2 models, 3 values (two features and the intercept): 300 obfuscators each
+    trainers = [owner_in_a_job(pub, f"owner-{i}", "trainer", ["all", f"without:owner-{3 - i}"], rounds=50,
+                               seed=bytes([i]))[1] for i in (1, 2)]
+    owner_in_a_job(pub, "owner-3", "validator", [], rounds=50, seed=b"v")  # a validator announces nothing
+    assert randomness._EXPECTED == {pub.n: 600}
+    first = trainers[0].take()  # the first draw builds the table, for both trainers' draws
+    table = randomness.fixed_base(pub.n)
+    assert table.window == window_for(600, djn_exponent_bits(pub.n)) == 7 != window_for(300, 1024)
+    assert first == table.pow(trainers[0].exponent(0)) and randomness._EXPECTED == {}
+    randomness.expect_uses(pub.n, 10**6)  # the table stays as it was built
+    assert randomness.fixed_base(pub.n) is table and randomness._EXPECTED == {}
+
+
+def test_the_helper_builds_a_keys_table_for_the_uses_its_job_expects(keypair, monkeypatch):
+    from deltaml.protocol import randomness
+
+    pub, _ = keypair
+    monkeypatch.setattr(randomness, "_TABLES", {})
+    monkeypatch.setattr(randomness, "_EXPECTED", {})
+    rng, idle = Drbg(b"w" * 32), threading.Event()
+    expect_obfuscators(pub, rng, per_step=4, uses=100)  # a short job: a narrow table is cheaper to build
+    helper = Precomputer(rng, idle, poll=0.01)
+    idle.set()
+    helper.start()
+    try:
+        wait_until(lambda: helper.computed >= 1)
+    finally:
+        helper.stop()
+    assert randomness.fixed_base(pub.n).window == window_for(100, djn_exponent_bits(pub.n)) == 5
+    stream = rng.obfuscators(pub)
+    assert [stream.take() for _ in range(3)] == [Drbg(b"w" * 32).obfuscators(pub).compute(k) for k in range(3)]
+
+
+def test_announced_keys_whose_table_is_never_built_are_not_kept_for_ever(monkeypatch):
+    from deltaml.protocol import randomness
+
+    monkeypatch.setattr(randomness, "_EXPECTED", {})
+    for n in range(1000, 1000 + randomness.KEPT_EXPECTATIONS + 5):
+        randomness.expect_uses(n, 10)
+    randomness.expect_uses(1005, 10)  # announced again: now the newest
+    assert len(randomness._EXPECTED) == randomness.KEPT_EXPECTATIONS
+    assert 1004 not in randomness._EXPECTED and randomness._EXPECTED[1005] == 20

@@ -134,8 +134,11 @@ def _on_role(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> l
     job.stats = encode_stats(stats, FixedPoint(job.spec.frac_bits, job.spec.magnitude_bits))
     job.role, job.models = env.payload.role, list(env.payload.models)
     job.phase = OwnerPhase.INITIATED
-    # a trainer re-randomises d values per model each round: those obfuscators can be made ahead
-    expect_obfuscators(job.public_key, ctx.rng, max(1, len(job.models)) * job.stats.stats.dim)
+    # a trainer re-randomises d values per model each round: those obfuscators can be made ahead,
+    # from a table suited to the job's rounds
+    per_round = max(1, len(job.models)) * job.stats.stats.dim
+    uses = job.spec.rounds * per_round if job.role == "trainer" else None
+    expect_obfuscators(job.public_key, ctx.rng, per_round, uses=uses)
     return [ctx.reply(env, m.RoleAccepted(role=job.role, rows=job.stats.stats.rows))]
 
 

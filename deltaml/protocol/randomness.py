@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import gmpy2
 
-from .powers import FixedBase
+from .powers import DEFAULT_WINDOW, FixedBase, window_for
 
 if TYPE_CHECKING:
     from .paillier import PublicKey
@@ -53,16 +53,20 @@ def djn_hs(n):
     return gmpy2.powmod(djn_h(n), n, n * n)
 
 
-_TABLES: dict = {}  # n -> FixedBase, the most recent keys' (a table is 16 MB for a 2048-bit key)
+_TABLES: dict = {}  # n -> FixedBase, the most recent keys' (for a 2048-bit key 16 MB at 8 bits, 54 at 10)
 _TABLES_LOCK = threading.Lock()
 _BUILDING: dict = {}  # n -> lock held while one thread builds that table
+_EXPECTED: dict = {}  # n -> obfuscators this process's agents said they will draw, until the table is built
 KEPT_TABLES = 4
+KEPT_EXPECTATIONS = 64  # keys announced whose table was never built (a job that ended before its first round)
 
 
 def fixed_base(n) -> FixedBase:
     """A table of powers of ``h**n mod n**2`` for the DJN obfuscators, built once per key:
-    a thread that asks while another builds it waits for that build (a third of a second
-    of work for a 2048-bit key) instead of doing it again."""
+    a thread that asks while another builds it waits for that build (a sixth to half a
+    second of work for a 2048-bit key) instead of doing it again. Its window suits the
+    obfuscators this process's agents said they would draw under the key (:func:`expect_uses`;
+    8 bits if none did)."""
     n = gmpy2.mpz(n)
     with _TABLES_LOCK:
         table = _TABLES.get(n)
@@ -73,7 +77,9 @@ def fixed_base(n) -> FixedBase:
         with _TABLES_LOCK:
             table = _TABLES.get(n)
         if table is None:
-            table = obfuscator_table(n)
+            with _TABLES_LOCK:
+                uses = _EXPECTED.pop(n, None)
+            table = obfuscator_table(n, uses)
             with _TABLES_LOCK:
                 _TABLES[n] = table
                 while len(_TABLES) > KEPT_TABLES:
@@ -82,11 +88,33 @@ def fixed_base(n) -> FixedBase:
     return table
 
 
-def obfuscator_table(n) -> FixedBase:
+def obfuscator_table(n, uses: int | None = None) -> FixedBase:
     """A new table of powers of the DJN base ``h_s`` of the key with modulus ``n`` (the work a
-    process does once per key before its encryptions take the fixed-base path)."""
+    process does once per key before its encryptions take the fixed-base path), its window
+    chosen for ``uses`` obfuscators if given."""
     n = gmpy2.mpz(n)
-    return FixedBase(djn_hs(n), n * n, djn_exponent_bits(n))
+    bits = djn_exponent_bits(n)
+    return FixedBase(djn_hs(n), n * n, bits, DEFAULT_WINDOW if uses is None else window_for(uses, bits))
+
+
+def expect_uses(n, uses: int) -> None:
+    """Count ``uses`` more obfuscators that an agent of this process will draw under the key
+    with modulus ``n`` (a trainer: its job's rounds x models x coefficients). Agents that share
+    a process share its table, so the window is chosen for their sum; a table built already
+    stays as it is."""
+    n = gmpy2.mpz(n)
+    with _TABLES_LOCK:
+        if n in _TABLES:
+            return
+        _EXPECTED[n] = _EXPECTED.pop(n, 0) + max(0, int(uses))  # (re)inserted last: the oldest go first
+        while len(_EXPECTED) > KEPT_EXPECTATIONS:
+            _EXPECTED.pop(next(iter(_EXPECTED)))
+
+
+def forget_table(n) -> None:
+    """Drop this process's table for the key with modulus ``n`` (the next use builds it again)."""
+    with _TABLES_LOCK:
+        _TABLES.pop(gmpy2.mpz(n), None)
 
 
 def table_ready(n) -> bool:
@@ -162,11 +190,15 @@ class ObfuscatorStream:
                 self.ready[k] = value
 
 
-def expect_obfuscators(pub: "PublicKey", rng: RandomSource, per_step: int, remaining: int | None = None) -> None:
+def expect_obfuscators(pub: "PublicKey", rng: RandomSource, per_step: int, remaining: int | None = None,
+                       uses: int | None = None) -> None:
     """Tell a random source with obfuscator streams that ``pub`` will need about
     ``per_step`` obfuscators per message, so a helper can start computing them;
     with ``remaining``, that no more than that many will be needed after all (a job's
-    last rounds: a helper then stops instead of making items nobody takes)."""
+    last rounds: a helper then stops instead of making items nobody takes); with ``uses``,
+    about how many the job will take in all (:func:`expect_uses`, for any random source)."""
+    if uses is not None:
+        expect_uses(pub.n, uses)
     streams = getattr(rng, "obfuscators", None)
     if streams is not None:
         stream = streams(pub)
