@@ -16,7 +16,7 @@ import random
 import time
 
 from deltaml.protocol.paillier import generate_keypair
-from deltaml.protocol.powers import FixedBase, window_for
+from deltaml.protocol.powers import WINDOWS, FixedBase, window_for
 from deltaml.protocol.randomness import djn_exponent_bits, djn_hs
 
 USES = (4_400, 44_000)
@@ -40,7 +40,7 @@ def main() -> None:
         each = (time.perf_counter() - start) / len(xs)
         print(f"{window:>6}{build:>11.3f}{each * 1e3:>14.3f}" + "".join(f"{u * each + build:>26.2f}" for u in USES))
     print("window_for picks " + ", ".join(f"{window_for(u, bits)} bits for {u:,}" for u in USES)
-          + " (widest allowed: 10, a 54 MB table)")
+          + f" (widest allowed: {max(WINDOWS)})")
 
 
 if __name__ == "__main__":

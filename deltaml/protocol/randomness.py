@@ -76,9 +76,8 @@ def fixed_base(n) -> FixedBase:
     with building:
         with _TABLES_LOCK:
             table = _TABLES.get(n)
+            uses = _EXPECTED.pop(n, None) if table is None else None
         if table is None:
-            with _TABLES_LOCK:
-                uses = _EXPECTED.pop(n, None)
             table = obfuscator_table(n, uses)
             with _TABLES_LOCK:
                 _TABLES[n] = table
