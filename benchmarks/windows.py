@@ -26,6 +26,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--powers", type=int, default=2000)
     args = ap.parse_args()
+    if args.powers < 1:
+        ap.error(f"--powers {args.powers}: at least one power to time")
     pub, _ = generate_keypair(2048)
     bits, base, rng = djn_exponent_bits(pub.n), djn_hs(pub.n), random.Random(0)
     print(f"{'window':>6}{'build (s)':>11}{'a power (ms)':>14}" + "".join(f"{f'{u:,} uses + build (s)':>26}" for u in USES))
