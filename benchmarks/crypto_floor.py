@@ -84,16 +84,49 @@ def schedule(rounds: int, eval_every: int, key_bits: int, codec: FixedPoint) -> 
     return plan(codec.frac_bits, 0, rounds, eval_every, codec.frac_bits, codec.magnitude_bits, key_bits)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def time_refresh(pub, priv, codec: FixedPoint, d: int, scale: int, rng) -> tuple:
+    """One model's masked refresh at ``scale``: the aggregator's masks and unmasking, the buyer's work."""
+    ws = [priv.encrypt(codec.encode(0.5 * j, scale)) for j in range(d)]
+    vb, drop = codec.value_bits(scale), scale - codec.frac_bits
+    t_mask, (masked, masks) = timed(lambda: mask_for_refresh(pub, ws, vb, drop, rng))
+    t_refresh, fresh = timed(lambda: refresh_masked(priv, masked, vb, drop, rng))
+    t_unmask, _ = timed(lambda: unmask_refreshed(pub, fresh, masks))
+    return t_mask + t_unmask, t_refresh
+
+
+def time_evaluation(pub, priv, enc_v, d: int, scale: int, batch: int, rng) -> tuple:
+    """One model's proof-checked evaluation at ``scale``, its validator checking the proofs of
+    ``batch`` models at once: the validator's share per model, the buyer's products and proofs,
+    the buyer's verifiable decryption, and the ``[SSE]``."""
+    codec = enc_v.codec
+    ws = [priv.encrypt(codec.encode(0.5 * j, scale)) for j in range(d)]
+    t_v1, (u, v, ub, _, sec) = timed(lambda: mask_product_inputs(pub, enc_v, ws, scale, rng))
+    t_buyer_prod, (prods, proofs) = timed(lambda: masked_products(priv, u, v, ub, rng))
+    claims = [ProductClaim(u, v, prods, proofs)] * batch
+    t_verify, _ = timed(lambda: verify_all_products(pub, claims, rng))
+    t_v3, sse = timed(lambda: encrypted_sse(pub, enc_v, prods, sec, rng))
+    t_publish, _ = timed(lambda: priv.decrypt_verifiably(sse))
+    return t_v1 + t_v3 + t_verify / batch, t_buyer_prod, t_publish, sse
+
+
+def run_from_command_line(description: str, measure_job) -> None:
+    """Parse the job's shape (rounds, evaluation interval, key size), measure it, write ``--json``."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--key-bits", type=int, default=2048)
     ap.add_argument("--json", default=None)
-    result = measure(ap.parse_args())
-    if result["json"]:
-        with open(result["json"], "w") as fh:
+    args = ap.parse_args()
+    if args.rounds < 1 or args.eval_every < 1:
+        ap.error("--rounds and --eval-every must be at least 1")
+    result = measure_job(args)
+    if args.json:
+        with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
+
+
+def main() -> None:
+    run_from_command_line(__doc__.splitlines()[0], measure)
 
 
 def measure(args) -> dict:
@@ -139,29 +172,18 @@ def measure(args) -> dict:
         ("aggregator update (per model)", "aggregator", R * models, t_update),
     ]
     for scale, count in sorted(collections.Counter(refresh_scales).items()):
-        ws = [priv.encrypt(codec.encode(0.5 * j, scale)) for j in range(d)]
-        vb, drop = codec.value_bits(scale), scale - codec.frac_bits
-        t_mask, (masked, masks) = timed(lambda: mask_for_refresh(pub, ws, vb, drop, rng))
-        t_refresh, fresh = timed(lambda: refresh_masked(priv, masked, vb, drop, rng))
-        t_unmask, _ = timed(lambda: unmask_refreshed(pub, fresh, masks))
-        rows += [(f"refresh masks (d enc per model), scale {scale}", "aggregator", count * models, t_mask + t_unmask),
+        t_masks, t_refresh = time_refresh(pub, priv, codec, d, scale, rng)
+        rows += [(f"refresh masks (d enc per model), scale {scale}", "aggregator", count * models, t_masks),
                  (f"buyer refresh (d dec + d enc per model), scale {scale}", "buyer", count * models, t_refresh)]
     # every evaluation scores the full model; the last scores all models, and its validator checks
     # the buyer's proofs for all of them together (one batch: the n-th powers once)
     final = eval_scales[-1]
     evaluations = [(scale, count, 1) for scale, count in sorted(collections.Counter(eval_scales[:-1]).items())]
     for scale, count, batch in [*evaluations, (final, models, models)]:
-        ws = [priv.encrypt(codec.encode(0.5 * j, scale)) for j in range(d)]
-        t_v1, (u, v, ub, _, sec) = timed(lambda: mask_product_inputs(pub, enc_v, ws, scale, rng))
-        t_buyer_prod, (prods, proofs) = timed(lambda: masked_products(priv, u, v, ub, rng))
-        claims = [ProductClaim(u, v, prods, proofs)] * batch
-        t_verify, _ = timed(lambda: verify_all_products(pub, claims, rng))
-        t_v3, sse = timed(lambda: encrypted_sse(pub, enc_v, prods, sec, rng))
-        t_publish, _ = timed(lambda: priv.decrypt_verifiably(sse))
+        t_validator, t_buyer_prod, t_publish, sse = time_evaluation(pub, priv, enc_v, d, scale, batch, rng)
         check = "one proof check for all models" if batch > 1 else "proof check"
         rows += [
-            (f"validator masks and {check} (per model), scale {scale}", "validator", count,
-             t_v1 + t_v3 + t_verify / batch),
+            (f"validator masks and {check} (per model), scale {scale}", "validator", count, t_validator),
             (f"buyer masked products and proofs (per model), scale {scale}", "buyer", count, t_buyer_prod),
             (f"buyer verifiable decryption (per model), scale {scale}", "buyer", count, t_publish),
         ]

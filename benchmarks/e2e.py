@@ -16,9 +16,11 @@ and of every leave-one-out model every two rounds, the trainers on both cores).
 Also the same job with encryption switched off (``marketplace.run_plain``:
 the same processes, rounds, leave-one-out models and signed messages over
 RabbitMQ, plain numpy inside), which is what the agents, the broker and the
-serialisation cost by themselves. Prints one table and writes
-``benchmarks/results.json``. ``--levers`` also runs the job without the
-idle-time obfuscators (``DELTAML_PRECOMPUTE=false``), to measure that lever.
+serialisation cost by themselves. Each lever the issue names, timed with it
+and without it (``levers.measure``: the operation it changes, times how often
+the job does it). Prints the tables and writes ``benchmarks/results.json``.
+``--levers`` also runs the job without the idle-time obfuscators
+(``DELTAML_PRECOMPUTE=false``), to measure that lever on the whole job.
 
 Phases come from each agent's own account of the seconds it spent handling
 each message type (``busy_seconds`` in the report). Trainers work in parallel,
@@ -50,6 +52,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import crypto_floor  # noqa: E402
+import levers as lever_table  # noqa: E402
 import original  # noqa: E402
 
 from deltaml.agents.runtime import configure_logging  # noqa: E402
@@ -212,7 +215,8 @@ def main() -> None:
     print(f"plain job: {plain['job_seconds']:.2f} s for the rounds, {plain['wall_seconds']:.2f} s with start-up; "
           f"final MSE {plain['final_mse']:.4f}")
 
-    levers = {}
+    print("\n== each lever, with and without it ==")
+    levers = {"operations": lever_table.measure(floor_args)}
     if args.levers:
         print("\n== lever: the job without idle-time obfuscators ==")
         os.environ["DELTAML_PRECOMPUTE"] = "false"
