@@ -14,7 +14,7 @@ from deltaml.protocol.budget import plan
 from deltaml.protocol.drbg import Drbg
 from deltaml.protocol.machine import Context
 from deltaml.protocol.owner import OwnerCore, OwnerData
-from deltaml.protocol.powers import window_for
+from deltaml.protocol.powers import DEFAULT_WINDOW, window_for
 from deltaml.protocol.randomness import djn_exponent_bits, expect_obfuscators
 
 
@@ -215,6 +215,33 @@ def test_a_processs_trainers_announce_their_obfuscators_and_its_table_suits_thei
     assert first == table.pow(trainers[0].exponent(0)) and randomness._EXPECTED == {}
     randomness.expect_uses(pub.n, 10**6)  # the table stays as it was built
     assert randomness.fixed_base(pub.n) is table and randomness._EXPECTED == {}
+
+
+def test_a_restarted_trainer_announces_the_obfuscators_of_its_rounds_to_come(keypair, monkeypatch):
+    from deltaml.protocol import randomness
+
+    pub, priv = keypair
+    monkeypatch.setattr(randomness, "_TABLES", {})
+    monkeypatch.setattr(randomness, "_EXPECTED", {})
+    core, _ = owner_in_a_job(pub, "owner-1", "trainer", ["all", "without:owner-2"], rounds=50, seed=b"r")
+    assert randomness._EXPECTED == {pub.n: 300}  # 50 rounds, 2 models, 3 values
+    w = [priv.encrypt(0) for _ in range(3)]
+    for r in range(1, 11):
+        core.handle(from_aggregator(m.GradientRequest(scale_bits=32, models={"all": w, "without:owner-2": w}),
+                                    "owner-1", round_=r))
+    saved = core.snapshot()
+    # the daemon restarts: a new process, no table, nothing announced
+    monkeypatch.setattr(randomness, "_TABLES", {})
+    monkeypatch.setattr(randomness, "_EXPECTED", {})
+    rng = Drbg(b"x" * 32)
+    successor = OwnerCore(Context("owner-1", rng=rng), core.data)
+    successor.restore(saved)
+    assert randomness._EXPECTED == {pub.n: 240}  # the 40 rounds left
+    assert rng.obfuscators(pub).ahead == 18  # three rounds' worth wait, as before the restart
+    successor.handle(from_aggregator(m.GradientRequest(scale_bits=32, models={"all": w, "without:owner-2": w}),
+                                     "owner-1", round_=11))
+    bits = djn_exponent_bits(pub.n)
+    assert randomness.fixed_base(pub.n).window == window_for(240, bits) != DEFAULT_WINDOW  # 6 bits, not 8
 
 
 def test_the_helper_builds_a_keys_table_for_the_uses_its_job_expects(keypair, monkeypatch):

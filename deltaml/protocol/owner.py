@@ -59,6 +59,7 @@ class OwnerJob:
     declined: str = ""  # why this owner's data does not fit the offer
     reason: str = ""  # why the job ended badly, as the aggregator said
     idle: float = 0.0  # seconds since the job's last message (or this owner's last question about it)
+    last_round: int = 0  # a trainer's latest round answered
 
     @property
     def public_key(self) -> PublicKey:
@@ -134,12 +135,24 @@ def _on_role(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) -> l
     job.stats = encode_stats(stats, FixedPoint(job.spec.frac_bits, job.spec.magnitude_bits))
     job.role, job.models = env.payload.role, list(env.payload.models)
     job.phase = OwnerPhase.INITIATED
-    # a trainer re-randomises d values per model each round: those obfuscators can be made ahead,
-    # from a table suited to the job's rounds
-    per_round = max(1, len(job.models)) * job.stats.stats.dim
-    uses = job.spec.rounds * per_round if job.role == "trainer" else None
-    expect_obfuscators(job.public_key, ctx.rng, per_round, uses=uses)
+    if job.role == "trainer":
+        _announce_obfuscators(job, ctx)
+    else:
+        expect_obfuscators(job.public_key, ctx.rng, _obfuscators_per_round(job))
     return [ctx.reply(env, m.RoleAccepted(role=job.role, rows=job.stats.stats.rows))]
+
+
+def _obfuscators_per_round(job: OwnerJob) -> int:
+    """A trainer re-randomises ``d`` values per model each round."""
+    return max(1, len(job.models)) * job.stats.stats.dim
+
+
+def _announce_obfuscators(job: OwnerJob, ctx: Context, remaining: int | None = None) -> None:
+    """A trainer's obfuscators can be made ahead, from a table suited to the rounds it has left
+    (all of them at its role; after a restart, those after its latest answer)."""
+    per_round = _obfuscators_per_round(job)
+    uses = (job.spec.rounds - job.last_round) * per_round
+    expect_obfuscators(job.public_key, ctx.rng, per_round, remaining=remaining, uses=uses)
 
 
 def _check_vectors(job: OwnerJob, models: dict[str, list[int]]) -> None:
@@ -155,7 +168,7 @@ def _on_gradient(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) 
     _check_vectors(job, req.models)
     pub = job.public_key
     grads = {mid: encrypted_gradient(pub, job.stats, w, req.scale_bits, ctx.rng) for mid, w in req.models.items()}
-    job.phase = OwnerPhase.IN_PROGRESS
+    job.phase, job.last_round = OwnerPhase.IN_PROGRESS, env.round
     per_round = len(req.models) * job.stats.stats.dim
     expect_obfuscators(pub, ctx.rng, per_round, remaining=(job.spec.rounds - env.round) * per_round)
     return [ctx.reply(env, m.GradientReply(rows=job.stats.stats.rows, gradients=grads))]
@@ -285,6 +298,16 @@ class OwnerCore(ChainParty):
 
     def _bind(self, handler):
         return lambda job, env, ctx: handler(job, env, ctx, self.data)
+
+    def restore(self, blob: bytes) -> None:
+        """Go on from a snapshot. A trainer in a job announces again the obfuscators its rounds
+        still to come will draw: this process has no table for the key yet, and its window
+        should suit them (without the announcement it would be built with the default window)."""
+        super().restore(blob)
+        for job in self.jobs.values():
+            if job.role == "trainer" and job.phase in (OwnerPhase.INITIATED, OwnerPhase.IN_PROGRESS):
+                left = (job.spec.rounds - job.last_round) * _obfuscators_per_round(job)
+                _announce_obfuscators(job, self.ctx, remaining=left)
 
     def _step(self, env: m.Envelope) -> list[m.Envelope]:
         """Apply one message to its job; a new offer opens a job in WAITING."""
