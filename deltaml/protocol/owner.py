@@ -147,12 +147,13 @@ def _obfuscators_per_round(job: OwnerJob) -> int:
     return max(1, len(job.models)) * job.stats.stats.dim
 
 
-def _announce_obfuscators(job: OwnerJob, ctx: Context, remaining: int | None = None) -> None:
+def _announce_obfuscators(job: OwnerJob, ctx: Context, bounded: bool = False) -> None:
     """A trainer's obfuscators can be made ahead, from a table suited to the rounds it has left
-    (all of them at its role; after a restart, those after its latest answer)."""
+    (all of them at its role; after a restart, those after its latest answer, and no more
+    than those made ahead: ``bounded``, as after an answer)."""
     per_round = _obfuscators_per_round(job)
     uses = (job.spec.rounds - job.last_round) * per_round
-    expect_obfuscators(job.public_key, ctx.rng, per_round, remaining=remaining, uses=uses)
+    expect_obfuscators(job.public_key, ctx.rng, per_round, remaining=uses if bounded else None, uses=uses)
 
 
 def _check_vectors(job: OwnerJob, models: dict[str, list[int]]) -> None:
@@ -168,7 +169,7 @@ def _on_gradient(job: OwnerJob, env: m.Envelope, ctx: Context, data: OwnerData) 
     _check_vectors(job, req.models)
     pub = job.public_key
     grads = {mid: encrypted_gradient(pub, job.stats, w, req.scale_bits, ctx.rng) for mid, w in req.models.items()}
-    job.phase, job.last_round = OwnerPhase.IN_PROGRESS, env.round
+    job.phase, job.last_round = OwnerPhase.IN_PROGRESS, max(job.last_round, env.round)
     per_round = len(req.models) * job.stats.stats.dim
     expect_obfuscators(pub, ctx.rng, per_round, remaining=(job.spec.rounds - env.round) * per_round)
     return [ctx.reply(env, m.GradientReply(rows=job.stats.stats.rows, gradients=grads))]
@@ -306,8 +307,7 @@ class OwnerCore(ChainParty):
         super().restore(blob)
         for job in self.jobs.values():
             if job.role == "trainer" and job.phase in (OwnerPhase.INITIATED, OwnerPhase.IN_PROGRESS):
-                left = (job.spec.rounds - job.last_round) * _obfuscators_per_round(job)
-                _announce_obfuscators(job, self.ctx, remaining=left)
+                _announce_obfuscators(job, self.ctx, bounded=True)
 
     def _step(self, env: m.Envelope) -> list[m.Envelope]:
         """Apply one message to its job; a new offer opens a job in WAITING."""
