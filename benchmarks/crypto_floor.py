@@ -213,7 +213,7 @@ def measure(args) -> dict:
                           "encrypt_crt": med(t_crt) * 1e3, "decrypt": med(t_dec) * 1e3},
             "components": [{"name": n, "party": p, "count": c, "seconds_each": float(med(e)),
                             "seconds_fastest": float(np.min(e))} for n, p, c, e in rows],
-            **typical, "fastest": fastest, "without_tables": untabled, "json": getattr(args, "json", None)}
+            **typical, "fastest": fastest, "without_tables": untabled}
 
 
 if __name__ == "__main__":

@@ -112,16 +112,16 @@ def measure(args) -> dict:
     every_round = 3 * f  # the scale after one step from a fresh model
     masks_each, buyer_each = time_refresh(pub, priv, codec, d, every_round, rng)
     t_every = masks_each + buyer_each
-    budget = [time_refresh(pub, priv, codec, d, s, rng) for s in refresh_scales]
-    t_budget = sum((a + b for a, b in budget), np.zeros_like(t_every)) / max(len(budget), 1)
+    budget = {s: sum(time_refresh(pub, priv, codec, d, s, rng)) for s in set(refresh_scales)}  # each scale once
+    t_budget = sum((budget[s] for s in refresh_scales), np.zeros_like(t_every)) / max(len(refresh_scales), 1)
     levers.append(Lever(f"refresh when the budget is spent ({len(refresh_scales)} times), not every round",
                         "model refresh", t_every, R * models, t_budget, refreshed, True))
     # ... which lets evaluations meet the model at a higher scale: the price of the rule
     def evaluation(scale: int) -> np.ndarray:
         validator_share, buyer_products, publish, _ = time_evaluation(pub, priv, enc_v, d, scale, 1, rng)
         return validator_share + buyer_products + publish
-    by_scale = {s: evaluation(s) for s in sorted(set(eval_scales))}
-    low = by_scale.get(f, evaluation(f))
+    by_scale = {s: evaluation(s) for s in sorted({f, *eval_scales})}
+    low = by_scale[f]
     counts = collections.Counter(eval_scales[:-1])
     counts[eval_scales[-1]] += models
     t_rule = sum((by_scale[s] * c for s, c in counts.items()), np.zeros_like(low)) / evaluated
