@@ -33,7 +33,8 @@ from deltaml.protocol.fixedpoint import FixedPoint
 from deltaml.protocol.linear import encode_stats, encrypted_gradient, encrypted_update, step_size_q, sufficient_stats
 from deltaml.protocol.metric import (ProductClaim, encrypted_sse, mask_product_inputs, masked_products,
                                      verify_all_products)
-from deltaml.protocol.paillier import generate_keypair
+from deltaml.protocol.errors import KeyTooShort
+from deltaml.protocol.paillier import check_key_bits, generate_keypair
 from deltaml.protocol.randomness import expect_uses, fixed_base, forget_table, obfuscator_table
 from deltaml.protocol.refresh import mask_for_refresh, refresh_masked, unmask_refreshed
 
@@ -119,6 +120,10 @@ def run_from_command_line(description: str, measure_job) -> None:
     args = ap.parse_args()
     if args.rounds < 1 or args.eval_every < 1:
         ap.error("--rounds and --eval-every must be at least 1")
+    try:
+        check_key_bits(args.key_bits)
+    except KeyTooShort as exc:
+        ap.error(str(exc))
     result = measure_job(args)
     if args.json:
         with open(args.json, "w") as fh:
