@@ -1,0 +1,47 @@
+"""The scale bench's many-owner job, small, over the real broker, and its crypto floor.
+
+``benchmarks/scale.py`` (a) runs its owners in processes of their own and
+times the rounds by the aggregator's own steps; these tests run it with a few
+owners so that what the bench prints is known to come from a job that trained
+every round, with its owners where it says they were.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import scale  # noqa: E402
+
+from deltaml.protocol.powers import window_for  # noqa: E402
+from deltaml.protocol.randomness import djn_exponent_bits, table_ready  # noqa: E402
+
+
+async def test_many_owners_times_every_round_with_the_owners_in_their_own_processes(keypair):
+    _, key = keypair
+    r = await scale.many_owners(5, 3, key, rows=50, processes=2)
+    assert r["owners"] == 5 and r["queues"] == 5 and r["processes"] == 2
+    assert r["seconds_per_round"] > 0
+    # the first requests leave before the first metric comes back, and both before the job ends
+    assert 0 < r["training_from_seconds"] < r["first_metric_seconds"] < r["wall_seconds"]
+    assert 0 < r["final_mse"] < r["first_mse"] / 2  # trained: the untrained model's error more than halved
+
+
+async def test_many_owners_with_owners_in_the_aggregators_process(keypair):
+    _, key = keypair
+    r = await scale.many_owners(4, 2, key, rows=50, processes=2, owners_here=True)
+    assert r["seconds_per_round"] > 0 and r["final_mse"] < r["first_mse"] / 2
+
+
+def test_the_floor_of_many_owners_counts_every_trainers_work(keypair):
+    _, key = keypair
+    owners, rounds = 7, 2
+    f = scale.many_owners_floor(owners, rounds, key, rows=50, processes=2)
+    parts = f["parts_seconds"]
+    assert set(parts) == {"trainers' products and re-randomisations", "aggregator's updates", "the first evaluation"}
+    assert all(v > 0 for v in parts.values())
+    assert f["total_seconds"] == sum(parts.values())
+    assert f["seconds_per_round"] == f["total_seconds"] / f["cores"] / rounds
+    # each owner process's trainers (3 of the 6 here) announce their draws: 21 per round each
+    assert f["window"] == window_for(3 * rounds * 21, djn_exponent_bits(key.public.n))
+    assert not table_ready(key.public.n)  # the floor's table is not left for the other tests' encryptions
