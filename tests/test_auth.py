@@ -53,6 +53,20 @@ def test_the_signature_survives_the_wire():
     assert signer(m.decode(m.encode(signed))) == ALICE_ADDRESS
 
 
+def test_a_process_of_fifty_agents_derives_each_signing_key_once():
+    """The scale bench's owner processes hold 50 agents, each signing with its own key: deriving
+    a key's public half is a third of a signature's cost, and it is done once per key."""
+    from deltaml.protocol.auth import _signing_key
+
+    keys = [os.urandom(32) for _ in range(50)]
+    for key in keys:
+        sign_encoded(join(), key)
+    before = _signing_key.cache_info().misses
+    for key in keys:  # a round later: every agent signs again
+        assert signer(m.decode(sign_encoded(join(), key))) == Wallet(private_key=key).address
+    assert _signing_key.cache_info().misses == before
+
+
 @pytest.mark.parametrize("signature,reason", [(None, "unsigned"), ("zz", "invalid signature"),
                                               ("00" * 65, "invalid signature"), ("ab" * 10, "invalid signature")])
 def test_missing_or_malformed_signatures_are_refused(signature, reason):

@@ -67,10 +67,11 @@ def sign_encoded(env: m.Envelope, private_key: bytes) -> bytes:
     return signed
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=1024)
 def _signing_key(private_key: bytes) -> keys.PrivateKey:
     """The key object once per key, not once per message (it derives the public key: a third of a
-    signature's cost)."""
+    signature's cost). A process may hold many agents, each with its key: the scale bench's
+    owner processes hold 50, which a cache of 16 lost to each other on every message."""
     return keys.PrivateKey(private_key)
 
 
