@@ -270,15 +270,15 @@ def main() -> None:
               f"{r['first_metric_seconds']:.1f} s to the first metric; {r['wall_seconds']:.1f} s in all; "
               f"final MSE {r['final_mse']:.4f}")
         f = floors[0]
-        floor = sum(f["seconds_per_round"] for f in floors) / len(floors)
+        floor = statistics.mean(x["seconds_per_round"] for x in floors)
         print(f"    its crypto floor: {floor:.3f} s per round, the mean of "
-              + " and ".join(f"{f['seconds_per_round']:.3f}" for f in floors)
+              + " and ".join(f"{x['seconds_per_round']:.3f}" for x in floors)
               + f" timed just before and after ({f['window']}-bit table, {f['cores']} cores; before: "
               + ", ".join(f"{k} {v:.2f} s" for k, v in f["parts_seconds"].items())
               + f"); the rounds took {r['seconds_per_round'] / floor:.2f}x it")
     if args.rows:
-        # each size runs twice, in the order 10k, 1M, 1M, 10k: the machine's drift over the minute
-        # this takes (a third, some minutes) then weighs on both sizes alike instead of on the last
+        # each size runs twice, in the order 10k, 1M, 1M, 10k: the machine's speed, which drifts by a
+        # third within minutes, then weighs on both sizes alike instead of on the one run last
         order = [*args.rows, *reversed(args.rows)]
         runs = [asyncio.run(job(n, args.rounds, key)) for n in order]
         results = [{"rows": n, **{k: statistics.mean(r[k] for r in runs if r["rows"] == n)
