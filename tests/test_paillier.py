@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from deltaml.protocol.errors import KeyTooShort
 from deltaml.protocol.paillier import Decryption, PublicKey, generate_keypair, verify_decryption
-from deltaml.protocol.powers import WINDOWS, FixedBase, MatrixPowers, window_for
+from deltaml.protocol.powers import INVERT_COST, WINDOWS, FixedBase, MatrixPowers, window_for
 from deltaml.protocol.randomness import djn_hs
 
 small = st.integers(min_value=-(2**200), max_value=2**200)
@@ -105,6 +105,48 @@ def test_matrix_powers_equal_entrywise_products(keypair, case, group, signs):
     got = MatrixPowers(rows, group=group, signs=signs).apply(pub, cs)
     assert got == [entrywise(pub, cs, row) for row in rows]
     assert [priv.decrypt(c) for c in got] == [sum(k * x for k, x in zip(row, xs)) for row in rows]
+
+
+def bit_by_bit_schedule(mp, row):
+    """A row's steps spelled out one entry and one bit at a time (how ``MatrixPowers`` first
+    planned them, before the plan became a matrix product)."""
+    bits = max((abs(k).bit_length() for k in row), default=0)
+    steps = []
+    for t in range(bits - 1, -1, -1):
+        step = []
+        for g, members in enumerate(mp.groups):
+            pos = neg = 0
+            for p, j in enumerate(members):
+                if (abs(row[j]) >> t) & 1:
+                    if row[j] > 0:
+                        pos |= 1 << p
+                    else:
+                        neg |= 1 << mp.inverted[g].index(j)
+            if pos or neg:
+                step.append((g, pos, neg))
+        steps.append(tuple(step))
+    return steps
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 14).flatmap(lambda d: st.lists(
+        st.lists(st.one_of(st.just(0), st.integers(-(2**130), 2**130)), min_size=d, max_size=d),
+        min_size=1, max_size=5)),
+    st.integers(1, 7),
+    st.sampled_from(MatrixPowers.SIGNS),
+)
+def test_matrix_powers_plan_each_bit_of_each_entry(rows, group, signs):
+    mp = MatrixPowers(rows, group=group, signs=signs)
+    planned = rows
+    if mp.offset:  # the rows it runs: every column raised by its largest negation, and the offsets row
+        offsets = [max(0, -min(column)) for column in zip(*rows)]
+        planned = [[k + o for k, o in zip(row, offsets)] for row in rows] + [offsets]
+    assert mp.schedule == [bit_by_bit_schedule(mp, row) for row in planned]
+    # the cost it chose by counts a squaring per step and a multiplication per subset used
+    tables = sum(2 ** len(g) for g in mp.groups) + sum(2 ** len(i) + INVERT_COST * len(i) for i in mp.inverted if i)
+    used = sum(len(steps) + sum(bool(a) + bool(b) for step in steps for _, a, b in step) for steps in mp.schedule)
+    assert mp.cost == tables + used + (INVERT_COST + len(rows) if mp.offset else 0)
 
 
 def test_matrix_powers_pick_the_cheaper_way_to_handle_signs(keypair):

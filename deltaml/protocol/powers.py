@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import gmpy2
+import numpy as np
 
 if TYPE_CHECKING:
     from .paillier import PublicKey
@@ -113,44 +114,52 @@ class MatrixPowers:
         if signs != "inverses" and (any(offsets) or not plans):
             plans.append((*self._plan([[k + o for k, o in zip(row, offsets)] for row in rows] + [offsets]), True))
         # multiplications for one vector, an inversion counted as INVERT_COST
-        costs = [self._cost(inverted, schedule) + (INVERT_COST + len(rows) if offset else 0)
-                 for inverted, schedule, offset in plans]
+        costs = [self._cost(inverted, subsets) + (INVERT_COST + len(rows) if offset else 0)
+                 for inverted, subsets, offset in plans]
         self.cost = min(costs)
-        self.inverted, self.schedule, self.offset = plans[costs.index(self.cost)]
+        self.inverted, subsets, self.offset = plans[costs.index(self.cost)]
+        self.schedule = [_steps(pos, neg) for pos, neg in subsets]  # only the plan taken: half the work
 
     def __deepcopy__(self, memo) -> "MatrixPowers":
         return self  # nothing in it changes after construction
 
     def _plan(self, rows: list[list[int]]) -> tuple[list[list[int]], list]:
-        """The bases to invert (only one with a negative entry in some row) and every row's steps."""
+        """The bases to invert (only one with a negative entry in some row) and every row's subsets."""
         negative = {j for row in rows for j, k in enumerate(row) if k < 0}
         inverted = [[j for j in members if j in negative] for members in self.groups]
-        return inverted, [self._row_schedule(row, inverted) for row in rows]
+        return inverted, [self._row_subsets(row, inverted) for row in rows]
 
-    def _cost(self, inverted: list[list[int]], schedule: list) -> int:
-        """Multiplications for the tables and the rows of one vector."""
+    def _cost(self, inverted: list[list[int]], subsets: list) -> int:
+        """Multiplications for the tables and the rows of one vector: a squaring per step, and a
+        multiplication per non-empty subset."""
         tables = sum(2 ** len(g) for g in self.groups) + sum(2 ** len(i) + INVERT_COST * len(i)
                                                              for i in inverted if i)
-        steps = sum(len(row) + sum(bool(pos) + bool(neg) for step in row for _, pos, neg in step)
-                    for row in schedule)
+        steps = sum(len(pos) + int(np.count_nonzero(pos)) + int(np.count_nonzero(neg)) for pos, neg in subsets)
         return tables + steps
 
-    def _row_schedule(self, row: list[int], inverted: list[list[int]]) -> list[tuple[tuple[int, int, int], ...]]:
+    def _row_subsets(self, row: list[int], inverted: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """One step per bit of the row's largest entry, the highest first, and for each step and
+        group the subset of the group's positive bases and of its inverted bases whose entries
+        have that bit set (``bits x groups`` arrays of subset numbers).
+
+        The bits of the row form a 0/1 matrix (entries x bits, from their binary digits), and the
+        subsets are that matrix times the bases' weights in their subsets: one matrix product
+        instead of a Python test per entry and bit (a 100-owner job's trainers spent 40 ms each on
+        it when they took their role, at d = 21)."""
         bits = max((abs(k).bit_length() for k in row), default=0)
-        steps = []
-        for t in range(bits - 1, -1, -1):
-            step = []
-            for g, members in enumerate(self.groups):
-                pos = neg = 0
-                for p, j in enumerate(members):
-                    if (abs(row[j]) >> t) & 1:
-                        if row[j] > 0:
-                            pos |= 1 << p
-                        else:
-                            neg |= 1 << inverted[g].index(j)
-                step.append((g, pos, neg))
-            steps.append(tuple(s for s in step if s[1] or s[2]))
-        return steps
+        positive = np.zeros((len(row), len(self.groups)), dtype=np.int64)
+        negative = np.zeros_like(positive)
+        if not bits:
+            return positive[:0].T[:0], negative[:0].T[:0]  # no steps
+        digits = "".join(format(abs(k), f"0{bits}b") for k in row).encode()
+        set_bits = (np.frombuffer(digits, dtype=np.uint8) - ord("0")).reshape(len(row), bits).astype(np.int64)
+        for g, members in enumerate(self.groups):
+            for p, j in enumerate(members):
+                if row[j] > 0:
+                    positive[j, g] = 1 << p
+                elif row[j] < 0:
+                    negative[j, g] = 1 << inverted[g].index(j)
+        return set_bits.T @ positive, set_bits.T @ negative
 
     def apply(self, pub: "PublicKey", cs) -> list:
         """``[M x]`` from ``[x]`` under ``pub``."""
@@ -182,6 +191,14 @@ class MatrixPowers:
 def multi_power(pub: "PublicKey", bases, exponents) -> "gmpy2.mpz":
     """``prod_j bases[j]**exponents[j] mod n**2`` for signed exponents, in one pass (Straus)."""
     return MatrixPowers([exponents]).apply(pub, list(bases))[0]
+
+
+def _steps(pos: np.ndarray, neg: np.ndarray) -> list[tuple[tuple[int, int, int], ...]]:
+    """A row's steps for :meth:`MatrixPowers.apply`: per bit, ``(group, positive subset, inverted
+    subset)`` for each group with a base to multiply in."""
+    groups = range(pos.shape[1])
+    return [tuple([(g, a, b) for g, a, b in zip(groups, pa, na) if a or b])
+            for pa, na in zip(pos.tolist(), neg.tolist())]
 
 
 def _subset_products(bases, mod) -> list:
