@@ -2,7 +2,7 @@ import json
 
 import gmpy2
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from deltaml.protocol.errors import KeyTooShort
 from deltaml.protocol.paillier import Decryption, PublicKey, generate_keypair, verify_decryption
@@ -136,6 +136,7 @@ def bit_by_bit_schedule(mp, row):
     st.integers(1, 7),
     st.sampled_from(MatrixPowers.SIGNS),
 )
+@example([[0, 0, 0], [5, -2, 0]], 2, "inverses")  # a row of zeros: no steps at all
 def test_matrix_powers_plan_each_bit_of_each_entry(rows, group, signs):
     mp = MatrixPowers(rows, group=group, signs=signs)
     planned = rows

@@ -147,10 +147,10 @@ class MatrixPowers:
         instead of a Python test per entry and bit (a 100-owner job's trainers spent 40 ms each on
         it when they took their role, at d = 21)."""
         bits = max((abs(k).bit_length() for k in row), default=0)
+        if not bits:  # a row of zeros: no steps
+            return np.zeros((0, len(self.groups)), dtype=np.int64), np.zeros((0, len(self.groups)), dtype=np.int64)
         positive = np.zeros((len(row), len(self.groups)), dtype=np.int64)
         negative = np.zeros_like(positive)
-        if not bits:
-            return positive[:0].T[:0], negative[:0].T[:0]  # no steps
         digits = "".join(format(abs(k), f"0{bits}b") for k in row).encode()
         set_bits = (np.frombuffer(digits, dtype=np.uint8) - ord("0")).reshape(len(row), bits).astype(np.int64)
         for g, members in enumerate(self.groups):
