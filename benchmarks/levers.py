@@ -36,7 +36,7 @@ from deltaml.protocol.fixedpoint import SLACK_BITS, FixedPoint  # noqa: E402
 from deltaml.protocol.linear import encode_stats, encrypted_update, step_size_q, sufficient_stats  # noqa: E402
 from deltaml.protocol.paillier import generate_keypair  # noqa: E402
 from deltaml.protocol.powers import MatrixPowers  # noqa: E402
-from deltaml.protocol.randomness import obfuscator_table  # noqa: E402
+from deltaml.protocol.randomness import fixed_base, obfuscator_table  # noqa: E402
 
 
 @dataclass
@@ -88,7 +88,7 @@ def measure(args) -> dict:
     evaluated = len(eval_scales) - 1 + models  # the full model at each evaluation, every model at the last
     replies = T * R * per_trainer  # one trainer's gradient for one model and round
     refreshed = len(refresh_scales) * models
-    obfuscator_table(pub.n)  # every party holds the key's table before its first fixed-base power
+    fixed_base(pub.n)  # every party holds the key's table before its first fixed-base power
     levers: list[Lever] = []
 
     # 1. obfuscators: DJN's fixed base from a table of powers, against r**n
