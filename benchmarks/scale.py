@@ -256,6 +256,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="*", default=[10_000, 1_000_000], help="none: skip (b)")
     ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
+    if args.owners == 1 or args.owners < 0:
+        ap.error("--owners must be 0 (skip (a)) or at least 2: a validator and a trainer")
+    if args.owner_rounds < 1 or args.rounds < 1:
+        ap.error("--owner-rounds and --rounds must be at least 1")
+    if any(n < 1 for n in args.rows):
+        ap.error("--rows must all be at least 1")
     configure_logging("console", "warning")
     key = generate_keypair(2048)[1]
     if args.owners:

@@ -6,8 +6,11 @@ owners so that what the bench prints is known to come from a job that trained
 every round, with its owners where it says they were.
 """
 
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -46,3 +49,14 @@ def test_the_floor_of_many_owners_counts_every_trainers_work(keypair):
     # each owner process's trainers (3 of the 6 here) announce their draws: 21 per round each
     assert f["window"] == window_for(3 * rounds * 21, djn_exponent_bits(key.public.n))
     assert not table_ready(key.public.n)  # the floor's table is not left for the other tests' encryptions
+
+
+@pytest.mark.parametrize("args,says", [(["--owners", "1"], "--owners must be 0"),
+                                       (["--owner-rounds", "0"], "--owner-rounds and --rounds"),
+                                       (["--rounds", "0"], "--owner-rounds and --rounds"),
+                                       (["--rows", "10000", "0"], "--rows must all be at least 1")])
+def test_a_scale_run_that_cannot_be_timed_is_a_usage_error(args, says):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert says in run.stderr and "Traceback" not in run.stderr
