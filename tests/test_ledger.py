@@ -164,7 +164,8 @@ def test_a_ledger_restarted_without_its_state_relays_for_the_parties_and_jobs_of
         ledger, training, keypair):
     """A fresh ledger on the same escrow knows no name and no job. It used to refuse every request
     ("has not greeted the ledger") and could tell an event to no one; now a request is taken from
-    the address that signed it, and the job's parties are read from the contract."""
+    the address that signed it, and the job's parties and its buyer and aggregator are read from
+    the contract: a metric reaches those two, the job given up reaches everyone."""
     job, buyer, agg, owners = training
     fresh = LedgerCore(Context(LEDGER), ledger.chain)
     everyone = (buyer, agg, *owners)
@@ -179,10 +180,13 @@ def test_a_ledger_restarted_without_its_state_relays_for_the_parties_and_jobs_of
     receipt = agg.call(job, "recordMetric", args, proof=proof, everyone=everyone)
     assert receipt.ok, receipt.reason
     assert fresh.parties[job] == {p.address.lower() for p in everyone}  # from the contract
-    for party in everyone:
-        assert [e.payload.event for e in party.events] == ["MetricRecorded"], party.ctx.name
-        assert party.events[0].recipient == address_recipient(party.address)
+    assert fresh.principals[job] == {buyer.address.lower(), agg.address.lower()}
     assert fresh.addresses == {agg.ctx.name: agg.address}
+    assert agg.call(job, "abandon", [job_key(job), 0], everyone=everyone).ok
+    for party in everyone:
+        heard = ["MetricRecorded", "Abandoned"] if party in (buyer, agg) else ["Abandoned"]
+        assert [e.payload.event for e in party.events] == heard, party.ctx.name
+        assert {e.recipient for e in party.events} == {address_recipient(party.address)}
 
 
 def test_a_transaction_for_another_job_than_its_envelope_is_refused(ledger, training):
@@ -223,9 +227,10 @@ def test_a_redelivered_transaction_gets_its_receipt_and_events_not_a_used_nonce(
     assert ledger.chain.nonce(buyer.address) == nonce  # nothing was sent a second time
 
 
-def test_a_paid_job_with_many_owners_fits_the_gas_its_parties_sign_for(ledger, keypair):
-    """setParticipants and settle loop over the participants: the gas the aggregator signs for grows
-    with them (a fixed limit failed a paid job of 14 owners with a bare "reverted")."""
+@pytest.fixture(scope="module")
+def many_owners_job(ledger, keypair):
+    """A paid job of 30 owners through the ledger, from its escrow to its settlement, each party
+    hearing what the bus would route to it: (job, buyer, aggregator, owners, settle's receipt)."""
     pub, _ = keypair
     n, job = 30, f"job-{time.monotonic_ns()}"
     buyer, agg = Party(f"buyer-{job}", ledger), Party(f"aggregator-{job}", ledger)
@@ -240,15 +245,55 @@ def test_a_paid_job_with_many_owners_fits_the_gas_its_parties_sign_for(ledger, k
     for o in owners:
         assert o.call(job, "confirm", [job_key(job)], everyone=everyone).ok
     args, proof = metric_call(job, keypair, round_=0)
-    assert agg.call(job, "recordMetric", args, proof=proof).ok
+    assert agg.call(job, "recordMetric", args, proof=proof, everyone=everyone).ok
     final = [metric_call(job, keypair, sse=(12345 - k) << 64, round_=1, model=k) for k in range(n)]  # full + LOO
     for start in range(0, n, METRICS_PER_TX):
         batch = final[start:start + METRICS_PER_TX]
-        recorded = agg.call(job, "recordMetrics", [job_key(job), [a[1] for a, _ in batch]], proof=[p for _, p in batch])
+        recorded = agg.call(job, "recordMetrics", [job_key(job), [a[1] for a, _ in batch]], proof=[p for _, p in batch],
+                            everyone=everyone)
         assert recorded.ok, recorded.reason
-    settled = agg.call(job, "settle", [job_key(job)], participants=n)
+    settled = agg.call(job, "settle", [job_key(job)], participants=n, everyone=everyone)
     assert settled.ok, settled.reason
+    return job, buyer, agg, owners, settled
+
+
+def test_a_paid_job_with_many_owners_fits_the_gas_its_parties_sign_for(many_owners_job):
+    """setParticipants and settle loop over the participants: the gas the aggregator signs for grows
+    with them (a fixed limit failed a paid job of 14 owners with a bare "reverted")."""
+    *_, settled = many_owners_job
     assert settled.gas_used > 1_000_000  # a job this size needs what the old fixed limits did not give
+
+
+def test_a_jobs_events_go_to_the_parties_they_concern_so_they_grow_with_its_owners_not_their_square(
+        many_owners_job):
+    """Each of 30 owners' confirmation and credit and each of the 31 metrics went to all 32 parties:
+    2,900 messages, nearly all to owners whose cores drop them (31,000 for 100 owners). An owner
+    hears its job staffed, started and settled, and its own confirmation and credit; the buyer and
+    the aggregator, who run the job, hear everything."""
+    job, buyer, agg, owners, _ = many_owners_job
+    everything = [e.payload.event for e in buyer.events]
+    assert [e.payload.event for e in agg.events] == everything
+    assert everything.count("Confirmed") == everything.count("Credited") == len(owners)
+    assert everything.count("MetricRecorded") == len(owners) + 1
+    for o in owners:
+        heard = [(e.payload.event, e.payload.args.get("participant") or e.payload.args.get("payee")) for e in o.events]
+        assert heard == [("ParticipantsSet", None), ("Confirmed", o.address), ("TrainingStarted", None),
+                         ("Credited", o.address), ("Settled", None)], o.ctx.name
+    sent = len(buyer.events) + len(agg.events) + sum(len(o.events) for o in owners)
+    assert sent == 2 * len(everything) + 5 * len(owners)  # against (len(owners) + 2) * len(everything) before
+
+
+@pytest.mark.parametrize("event, args, audience", [
+    ("ParticipantsSet", {}, {"0xb", "0xa", "0x1", "0x2"}),
+    ("Abandoned", {}, {"0xb", "0xa", "0x1", "0x2"}),
+    ("Dropped", {"trainer": "0x2"}, {"0xb", "0xa", "0x2"}),
+    ("Credited", {"payee": "0x1"}, {"0xb", "0xa", "0x1"}),
+    ("MetricRecorded", {}, {"0xb", "0xa"}),
+])
+def test_an_event_goes_to_every_party_or_to_the_one_it_names_and_the_principals(event, args, audience):
+    from deltaml.protocol.chain import event_audience
+
+    assert event_audience(event, args, {"0xb", "0xa", "0x1", "0x2"}, {"0xb", "0xa"}) == audience
 
 
 def test_a_transaction_out_of_gas_says_so(ledger, keypair, monkeypatch):

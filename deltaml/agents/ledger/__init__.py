@@ -19,10 +19,13 @@ dropped by the node) is answered "sign again" with the chain's price, and one
 left in the pool for ``PATIENCE`` blocks with twice its tip, up to ``MAX_TIP``
 (a top-up alike, sent again by the ledger itself); the one
 signed again in its place gets the first's receipt if the first is mined
-after all. Every party of the job and
-the progress exchange get each event the contract emitted (``ChainEvent``),
-sent to the addresses the contract names for the job (each agent's queue is
-bound to its address as well as its name). A request delivered again (the
+after all. The progress exchange gets each event the contract emitted
+(``ChainEvent``), and so do the parties it concerns
+(:func:`~deltaml.protocol.chain.event_audience`): an event about the whole
+job every party, one about a single participant that participant and the
+job's buyer and aggregator, a metric those two. They are sent to the
+addresses the contract names for the job (each agent's queue is bound to its
+address as well as its name). A request delivered again (the
 ledger stopped before it acknowledged it) is answered from the chain: the
 receipt and events of the transaction already mined, not a second send.
 
@@ -117,6 +120,7 @@ class LedgerCore:
         self.addresses: dict[str, str] = {}            # party name → address
         self.jobs: dict[bytes, str] = {}               # contract job key → job id
         self.parties: dict[str, set[str]] = defaultdict(set)  # job id → addresses (lower)
+        self.principals: dict[str, set[str]] = {}  # job id → its buyer's and aggregator's addresses (lower)
         self.gas: dict[str, list[int]] = defaultdict(list)
         self.withdrawn: dict[str, int] = defaultdict(int)  # address → wei withdrawn
         # sent, not mined yet: hash → the request it answers (a greeting's: its faucet transfer, no RawTx)
@@ -134,7 +138,7 @@ class LedgerCore:
         chain and contract goes on relaying for parties that greeted the one before it."""
         return pickle.dumps({"chain": saved_chain(self.chain.chain_id, self.chain.address),
                              "addresses": self.addresses, "jobs": self.jobs,
-                             "parties": dict(self.parties), "gas": dict(self.gas), "withdrawn": dict(self.withdrawn),
+                             "parties": dict(self.parties), "principals": self.principals, "gas": dict(self.gas), "withdrawn": dict(self.withdrawn),
                              "pending": self.pending, "replaced": self.replaced, "since": self.since,
                              "kept": self.kept, "rng": self.ctx.rng.getstate()})
 
@@ -149,6 +153,7 @@ class LedgerCore:
         self.addresses = state["addresses"]
         self.jobs = state["jobs"]
         self.parties = defaultdict(set, state["parties"])
+        self.principals = state.get("principals", {})  # (a state saved before: read from the contract when needed)
         self.gas = defaultdict(list, state["gas"])
         self.withdrawn = defaultdict(int, state["withdrawn"])
         self.pending = state.get("pending", {})  # (a state saved before the ledger waited for blocks: none)
@@ -407,14 +412,18 @@ class LedgerCore:
             if key is not None and job_id not in self.parties:  # created before this ledger, which kept no state
                 self.parties[job_id] = self.chain.parties(key)
             if name == "JobCreated":
-                self.parties[job_id].update((args["buyer"].lower(), args["aggregator"].lower()))
+                self.principals[job_id] = {args["buyer"].lower(), args["aggregator"].lower()}
+                self.parties[job_id].update(self.principals[job_id])
             if name == "ParticipantsSet":
                 self.parties[job_id].update(a.lower() for a in [*args["trainers"], *args["validators"]])
             if name == "Withdrawn":  # no job's: its payee's, who asked for it (and left no empty party list)
                 self.withdrawn[args["payee"]] += args["amount"]
                 recipients = [env.sender]
             else:
-                recipients = sorted(address_recipient(a) for a in self.parties[job_id])
+                if job_id not in self.principals:  # a job this ledger's state does not name them for
+                    self.principals[job_id] = self.chain.principals(key)
+                audience = chain.event_audience(name, args, self.parties[job_id], self.principals[job_id])
+                recipients = sorted(address_recipient(a) for a in audience)
             event = m.ChainEvent(event=name, args=args, tx_hash=tx_hash, block=receipt.blockNumber)
             out += [self.ctx.message(job_id, env.round, r, event) for r in recipients]
             out.append(self.ctx.message(job_id, env.round, PROGRESS, event))

@@ -195,9 +195,12 @@ class Chain:
     def parties(self, job: bytes) -> set[str]:
         """The addresses (lower case) the contract names for a job: its buyer, its aggregator, its
         trainers and validators once set; none for a job it does not hold."""
-        buyer, aggregator = self.contract.functions.jobInfo(job).call()[:2]
         trainers, validators = self.contract.functions.participants(job).call()
-        return {a.lower() for a in (buyer, aggregator, *trainers, *validators) if int(a, 16)}
+        return self.principals(job) | {a.lower() for a in (*trainers, *validators) if int(a, 16)}
+
+    def principals(self, job: bytes) -> set[str]:
+        """The addresses (lower case) of a job's buyer and aggregator; none for a job it does not hold."""
+        return {a.lower() for a in self.contract.functions.jobInfo(job).call()[:2] if int(a, 16)}
 
     def credit(self, address: str) -> int:
         return self.contract.functions.credit(to_checksum_address(address)).call()

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from ..fees import GWEI, MAX_FEE, MAX_TIP
 from .contract import (ABANDONED, CONTRACT, DEFAULT_DEADLINE, GAS_LIMITS, GAS_PER_PARTICIPANT, JOB_STATES, LEDGER,
-                       METRICS_PER_TX, RawTx, artifact, decode_call, encode_call, error_text, gas_limit, int_bytes,
-                       job_key, key_hash, parse_tx, signature)
+                       METRICS_PER_TX, RawTx, artifact, decode_call, encode_call, error_text, event_audience, gas_limit,
+                       int_bytes, job_key, key_hash, parse_tx, signature)
 from .metrics import (KEPT_BITS, check_metric_proof, check_metric_proofs, expected_settlement, metric_args,
                       model_index, mse_micro)
 from .party import ChainParty, Collector, Wallet, event_for, same_address
@@ -35,5 +35,5 @@ from .party import ChainParty, Collector, Wallet, event_for, same_address
 __all__ = ["ABANDONED", "CONTRACT", "DEFAULT_DEADLINE", "GAS_LIMITS", "GAS_PER_PARTICIPANT", "GWEI", "JOB_STATES",
            "KEPT_BITS", "LEDGER", "MAX_FEE", "MAX_TIP", "METRICS_PER_TX", "ChainParty", "Collector", "RawTx", "Wallet",
            "artifact", "check_metric_proof", "check_metric_proofs", "decode_call", "encode_call", "error_text",
-           "event_for", "expected_settlement", "gas_limit", "int_bytes", "job_key", "key_hash", "metric_args",
-           "model_index", "mse_micro", "parse_tx", "same_address", "signature"]
+           "event_audience", "event_for", "expected_settlement", "gas_limit", "int_bytes", "job_key", "key_hash",
+           "metric_args", "model_index", "mse_micro", "parse_tx", "same_address", "signature"]
