@@ -189,6 +189,26 @@ def test_a_ledger_restarted_without_its_state_relays_for_the_parties_and_jobs_of
         assert {e.recipient for e in party.events} == {address_recipient(party.address)}
 
 
+def test_on_the_embedded_chain_asking_for_a_transaction_reads_no_block_however_long_the_chain(monkeypatch):
+    """Before it sends a transaction the ledger asks whether the chain mined it already (a request
+    delivered again). eth-tester answers "no" by reading every block back from the head: 146 ms
+    with 1,000 blocks, so the ledger slowed with each job relayed. py-evm's index says it at once;
+    a transaction mined long ago is still found, with its receipt."""
+    chain_ = Chain("embedded")
+    to = Web3.to_checksum_address("0x" + "11" * 20)
+    first = chain_.w3.eth.send_transaction({"from": chain_.faucet, "to": to, "value": 1, "gas": 21_000})
+    for _ in range(40):
+        chain_.w3.eth.send_transaction({"from": chain_.faucet, "to": to, "value": 1, "gas": 21_000})
+    reads, evm = [], chain_.w3.provider.ethereum_tester.backend.chain
+    read = evm.get_canonical_block_by_number
+    monkeypatch.setattr(evm, "get_canonical_block_by_number", lambda n: reads.append(n) or read(n))
+    assert chain_.mined(b"\x42" * 32) is None and chain_.held("0x" + "42" * 32) is None
+    assert reads == []
+    receipt = chain_.mined(first)
+    assert receipt is not None and bytes(receipt.transactionHash) == bytes(first) and receipt.status == 1
+    assert chain_.held(first).nonce == chain_.w3.eth.get_transaction(first)["nonce"]
+
+
 def test_a_transaction_for_another_job_than_its_envelope_is_refused(ledger, training):
     job, buyer, agg, owners = training
     receipt = agg.call("some-other-job", "settle", [job_key(job)], participants=3)
