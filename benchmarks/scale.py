@@ -17,11 +17,19 @@
     (reported apart); every round then costs the same ``d*d`` products
     whatever N is.
 
-Both print the time per round: (a) from the aggregator's first requests to its
-last step, (b) from the first evaluation to the last.
+(c) ``--paid-owners 40``: the demo's paid job at that size over RabbitMQ, each
+    owner a process of its own: leave-one-out models (one per trainer),
+    ``--paid-rounds 2`` rounds evaluated before training and after the last,
+    settlement and withdrawals on the embedded chain. It prints the wall time
+    and what the ledger did: the requests it handled, its handlers' seconds and
+    the messages it sent (before 2026-11-30 each chain event went to every party
+    of the job, which grew with the square of the owners).
+
+(a) and (b) print the time per round: (a) from the aggregator's first requests
+to its last step, (b) from the first evaluation to the last.
 
     python benchmarks/scale.py [--owners 100] [--owner-rounds 10] [--owners-with-aggregator]
-                               [--rows 10000 1000000] [--rounds 6]
+                               [--rows 10000 1000000] [--rounds 6] [--paid-owners 40] [--paid-rounds 2]
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from deltaml.agents.bus import MemoryBus
 from deltaml.agents.ledger import Chain, LedgerCore
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.agents.runtime import configure_logging, run_buyer_job, until_signalled
+from deltaml.marketplace import DemoConfig, run_demo
 from deltaml.marketplace.daemons import fresh_queues, job_queues, launcher, start_quietly, stop_all
 from deltaml.protocol import messages as m
 from deltaml.protocol.aggregator.job import AggPhase
@@ -235,6 +244,34 @@ def many_owners_floor(owners: int, rounds: int, key, rows: int = 1000, processes
             "cores": cores, "seconds_per_round": float(total / cores / rounds)}
 
 
+def paid_job(owners: int, rounds: int, keypair=None, url: str = "amqp://guest:guest@127.0.0.1:5672/") -> dict:
+    """(c): ``deltaml demo --bus amqp --owners N --rounds R --eval-every R`` in this process, with
+    what the ledger takes and sends counted as it goes: requests by type, and messages to the job's
+    parties (chain events), to the progress exchange, and answers to whoever asked (receipts,
+    chain information)."""
+    taken: collections.Counter = collections.Counter()
+    sent: collections.Counter = collections.Counter()
+    handle = LedgerCore.handle
+
+    def counted(core: LedgerCore, env: m.Envelope) -> list[m.Envelope]:
+        out = handle(core, env)
+        taken[env.type] += 1
+        sent.update("progress" if e.recipient == topology.PROGRESS else
+                    "events to parties" if e.type == "chain_event" else "answers" for e in out)
+        return out
+
+    LedgerCore.handle = counted  # the demo makes its ledger's core in this process
+    try:
+        report = run_demo(DemoConfig(owners=owners, validators=1, rounds=rounds, eval_every=rounds), "amqp",
+                          keypair=keypair, amqp_url=url)
+    finally:
+        LedgerCore.handle = handle
+    return {"owners": owners, "rounds": rounds, "wall_seconds": report["wall_seconds"],
+            "final_mse": report["final_mse"], "paid_wei": sum(report["payments_wei"].values()),
+            "ledger_seconds": sum(report["busy_seconds"]["ledger-ledger"].values()),
+            "taken": dict(taken), "sent": dict(sent)}
+
+
 async def _delete_owner_queues(url: str, names: list[str]) -> None:
     """Leave no owner queue behind (once nobody consumes them): a queue nobody reads would collect
     every job offer made on this broker afterwards, for an owner of that name to find one day."""
@@ -255,15 +292,20 @@ def main() -> None:
                     help="(a): this process, with the aggregator and the buyer, holds a share of the owners too")
     ap.add_argument("--rows", type=int, nargs="*", default=[10_000, 1_000_000], help="none: skip (b)")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--paid-owners", type=int, default=40, help="0: skip (c)")
+    ap.add_argument("--paid-rounds", type=int, default=2)
     args = ap.parse_args()
     if args.owners == 1 or args.owners < 0:
         ap.error("--owners must be 0 (skip (a)) or at least 2: a validator and a trainer")
-    if args.owner_rounds < 1 or args.rounds < 1:
-        ap.error("--owner-rounds and --rounds must be at least 1")
+    if args.paid_owners == 1 or args.paid_owners < 0:
+        ap.error("--paid-owners must be 0 (skip (c)) or at least 2: a validator and a trainer")
+    if args.owner_rounds < 1 or args.rounds < 1 or args.paid_rounds < 1:
+        ap.error("--owner-rounds, --rounds and --paid-rounds must be at least 1")
     if any(n < 1 for n in args.rows):
         ap.error("--rows must all be at least 1")
     configure_logging("console", "warning")
-    key = generate_keypair(2048)[1]
+    keypair = generate_keypair(2048)
+    key = keypair[1]
     if args.owners:
         processes = os.cpu_count() or 1
         # this machine's speed drifts by a third within minutes: the floor is timed just before and just after
@@ -300,6 +342,18 @@ def main() -> None:
             print(f"    {r['rows']:>16,}{r['stats_seconds']:>24.3f}{r['seconds_per_round']:>14.3f}"
                   f"{r['seconds_per_round'] / results[0]['seconds_per_round']:>10.2f}"
                   f"   {', '.join(f'{x:.3f}' for x in r['each'])}")
+
+    if args.paid_owners:
+        r = paid_job(args.paid_owners, args.paid_rounds, keypair)
+        sent, taken = r["sent"], r["taken"]
+        print(f"(c) a paid job of {r['owners']} owners ({r['owners'] - 1} trainers and as many leave-one-out "
+              f"models, 1 validator) over RabbitMQ, each owner a process; rounds: {r['rounds']}, evaluated before "
+              f"training and after it; settled and withdrawn on the embedded chain:")
+        print(f"    {r['wall_seconds']:.1f} s in all; final MSE {r['final_mse']:.1f}; {r['paid_wei']:,} wei paid")
+        print(f"    the ledger took {sum(taken.values())} requests ({taken.get('tx_request', 0)} transactions, "
+              f"{taken.get('chain_hello', 0)} greetings) in {r['ledger_seconds']:.2f} s of its handlers and sent "
+              f"{sum(sent.values())} messages: {sent.get('events to parties', 0)} chain events to the job's "
+              f"parties, {sent.get('progress', 0)} to the progress exchange, {sent.get('answers', 0)} answers")
 
 
 if __name__ == "__main__":

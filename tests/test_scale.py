@@ -51,9 +51,21 @@ def test_the_floor_of_many_owners_counts_every_trainers_work(keypair):
     assert not table_ready(key.public.n)  # the floor's table is not left for the other tests' encryptions
 
 
+def test_the_paid_job_at_scale_counts_what_its_ledger_took_and_sent(keypair):
+    r = scale.paid_job(3, 1, keypair)
+    assert r["paid_wei"] > 0 and r["ledger_seconds"] > 0
+    taken, sent = r["taken"], r["sent"]
+    assert taken["chain_hello"] == 5 and taken["tx_request"] >= 3 + 3 + 4  # confirms, withdrawals, the buyer's
+    # each event once to the progress exchange, and to at least one party; each request answered once at most
+    assert sent["progress"] < sent["events to parties"] < 5 * sent["progress"]
+    assert sent["answers"] <= sum(taken.values())
+
+
 @pytest.mark.parametrize("args,says", [(["--owners", "1"], "--owners must be 0"),
-                                       (["--owner-rounds", "0"], "--owner-rounds and --rounds"),
-                                       (["--rounds", "0"], "--owner-rounds and --rounds"),
+                                       (["--paid-owners", "1"], "--paid-owners must be 0"),
+                                       (["--owner-rounds", "0"], "--owner-rounds, --rounds and --paid-rounds"),
+                                       (["--rounds", "0"], "--owner-rounds, --rounds and --paid-rounds"),
+                                       (["--paid-rounds", "0"], "--owner-rounds, --rounds and --paid-rounds"),
                                        (["--rows", "10000", "0"], "--rows must all be at least 1")])
 def test_a_scale_run_that_cannot_be_timed_is_a_usage_error(args, says):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
