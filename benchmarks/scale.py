@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import os
 import random
 import statistics
@@ -56,7 +55,7 @@ from deltaml.agents.ledger import Chain, LedgerCore
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.agents.runtime import configure_logging, run_buyer_job, until_signalled
 from deltaml.marketplace import DemoConfig, run_demo
-from deltaml.marketplace.daemons import fresh_queues, job_queues, launcher, start_quietly, stop_all
+from deltaml.marketplace.daemons import delete_queues, fresh_queues, job_queues, launcher, start_quietly, stop_all
 from deltaml.protocol import messages as m
 from deltaml.protocol.aggregator.job import AggPhase
 from deltaml.protocol.chain import DEFAULT_DEADLINE, LEDGER
@@ -178,7 +177,7 @@ async def many_owners(owners: int, rounds: int, key, rows: int = 1000, processes
     finally:
         stop_all(children)
         await bus.close()
-        await _delete_owner_queues(url, names)
+        await delete_queues(url, [("owner", n) for n in names])
     assert finished.model is not None, finished.reason
     queues = {topology.queue_name("owner", n) for n in names}
     return {"owners": owners, "processes": processes, "rounds": rounds, "first_metric_seconds": times[0],
@@ -270,18 +269,6 @@ def paid_job(owners: int, rounds: int, keypair=None, url: str = "amqp://guest:gu
             "final_mse": report["final_mse"], "paid_wei": sum(report["payments_wei"].values()),
             "ledger_seconds": sum(report["busy_seconds"]["ledger-ledger"].values()),
             "taken": dict(taken), "sent": dict(sent)}
-
-
-async def _delete_owner_queues(url: str, names: list[str]) -> None:
-    """Leave no owner queue behind (once nobody consumes them): a queue nobody reads would collect
-    every job offer made on this broker afterwards, for an owner of that name to find one day."""
-    bus = await AmqpBus(url).connect()
-    try:
-        for name in names:
-            with contextlib.suppress(Exception):
-                await (await bus.declare("owner", name)).delete(if_unused=False, if_empty=False)
-    finally:
-        await bus.close()
 
 
 def main() -> None:

@@ -357,6 +357,16 @@ def test_demo_over_rabbitmq_with_separate_processes(tmp_path):
     assert sum(report["payments_wei"].values()) + report["refund_wei"] == report["deposit_wei"]
     assert report["settlement_as_predicted"] and report["chain"]["contract_balance_wei"] == 0
 
+    async def owner_queues():
+        bus = await AmqpBus(AMQP_URL).connect()
+        try:
+            return [await bus.consumers("owner", name) for name in owner_names(5)]
+        finally:
+            await bus.close()
+
+    # the run's owner queues are gone with it: none is left to collect the job offers made after it
+    assert asyncio.run(owner_queues()) == [None] * 5
+
 
 def test_no_broker_is_one_clear_line():
     proc = run_cli("demo", "--bus", "amqp", "--rounds", "1", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/",

@@ -5,6 +5,7 @@ and the queues a run owns on the broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -86,6 +87,10 @@ class DemoDaemons:
         finally:
             await bus.close()
 
+    async def remove_owner_queues(self) -> None:
+        """Delete the owners' queues once their daemons are gone (:func:`delete_queues`)."""
+        await delete_queues(self.url, [("owner", name) for name in owner_names(self.config.owners)])
+
     def start(self) -> None:
         """Empty the job's queues, then fork the daemons (call while this process has one thread)."""
         asyncio.run(self.empty_queues())
@@ -136,6 +141,21 @@ async def fresh_queues(bus, queues: list[tuple[str, str]]) -> None:
                                 f"broker under the same names; stop them first")
     for queue in declared:
         await queue.purge()
+
+
+async def delete_queues(url: str, queues: list[tuple[str, str]]) -> None:
+    """Delete these (role, name) queues, whatever they hold, once their daemons are gone: an owner's
+    queue nobody reads collects every job offer made on this broker afterwards, for an owner of that
+    name to find one day (a demo of 40 owners left 35 queues that each later 5-owner job offered into)."""
+    from ..agents.amqp import AmqpBus
+
+    bus = await AmqpBus(url).connect()
+    try:
+        for role, name in queues:
+            with contextlib.suppress(Exception):
+                await (await bus.declare(role, name)).delete(if_unused=False, if_empty=False)
+    finally:
+        await bus.close()
 
 
 def stop_all(children) -> None:

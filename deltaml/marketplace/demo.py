@@ -90,6 +90,8 @@ def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = la
                 daemons.stop()  # idempotent; here for a failure before the job ran
                 if workers is not None:
                     workers.close()
+                with contextlib.suppress(Exception):  # (a broker gone away: the failure says so already)
+                    asyncio.run(daemons.remove_owner_queues())
     if job.phase is not BuyerPhase.FINISHED:
         raise RuntimeError(f"job did not finish: {job.reason or 'failed'}{_divergence(job)}")
     report = buyer_report(job, job_id, public.bits, 0.0)
