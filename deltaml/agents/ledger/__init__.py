@@ -138,7 +138,8 @@ class LedgerCore:
         chain and contract goes on relaying for parties that greeted the one before it."""
         return pickle.dumps({"chain": saved_chain(self.chain.chain_id, self.chain.address),
                              "addresses": self.addresses, "jobs": self.jobs,
-                             "parties": dict(self.parties), "principals": self.principals, "gas": dict(self.gas), "withdrawn": dict(self.withdrawn),
+                             "parties": dict(self.parties), "principals": self.principals,
+                             "gas": dict(self.gas), "withdrawn": dict(self.withdrawn),
                              "pending": self.pending, "replaced": self.replaced, "since": self.since,
                              "kept": self.kept, "rng": self.ctx.rng.getstate()})
 
