@@ -128,6 +128,52 @@ async def test_the_policy_dead_letters_forgeries_and_binds_only_accepted_message
     assert accepted == [honest.message_id]
 
 
+async def test_a_long_running_partys_keyring_keeps_the_signers_of_the_jobs_it_holds_only():
+    """The keyring bound each job's parties for good: a daemon that served thousands of jobs wrote
+    them all into every checkpoint (2.9 MB of them after 10,000 jobs of seven parties). It now keeps
+    the signers of the jobs its core holds, and a forger is still refused in each of those."""
+    held: list[str] = []
+
+    def step(env):
+        if env.job_id not in held:
+            held.append(env.job_id)
+            del held[:-100]  # the core keeps its newest jobs (protocol/ended.py)
+        return []
+
+    async def publish(env):
+        pass
+
+    policy = AckPolicy(step, publish, holds=lambda job_id: job_id in held)
+    hello = sign(join(job=""), ALICE)  # outside any job: stays bound
+    assert (await policy(Delivery(m.encode(hello), {}))).verdict is Verdict.ACK
+    most = 0
+    for j in range(1000):
+        for sender in ("buyer", "owner-1", "owner-2"):
+            env = sign(join(sender=sender, job=f"job-{j}"), ALICE)
+            assert (await policy(Delivery(m.encode(env), {}))).verdict is Verdict.ACK
+        most = max(most, len(policy.keyring.bound))
+    assert most < 2 * 3 * 100 + 3 + 256 + 3  # bounded by the jobs held, not the 3,000 bindings ever made
+    assert all((job, sender) in policy.keyring.bound for job in held for sender in ("buyer", "owner-1", "owner-2"))
+    assert ("", "owner-1") in policy.keyring.bound
+    forged = await policy(Delivery(m.encode(sign(join(sender="owner-2", job=held[0]), MALLORY)), {}))
+    assert forged.reason.startswith("unauthenticated: forged sender")
+
+
+def test_an_agent_trims_its_keyring_by_its_cores_jobs_and_a_ledger_keeps_its_own():
+    from deltaml.agents.agent import Agent
+    from deltaml.agents.bus import MemoryBus
+    from deltaml.agents.ledger import Chain, LedgerCore
+    from deltaml.agents.parties import aggregator_core
+    from deltaml.protocol.chain import LEDGER
+    from deltaml.protocol.machine import Context
+
+    core = aggregator_core(wallet=load_wallet(None))
+    assert Agent("aggregator", "aggregator", core, MemoryBus()).policy.holds == core.holds
+    assert not core.holds("job-1")
+    ledger = Agent("ledger", LEDGER, LedgerCore(Context(LEDGER), Chain("embedded")), MemoryBus())
+    assert ledger.policy.holds is None  # a ledger's bindings are not trimmed by a core's jobs
+
+
 async def test_a_message_for_an_ended_job_is_dead_lettered_without_a_warning():
     from structlog.testing import capture_logs
 

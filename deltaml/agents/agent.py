@@ -84,7 +84,7 @@ class Agent:
                                 keyring=self.keyring, checkpoint=checkpoint,
                                 snapshot=getattr(core, "snapshot", None),
                                 statuses=getattr(core, "statuses", None), agent=name,
-                                fault=getattr(core, "fault", None))
+                                fault=getattr(core, "fault", None), holds=getattr(core, "holds", None))
         self.resumed = False
         saved = checkpoint.load() if checkpoint is not None else None
         if saved is not None:  # a restarted daemon: its jobs, who signs for whom, its recent answers

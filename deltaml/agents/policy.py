@@ -46,8 +46,10 @@ class AckPolicy:
                  keyring: Keyring | None = None, checkpoint=None,
                  snapshot: Callable[[], bytes] | None = None,
                  statuses: Callable[[], dict[str, dict]] | None = None, agent: str | None = None,
-                 fault: Callable[[m.Envelope], list[m.Envelope]] | None = None) -> None:
+                 fault: Callable[[m.Envelope], list[m.Envelope]] | None = None,
+                 holds: Callable[[str], bool] | None = None) -> None:
         self.step = step
+        self.holds = holds  # whether the core still holds a job: the keyring keeps only those jobs' signers
         self.fault = fault
         self.log = log.bind(agent=agent) if agent else log  # which party says it, in a shared console
         self.statuses = statuses or (lambda job_id=None: {})
@@ -201,6 +203,8 @@ class AckPolicy:
             self.busy[env.type] = self.busy.get(env.type, 0.0) + time.perf_counter() - started
             self.mark = time.monotonic()
             self.keyring.bind(env, address)
+            if self.holds is not None:
+                self.keyring.trim(self.holds)
             self.record("in", env)
             self.answers[handled] = outgoing
             while len(self.answers) > REMEMBERED:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Callable
 
 from eth_keys import keys
 from eth_keys.exceptions import BadSignature, ValidationError
@@ -33,6 +34,8 @@ from . import messages as m
 from .errors import ProtocolError
 
 DOMAIN = b"deltaml-envelope-v1"
+#: Bindings a keyring may gain past twice what it kept at its last trim before it trims again.
+TRIM_SLACK = 256
 
 
 class AuthError(ProtocolError):
@@ -97,6 +100,7 @@ class Keyring:
 
     pinned: dict[str, str] = field(default_factory=dict)
     bound: dict[tuple[str, str], str] = field(default_factory=dict)
+    trim_above: int = TRIM_SLACK  # bindings beyond which :meth:`trim` retains again
 
     def check(self, env: m.Envelope) -> str:
         """The signer of ``env`` if it may speak as ``env.sender`` in ``env.job_id``."""
@@ -113,3 +117,17 @@ class Keyring:
     def bind(self, env: m.Envelope, address: str) -> None:
         """Remember the signer of an accepted envelope as its sender in that job (first one wins)."""
         self.bound.setdefault((env.job_id, env.sender), address)
+
+    def retain(self, holds: Callable[[str], bool]) -> None:
+        """Forget who signed for the jobs its party no longer holds (``holds(job_id)`` false; a
+        binding outside any job stays). Its core refuses a message for a job it forgot, as late,
+        whoever signs it; kept, the bindings grew by each job's parties for as long as a daemon
+        served, and went into every checkpoint it wrote."""
+        self.bound = {key: address for key, address in self.bound.items() if not key[0] or holds(key[0])}
+
+    def trim(self, holds: Callable[[str], bool]) -> None:
+        """:meth:`retain` once the bindings have doubled since the last time (and by
+        :data:`TRIM_SLACK`): called after every message, it costs one comparison a message."""
+        if len(self.bound) > self.trim_above:
+            self.retain(holds)
+            self.trim_above = 2 * len(self.bound) + TRIM_SLACK

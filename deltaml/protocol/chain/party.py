@@ -216,6 +216,10 @@ class ChainParty:
         self.retire()
         return out
 
+    def holds(self, job_id: str) -> bool:
+        """Whether this party still holds the job (running, or ended and kept: :mod:`..ended`)."""
+        return job_id in self.jobs
+
     def retire(self) -> None:
         """Shed what ended jobs no longer need, and forget the oldest (:mod:`..ended`)."""
         if self.ended is not None:
