@@ -159,7 +159,7 @@ async def test_a_long_running_partys_keyring_keeps_the_signers_of_the_jobs_it_ho
     assert forged.reason.startswith("unauthenticated: forged sender")
 
 
-def test_an_agent_trims_its_keyring_by_its_cores_jobs_and_a_ledger_keeps_its_own():
+def test_an_agent_trims_its_keyring_by_the_jobs_its_core_holds():
     from deltaml.agents.agent import Agent
     from deltaml.agents.bus import MemoryBus
     from deltaml.agents.ledger import Chain, LedgerCore
@@ -170,8 +170,8 @@ def test_an_agent_trims_its_keyring_by_its_cores_jobs_and_a_ledger_keeps_its_own
     core = aggregator_core(wallet=load_wallet(None))
     assert Agent("aggregator", "aggregator", core, MemoryBus()).policy.holds == core.holds
     assert not core.holds("job-1")
-    ledger = Agent("ledger", LEDGER, LedgerCore(Context(LEDGER), Chain("embedded")), MemoryBus())
-    assert ledger.policy.holds is None  # a ledger's bindings are not trimmed by a core's jobs
+    ledger = LedgerCore(Context(LEDGER), Chain("embedded"))
+    assert Agent("ledger", LEDGER, ledger, MemoryBus()).policy.holds == ledger.holds  # the jobs whose parties it keeps
 
 
 async def test_a_message_for_an_ended_job_is_dead_lettered_without_a_warning():

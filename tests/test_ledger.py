@@ -25,7 +25,7 @@ from deltaml.agents.ledger import FAUCET_TOPUP, Chain, ChainUnavailable, LedgerC
 from deltaml.agents.ledger.node import MAX_TIP, PATIENCE, TIP, NonceAhead, shown
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.agents.runtime import run_buyer_job
-from deltaml.agents.topology import address_recipient
+from deltaml.agents.topology import PROGRESS, address_recipient
 from deltaml.marketplace import DemoConfig, baselines, make_spec, prepare_parts, run_demo
 from deltaml.protocol.buyer import BuyerPhase
 from deltaml.protocol.owner import OwnerCore, OwnerData
@@ -301,6 +301,41 @@ def test_a_jobs_events_go_to_the_parties_they_concern_so_they_grow_with_its_owne
                          ("Credited", o.address), ("Settled", None)], o.ctx.name
     sent = len(buyer.events) + len(agg.events) + sum(len(o.events) for o in owners)
     assert sent == 2 * len(everything) + 5 * len(owners)  # against (len(owners) + 2) * len(everything) before
+
+
+def test_a_settled_job_leaves_nothing_in_the_ledgers_state(ledger, many_owners_job):
+    """A ledger kept every job's parties, key and gas for ever and wrote them with each message
+    (``--state-dir``): its state grew with every job it relayed. A job settled (or cancelled) is
+    dropped; the gas is kept as totals per function."""
+    job, *_ = many_owners_job
+    assert job not in ledger.parties and job not in ledger.principals and job_key(job) not in ledger.jobs
+    assert not ledger.holds(job)
+    assert all(set(totals) == {"calls", "total", "max"} for totals in ledger.gas.values())
+    report = ledger.gas_report()
+    assert report["confirm"]["calls"] >= 30 and report["settle"]["total"] >= report["settle"]["max"] > 1_000_000
+
+
+def test_a_settle_delivered_again_after_the_ledger_dropped_its_job_reaches_every_party(ledger, training):
+    """Redelivered once the job was dropped, the settle is answered from the chain, and its events
+    go to the parties read back from the contract; the job is dropped again after."""
+    job, buyer, agg, owners = training
+    assert agg.call(job, "abandon", [job_key(job), 0]).ok
+    [request] = agg.ctx.wallet.call(agg.ctx, job, 0, "settle", [job_key(job)], participants=3)
+    signed = sign(request, agg.ctx.wallet.private_key)
+    first = ledger.handle(signed)
+    assert [e.payload.event for e in first if e.type == "chain_event" and e.recipient == PROGRESS] == ["Settled"]
+    assert job not in ledger.parties
+    again = ledger.handle(signed)
+    told = {e.recipient for e in again if e.type == "chain_event" and e.payload.event == "Settled"}
+    assert told == {PROGRESS, *(address_recipient(p.address) for p in (buyer, agg, *owners))}
+    assert job not in ledger.parties and job not in ledger.principals
+
+
+def test_gas_saved_as_a_list_per_call_is_read_as_totals():
+    from deltaml.agents.ledger import _gas_totals
+
+    assert _gas_totals([50_000, 70_000, 60_000]) == {"calls": 3, "total": 180_000, "max": 70_000}
+    assert _gas_totals({"calls": 1, "total": 5, "max": 5}) == {"calls": 1, "total": 5, "max": 5}
 
 
 @pytest.mark.parametrize("event, args, audience", [

@@ -105,6 +105,13 @@ def saved_chain(chain_id: int, contract: str) -> dict:
     return {"chain_id": chain_id, "contract": to_checksum_address(contract)}
 
 
+def _gas_totals(used) -> dict[str, int]:
+    """A function's gas as the ledger keeps it (a state saved before kept every call's: a list)."""
+    if isinstance(used, dict):
+        return used
+    return {"calls": len(used), "total": sum(used), "max": max(used, default=0)}
+
+
 def saved_contract(blob: bytes) -> str:
     """The escrow a ledger's :meth:`LedgerCore.snapshot` belongs to."""
     return pickle.loads(blob)["chain"]["contract"]
@@ -121,7 +128,7 @@ class LedgerCore:
         self.jobs: dict[bytes, str] = {}               # contract job key → job id
         self.parties: dict[str, set[str]] = defaultdict(set)  # job id → addresses (lower)
         self.principals: dict[str, set[str]] = {}  # job id → its buyer's and aggregator's addresses (lower)
-        self.gas: dict[str, list[int]] = defaultdict(list)
+        self.gas: dict[str, dict[str, int]] = {}  # function → calls, total and max gas
         self.withdrawn: dict[str, int] = defaultdict(int)  # address → wei withdrawn
         # sent, not mined yet: hash → the request it answers (a greeting's: its faucet transfer, no RawTx)
         self.pending: dict[str, tuple[m.Envelope, chain.RawTx | None]] = {}
@@ -155,7 +162,7 @@ class LedgerCore:
         self.jobs = state["jobs"]
         self.parties = defaultdict(set, state["parties"])
         self.principals = state.get("principals", {})  # (a state saved before: read from the contract when needed)
-        self.gas = defaultdict(list, state["gas"])
+        self.gas = {fn: _gas_totals(used) for fn, used in state["gas"].items()}
         self.withdrawn = defaultdict(int, state["withdrawn"])
         self.pending = state.get("pending", {})  # (a state saved before the ledger waited for blocks: none)
         self.replaced = state.get("replaced", {})
@@ -285,7 +292,9 @@ class LedgerCore:
         req: m.TxRequest = env.payload
         out = [self._receipt(env, req, receipt, reason, tx.sender)]
         if receipt is not None:
-            self.gas[req.function].append(receipt.gasUsed)
+            totals = self.gas.setdefault(req.function, {"calls": 0, "total": 0, "max": 0})
+            totals.update(calls=totals["calls"] + 1, total=totals["total"] + receipt.gasUsed,
+                          max=max(totals["max"], receipt.gasUsed))
         if receipt is not None and receipt.status == 1:
             out += self._publish(env, receipt)
         log.info("transaction relayed", sender=env.sender, function=req.function, ok=not reason,
@@ -428,11 +437,28 @@ class LedgerCore:
             event = m.ChainEvent(event=name, args=args, tx_hash=tx_hash, block=receipt.blockNumber)
             out += [self.ctx.message(job_id, env.round, r, event) for r in recipients]
             out.append(self.ctx.message(job_id, env.round, PROGRESS, event))
+            if name in ("Settled", "Cancelled"):
+                self._forget(job_id, key)
         return out
+
+    def _forget(self, job_id: str, key: bytes) -> None:
+        """A job settled or cancelled on chain: all that follows are its payees' withdrawals, whose
+        events go to the signer that asked. Its parties, principals and key are dropped, so what a
+        long-running ledger keeps (and writes with each message, ``--state-dir``) is the jobs
+        under way, not every job it relayed; a request of the job delivered again reads them back
+        from the contract."""
+        self.parties.pop(job_id, None)
+        self.principals.pop(job_id, None)
+        self.jobs.pop(key, None)
+
+    def holds(self, job_id: str) -> bool:
+        """Whether the ledger keeps the job's parties: its keyring keeps only those jobs' signers
+        (a party's greetings are outside any job; its address is in :attr:`addresses`)."""
+        return job_id in self.parties
 
     def gas_report(self) -> dict[str, dict[str, int]]:
         """Gas per contract function: calls, mean, max, total."""
-        report = {fn: {"calls": len(v), "mean": sum(v) // len(v), "max": max(v), "total": sum(v)}
+        report = {fn: {"calls": v["calls"], "mean": v["total"] // v["calls"], "max": v["max"], "total": v["total"]}
                   for fn, v in sorted(self.gas.items())}
         if self.chain.deploy_gas:
             report["deploy"] = {"calls": 1, "mean": self.chain.deploy_gas, "max": self.chain.deploy_gas,
