@@ -197,7 +197,7 @@ async def test_an_aggregator_that_missed_both_settle_signals_asks_the_ledger_aga
     job, ledger, _, wrapped = await run(config, keypair, {"aggregator": unheard})
     assert job.phase is BuyerPhase.FINISHED, job.reason
     assert job.model is not None and wrapped["aggregator"].swallowed == 3  # event, receipt, event again
-    assert len(ledger.gas["settle"]) == 2  # relayed twice; the second answer came from the chain
+    assert ledger.gas["settle"]["calls"] == 2  # relayed twice; the second answer came from the chain
     deposit, credited, balance = chain_totals(ledger, job)
     assert job.settled and credited == deposit and balance == 0
 
@@ -226,7 +226,7 @@ async def test_a_settle_signed_again_is_the_one_the_aggregator_asks_the_ledger_a
     unheard = [("chain_event", 0, settled_event), ("tx_receipt", 0, once(lambda p: settle_receipt(p) and p.mined))]
     job, ledger, _, wrapped = await run(config, keypair, {"aggregator": unheard})
     assert job.phase is BuyerPhase.FINISHED, job.reason
-    assert len(spiked) == 1 and len(ledger.gas["settle"]) == 2  # mined once, then answered from the chain
+    assert len(spiked) == 1 and ledger.gas["settle"]["calls"] == 2  # mined once, then answered from the chain
     assert ledger.chain.mined(spiked[0]) is None  # the settle mined is the one signed again, not a retry of the first
     deposit, credited, balance = chain_totals(ledger, job)
     assert job.settled and credited == deposit and balance == 0
@@ -359,7 +359,7 @@ async def test_chain_events_heard_twice_change_nothing(keypair):
         if name.startswith("owner"):
             owner = core.jobs[job_id]
             assert owner.paid_wei == job.payments_wei[core.ctx.wallet.address]
-    assert len(ledger.gas["setParticipants"]) == 1 and len(ledger.gas["withdraw"]) == config.owners + 1
+    assert ledger.gas["setParticipants"]["calls"] == 1 and ledger.gas["withdraw"]["calls"] == config.owners + 1
 
 
 async def test_a_deposit_that_lands_after_the_buyer_gave_up_is_refunded_at_once(keypair):
@@ -377,4 +377,4 @@ async def test_a_deposit_that_lands_after_the_buyer_gave_up_is_refunded_at_once(
     assert job.deposit == "made" and job.settled and job.withdrawn
     deposit, credited, balance = chain_totals(ledger, job)
     assert job.refund_wei == deposit == credited and job.payments_wei == {} and balance == 0
-    assert len(ledger.gas["abandon"]) == 1 and "setParticipants" not in ledger.gas  # nothing staffed
+    assert ledger.gas["abandon"]["calls"] == 1 and "setParticipants" not in ledger.gas  # nothing staffed
