@@ -420,7 +420,8 @@ class LedgerCore:
             key = bytes.fromhex(args["job"][2:]) if "job" in args else None
             job_id = self.jobs.get(key, env.job_id)
             if key is not None and job_id not in self.parties:  # created before this ledger, which kept no state
-                self.parties[job_id] = self.chain.parties(key)
+                self.principals[job_id] = self.chain.principals(key)
+                self.parties[job_id] = self.principals[job_id] | self.chain.participants(key)
             if name == "JobCreated":
                 self.principals[job_id] = {args["buyer"].lower(), args["aggregator"].lower()}
                 self.parties[job_id].update(self.principals[job_id])

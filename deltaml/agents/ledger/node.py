@@ -195,11 +195,11 @@ class Chain:
         return m.EscrowStanding(state=chain.JOB_STATES[state], aggregator=aggregator, abandoned=abandoned,
                                 enrolled=enrolled)
 
-    def parties(self, job: bytes) -> set[str]:
-        """The addresses (lower case) the contract names for a job: its buyer, its aggregator, its
-        trainers and validators once set; none for a job it does not hold."""
+    def participants(self, job: bytes) -> set[str]:
+        """The addresses (lower case) of a job's trainers and validators once set; none for a job it
+        does not hold."""
         trainers, validators = self.contract.functions.participants(job).call()
-        return self.principals(job) | {a.lower() for a in (*trainers, *validators) if int(a, 16)}
+        return {a.lower() for a in (*trainers, *validators) if int(a, 16)}
 
     def principals(self, job: bytes) -> set[str]:
         """The addresses (lower case) of a job's buyer and aggregator; none for a job it does not hold."""
