@@ -12,6 +12,7 @@ from .commands.common import CliError
 from .commands.daemons import cmd_aggregator, cmd_dataset_split, cmd_demo, cmd_ledger, cmd_owner, cmd_replay
 from .data import DataError
 from .protocol.errors import KeyTooShort, ProtocolError
+from .protocol.settlement import DEFAULT_DEADLINE
 from .settings import LOG_LEVELS, ConfigError, Settings
 
 
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-reward-wei", type=int, default=10**16, help="paid to every owner that did its work")
     p.add_argument("--variable-pool-wei", type=int, default=10**18,
                    help="shared among trainers by contribution, scaled by the improvement; the rest is refunded")
-    p.add_argument("--deadline-hours", type=int, default=24,
+    p.add_argument("--deadline-hours", type=int, default=DEFAULT_DEADLINE // 3600,
                    help="after this the escrow can be settled or refunded without the buyer")
     _common(p, settings)
     _key(p, settings)
@@ -214,12 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deltaml: error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    from .agents.amqp import BrokerUnavailable
-
     try:
         return args.func(args)
-    except (CliError, ConfigError, DataError, KeyTooShort, ProtocolError, RuntimeError, BrokerUnavailable,
-            OSError) as exc:
+    except (CliError, ConfigError, DataError, KeyTooShort, ProtocolError, RuntimeError,
+            OSError) as exc:  # OSError: a file, or the broker (agents.amqp.BrokerUnavailable is a ConnectionError)
         print(f"deltaml: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -146,6 +148,18 @@ def test_a_split_into_a_file_or_under_one_is_one_line_naming_it(tmp_path, capsys
 def test_demo_flags_a_job_cannot_run_with_are_one_line_errors(flags, message, capsys):
     assert main(["demo", "--bus", "memory", *flags]) == 2
     assert capsys.readouterr().err == f"deltaml: error: {message}\n"
+
+
+def test_a_demo_flag_is_checked_before_the_agents_the_broker_client_and_the_chain_load():
+    """In a fresh interpreter: the one-line answer to a mistyped flag comes before a second of
+    imports it does not need (eth_account alone is half of it)."""
+    heavy = ("aio_pika", "web3", "eth_account", "eth_tester", "structlog", "deltaml.agents", "deltaml.marketplace.demo")
+    code = ("import sys\nfrom deltaml.cli import main\n"
+            "rc = main(['demo', '--owners', '1'])\n"
+            f"print(rc, [m for m in {heavy!r} if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stderr == "deltaml: error: need at least one validator and one trainer\n"
+    assert done.stdout == "2 []\n"
 
 
 def test_an_output_file_that_cannot_be_written_is_refused_before_the_job(tmp_path, capsys):

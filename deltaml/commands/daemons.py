@@ -15,16 +15,19 @@ from .common import (CliError, _check_names, _check_tick, _check_writable, _pinn
 
 
 def cmd_demo(args) -> int:
-    from ..agents.runtime import configure_logging
-    from ..marketplace import DemoConfig, run_demo
+    from ..marketplace import DemoConfig, check_config
 
-    configure_logging("console", "warning")
     check_key_bits(args.key_bits)
     _check_writable(report=args.report)
     config = DemoConfig(owners=args.owners, validators=args.validators, rounds=args.rounds, lr=args.lr,
                         eval_every=args.eval_every, key_bits=args.key_bits, dataset=args.dataset,
                         poison_owner=args.poison_owner, chain=args.chain, round_timeout=args.round_timeout,
                         quorum=args.quorum)
+    check_config(config)  # a mistyped flag is told before the agents, the broker client and the chain load
+    from ..agents.runtime import configure_logging
+    from ..marketplace import run_demo
+
+    configure_logging("console", "warning")
     try:
         report = run_demo(config, args.bus, _progress, amqp_url=args.amqp_url)
     except KeyboardInterrupt:

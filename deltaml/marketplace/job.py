@@ -13,9 +13,9 @@ import numpy as np
 
 from ..data import Dataset, demo_split, load
 from ..protocol import messages as m
-from ..protocol.chain import DEFAULT_DEADLINE
 from ..protocol.linear import beyond_bound, gradient_descent, least_squares, sufficient_stats
 from ..protocol.machine import owner_names
+from ..protocol.settlement import DEFAULT_DEADLINE
 from ..settings import ConfigError
 
 

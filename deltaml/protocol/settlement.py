@@ -13,6 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+#: Seconds a job may run before anyone can settle or refund it without the buyer.
+DEFAULT_DEADLINE = 24 * 3600
+
 
 def leave_one_out(mse_full: float, mse_without: Mapping[str, float]) -> dict[str, float]:
     """Contribution of each trainer: MSE without it minus MSE with everyone."""

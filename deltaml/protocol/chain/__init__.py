@@ -25,7 +25,8 @@ parties around them). Everything is importable from here.
 from __future__ import annotations
 
 from ..fees import GWEI, MAX_FEE, MAX_TIP
-from .contract import (ABANDONED, CONTRACT, DEFAULT_DEADLINE, GAS_LIMITS, GAS_PER_PARTICIPANT, JOB_STATES, LEDGER,
+from ..settlement import DEFAULT_DEADLINE
+from .contract import (ABANDONED, CONTRACT, GAS_LIMITS, GAS_PER_PARTICIPANT, JOB_STATES, LEDGER,
                        METRICS_PER_TX, RawTx, artifact, decode_call, encode_call, error_text, event_audience, gas_limit,
                        int_bytes, job_key, key_hash, parse_tx, signature)
 from .metrics import (KEPT_BITS, check_metric_proof, check_metric_proofs, expected_settlement, metric_args,

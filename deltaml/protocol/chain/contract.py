@@ -30,8 +30,6 @@ GAS_PER_PARTICIPANT = {"setParticipants": 60_000, "settle": 45_000}
 #: Metrics in one recordMetrics transaction at most (its gas limit is per metric: 16 stay well
 #: inside a 30M-gas block).
 METRICS_PER_TX = 16
-#: Seconds a job may run before anyone can settle or refund it without the buyer.
-DEFAULT_DEADLINE = 24 * 3600
 #: Chain events about one participant of a job, by the argument that names it: they go to that
 #: participant and to the job's buyer and aggregator, who run the job, not to every owner.
 ABOUT_ONE = {"Confirmed": "participant", "Credited": "payee", "Dropped": "trainer"}
