@@ -419,20 +419,11 @@ class LedgerCore:
         for name, args in self.chain.events(receipt):
             key = bytes.fromhex(args["job"][2:]) if "job" in args else None
             job_id = self.jobs.get(key, env.job_id)
-            if key is not None and job_id not in self.parties:  # created before this ledger, which kept no state
-                self.principals[job_id] = self.chain.principals(key)
-                self.parties[job_id] = self.principals[job_id] | self.chain.participants(key)
-            if name == "JobCreated":
-                self.principals[job_id] = {args["buyer"].lower(), args["aggregator"].lower()}
-                self.parties[job_id].update(self.principals[job_id])
-            if name == "ParticipantsSet":
-                self.parties[job_id].update(a.lower() for a in [*args["trainers"], *args["validators"]])
             if name == "Withdrawn":  # no job's: its payee's, who asked for it (and left no empty party list)
                 self.withdrawn[args["payee"]] += args["amount"]
                 recipients = [env.sender]
             else:
-                if job_id not in self.principals:  # a job this ledger's state does not name them for
-                    self.principals[job_id] = self.chain.principals(key)
+                self._learn_parties(job_id, key, name, args)
                 audience = chain.event_audience(name, args, self.parties[job_id], self.principals[job_id])
                 recipients = sorted(address_recipient(a) for a in audience)
             event = m.ChainEvent(event=name, args=args, tx_hash=tx_hash, block=receipt.blockNumber)
@@ -441,6 +432,20 @@ class LedgerCore:
             if name in ("Settled", "Cancelled"):
                 self._forget(job_id, key)
         return out
+
+    def _learn_parties(self, job_id: str, key: bytes | None, name: str, args: dict) -> None:
+        """The job's principals and parties as of this event: from the event that names them, else
+        read back from the contract where this ledger's state does not (a job created before it, or
+        settled and forgotten; a state saved before principals were kept)."""
+        if name == "JobCreated":
+            self.principals[job_id] = {args["buyer"].lower(), args["aggregator"].lower()}
+        elif job_id not in self.principals:
+            self.principals[job_id] = self.chain.principals(key)
+        if job_id not in self.parties:
+            self.parties[job_id] = self.chain.participants(key)
+        self.parties[job_id] |= self.principals[job_id]
+        if name == "ParticipantsSet":
+            self.parties[job_id].update(a.lower() for a in [*args["trainers"], *args["validators"]])
 
     def _forget(self, job_id: str, key: bytes) -> None:
         """A job settled or cancelled on chain: all that follows are its payees' withdrawals, whose
