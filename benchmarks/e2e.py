@@ -129,6 +129,13 @@ def work_in_the_job(busy: dict[str, dict[str, float]], floor_by_party: dict[str,
     return out
 
 
+def peak_memory(busy: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Each daemon's peak resident memory in MB, as it reported it: its process, and the largest of
+    its workers (the aggregator's). The buyer, the ledger and the chain share the bench's process."""
+    keys = {"process": "peak memory MB (process)", "largest worker": "peak memory MB (largest worker)"}
+    return {a: {k: b[key] for k, key in keys.items() if b.get(key)} for a, b in sorted(busy.items()) if keys["process"] in b}
+
+
 def cpu_seconds(busy: dict[str, dict[str, float]], before: os.times_result) -> dict[str, float]:
     """CPU seconds each daemon reported (with its workers'), and this process's during the job."""
     out = {a: b["cpu seconds (process)"] for a, b in busy.items() if "cpu seconds (process)" in b}
@@ -259,6 +266,10 @@ def main() -> None:
     for agent, w in work.items():
         print(f"  {agent + ' (' + w['party'] + ')':<40}{w['job_cpu_seconds']:>8.2f} s in the job, "
               f"{w['floor_seconds']:>6.2f} s in the floor: {w['ratio']:.2f}x  (process: {w['process_cpu_seconds']:.2f} s)")
+    memory = peak_memory(report["busy_seconds"])
+    print("\npeak resident memory of each daemon, MB (the buyer, the ledger and the chain run in this process)")
+    for agent, mb in memory.items():
+        print(f"  {agent:<40}" + ", ".join(f"{v:.0f} ({k})" for k, v in mb.items()))
     print(f"\n{'':<78}{'seconds':>10}")
     for name, value in rows:
         print(f"{name:<78}{value:>10.2f}" if value >= 0.1 else f"{name:<78}{value:>10.4f}")
@@ -290,7 +301,7 @@ def main() -> None:
         "runs_against_their_floors": per_run,
         "final_mse": report["final_mse"],
         "centralized_gd_mse": report["centralized_gd_mse"], "gas": report["chain"]["gas"],
-        "busy_seconds": report["busy_seconds"], "owners_work_in_the_job": work,
+        "busy_seconds": report["busy_seconds"], "owners_work_in_the_job": work, "peak_memory_mb": memory,
     }
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"results written to {args.json}")

@@ -26,7 +26,12 @@
     of the job, which grew with the square of the owners).
 
 (a) and (b) print the time per round: (a) from the aggregator's first requests
-to its last step, (b) from the first evaluation to the last.
+to its last step, (b) from the first evaluation to the last. Each part also
+prints the peak resident memory of its processes: (a) each owner process's and
+this one's; (b) this process's, which holds all five owners' rows; (c) each
+owner daemon's, as it reports it. (b) also reads one owner's rows back from a
+CSV file as an owner daemon reads its ``--data``: with the statistics pass, the
+one-time cost of holding that many rows.
 
     python benchmarks/scale.py [--owners 100] [--owner-rounds 10] [--owners-with-aggregator]
                                [--rows 10000 1000000] [--rounds 6] [--paid-owners 40] [--paid-rounds 2]
@@ -37,10 +42,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -54,6 +61,7 @@ from deltaml.agents.bus import MemoryBus
 from deltaml.agents.ledger import Chain, LedgerCore
 from deltaml.agents.parties import aggregator_core, buyer_core, context, load_wallet
 from deltaml.agents.runtime import configure_logging, run_buyer_job, until_signalled
+from deltaml.data import load_csv
 from deltaml.marketplace import DemoConfig, run_demo
 from deltaml.marketplace.daemons import delete_queues, fresh_queues, job_queues, launcher, start_quietly, stop_all
 from deltaml.protocol import messages as m
@@ -80,8 +88,40 @@ def owner_rows(n: int, seed: int) -> np.ndarray:
     return np.hstack([X, y[:, None]])
 
 
+def reset_peak_memory() -> None:
+    """Start this process's peak resident memory afresh (Linux: ``clear_refs`` 5), so that the next
+    :func:`peak_memory_mb` is the peak of what comes after."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb(pid: int | str = "self") -> float:
+    """A process's peak resident memory (``VmHWM``) in MB; NaN where ``/proc`` cannot tell."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def csv_read_seconds(rows: int) -> float:
+    """One owner's rows as a CSV file, read back as its daemon reads its ``--data`` (``load_csv``):
+    with the statistics pass, the one-time cost of holding that many rows."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "owner.csv"
+        with path.open("w") as handle:
+            handle.write(",".join(COLUMNS) + "\n")
+            np.savetxt(handle, owner_rows(rows, 0), delimiter=",", fmt="%.17g")
+        started = time.perf_counter()
+        data = load_csv(path)
+        seconds = time.perf_counter() - started
+    assert data.X.shape == (rows, FEATURES)
+    return seconds
+
+
 async def job(rows: int, rounds: int, key) -> dict:
     bus = MemoryBus()
+    reset_peak_memory()
     tables = [owner_rows(rows, s) for s in range(5)]
     started = time.perf_counter()
     for t in tables:
@@ -105,7 +145,8 @@ async def job(rows: int, rounds: int, key) -> dict:
     await bus.close()
     assert finished.model is not None
     per_round = (times[rounds] - times[0]) / rounds  # from the first evaluation to the last
-    return {"rows": rows, "stats_seconds": stats_seconds, "seconds_per_round": per_round}
+    return {"rows": rows, "stats_seconds": stats_seconds, "seconds_per_round": per_round,
+            "peak_memory_mb": peak_memory_mb()}
 
 
 def _owner_core(name: str, seed: int, rows: int) -> OwnerCore:
@@ -147,6 +188,7 @@ async def many_owners(owners: int, rounds: int, key, rows: int = 1000, processes
     bus = await AmqpBus(url).connect()
     names = owner_names(owners)
     children: list = []
+    reset_peak_memory()  # (the floor built a table in this process before)
     try:
         await fresh_queues(bus, job_queues(owners))
         agents = [Agent("aggregator", "aggregator", aggregator_core(wallet=load_wallet(None)), bus)]
@@ -171,6 +213,7 @@ async def many_owners(owners: int, rounds: int, key, rows: int = 1000, processes
         finished = await run_buyer_job(buyer, spec, job_id=job_id,
                                        on_progress=lambda r, mse, t: times.__setitem__(r, t))
         wall = time.perf_counter() - started
+        memory = {"owner processes": [peak_memory_mb(c.pid) for c in children], "this process": peak_memory_mb()}
         watch.cancel()
         for a in [*agents, buyer]:
             await a.stop()
@@ -183,7 +226,8 @@ async def many_owners(owners: int, rounds: int, key, rows: int = 1000, processes
     return {"owners": owners, "processes": processes, "rounds": rounds, "first_metric_seconds": times[0],
             "training_from_seconds": steps[0] - started, "wall_seconds": wall,
             "seconds_per_round": (steps[rounds] - steps[0]) / rounds, "queues": len(queues),
-            "first_mse": finished.published[0]["all"], "final_mse": finished.published[rounds]["all"]}
+            "first_mse": finished.published[0]["all"], "final_mse": finished.published[rounds]["all"],
+            "peak_memory_mb": memory}
 
 
 async def _watch_rounds(aggregator, job_id: str, steps: dict[int, float]) -> None:
@@ -268,6 +312,8 @@ def paid_job(owners: int, rounds: int, keypair=None, url: str = "amqp://guest:gu
     return {"owners": owners, "rounds": rounds, "wall_seconds": report["wall_seconds"],
             "final_mse": report["final_mse"], "paid_wei": sum(report["payments_wei"].values()),
             "ledger_seconds": sum(report["busy_seconds"]["ledger-ledger"].values()),
+            "owners_peak_memory_mb": [b["peak memory MB (process)"] for a, b in report["busy_seconds"].items()
+                                      if a.startswith("owner-")],
             "taken": dict(taken), "sent": dict(sent)}
 
 
@@ -308,6 +354,9 @@ def main() -> None:
               f"{r['training_from_seconds']:.1f} s from the job request to the first requests, "
               f"{r['first_metric_seconds']:.1f} s to the first metric; {r['wall_seconds']:.1f} s in all; "
               f"final MSE {r['final_mse']:.4f}")
+        mem = r["peak_memory_mb"]
+        print(f"    peak memory: {' and '.join(f'{x:.0f}' for x in mem['owner processes'])} MB in the owner processes "
+              f"({-(-(r['owners']) // r['processes'])} owners each at most), {mem['this process']:.0f} MB in this one")
         f = floors[0]
         floor = statistics.mean(x["seconds_per_round"] for x in floors)
         print(f"    its crypto floor: {floor:.3f} s per round, the mean of "
@@ -321,14 +370,17 @@ def main() -> None:
         order = [*args.rows, *reversed(args.rows)]
         runs = [asyncio.run(job(n, args.rounds, key)) for n in order]
         results = [{"rows": n, **{k: statistics.mean(r[k] for r in runs if r["rows"] == n)
-                                  for k in ("stats_seconds", "seconds_per_round")},
-                    "each": [r["seconds_per_round"] for r in runs if r["rows"] == n]} for n in args.rows]
-        print(f"(b) {'rows per owner':>16}{'stats pass (s, once)':>24}{'s per round':>14}{'vs first':>10}"
-              f"   runs (in the order {', '.join(f'{n:,}' for n in order)})")
+                                  for k in ("stats_seconds", "seconds_per_round", "peak_memory_mb")},
+                    "each": [r["seconds_per_round"] for r in runs if r["rows"] == n],
+                    "csv_seconds": csv_read_seconds(n)} for n in args.rows]
+        print(f"(b) {'rows per owner':>16}{'CSV read (s, once)':>20}{'stats pass (s, once)':>22}{'s per round':>13}"
+              f"{'vs first':>10}{'peak MB':>9}   runs (in the order {', '.join(f'{n:,}' for n in order)})")
         for r in results:
-            print(f"    {r['rows']:>16,}{r['stats_seconds']:>24.3f}{r['seconds_per_round']:>14.3f}"
-                  f"{r['seconds_per_round'] / results[0]['seconds_per_round']:>10.2f}"
+            print(f"    {r['rows']:>16,}{r['csv_seconds']:>20.3f}{r['stats_seconds']:>22.3f}{r['seconds_per_round']:>13.3f}"
+                  f"{r['seconds_per_round'] / results[0]['seconds_per_round']:>10.2f}{r['peak_memory_mb']:>9.0f}"
                   f"   {', '.join(f'{x:.3f}' for x in r['each'])}")
+        print("    (CSV read: one owner's rows from a file, as its daemon reads its --data; peak MB: this process, "
+              "which holds the 5 owners, the aggregator, the buyer and the chain)")
 
     if args.paid_owners:
         r = paid_job(args.paid_owners, args.paid_rounds, keypair)
@@ -336,7 +388,9 @@ def main() -> None:
         print(f"(c) a paid job of {r['owners']} owners ({r['owners'] - 1} trainers and as many leave-one-out "
               f"models, 1 validator) over RabbitMQ, each owner a process; rounds: {r['rounds']}, evaluated before "
               f"training and after it; settled and withdrawn on the embedded chain:")
-        print(f"    {r['wall_seconds']:.1f} s in all; final MSE {r['final_mse']:.1f}; {r['paid_wei']:,} wei paid")
+        print(f"    {r['wall_seconds']:.1f} s in all; final MSE {r['final_mse']:.1f}; {r['paid_wei']:,} wei paid; "
+              f"each owner process's peak memory {min(r['owners_peak_memory_mb']):.0f}-"
+              f"{max(r['owners_peak_memory_mb']):.0f} MB")
         print(f"    the ledger took {sum(taken.values())} requests ({taken.get('tx_request', 0)} transactions, "
               f"{taken.get('chain_hello', 0)} greetings) in {r['ledger_seconds']:.2f} s of its handlers and sent "
               f"{sum(sent.values())} messages: {sent.get('events to parties', 0)} chain events to the job's "

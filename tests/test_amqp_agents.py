@@ -356,6 +356,11 @@ def test_demo_over_rabbitmq_with_separate_processes(tmp_path):
     assert [r for r, _ in report["mse_history"]] == [0, 1, 2]
     assert sum(report["payments_wei"].values()) + report["refund_wei"] == report["deposit_wei"]
     assert report["settlement_as_predicted"] and report["chain"]["contract_balance_wei"] == 0
+    # each daemon's own account of what it used, which benchmarks/e2e.py reads: CPU seconds and peak memory
+    daemons = {a: b for a, b in report["busy_seconds"].items() if a.startswith(("owner-", "aggregator-"))}
+    assert len(daemons) == 6
+    for used in daemons.values():
+        assert used["cpu seconds (process)"] > 0 and used["peak memory MB (process)"] > 20
 
     async def owner_queues():
         bus = await AmqpBus(AMQP_URL).connect()

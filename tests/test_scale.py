@@ -28,6 +28,10 @@ async def test_many_owners_times_every_round_with_the_owners_in_their_own_proces
     # the first requests leave before the first metric comes back, and both before the job ends
     assert 0 < r["training_from_seconds"] < r["first_metric_seconds"] < r["wall_seconds"]
     assert 0 < r["final_mse"] < r["first_mse"] / 2  # trained: the untrained model's error more than halved
+    # the two owner processes' peak memory, read while they ran, and this process's
+    memory = r["peak_memory_mb"]
+    assert len(memory["owner processes"]) == 2 and all(x > 20 for x in memory["owner processes"])
+    assert memory["this process"] > 20
 
 
 async def test_many_owners_with_owners_in_the_aggregators_process(keypair):
@@ -51,9 +55,28 @@ def test_the_floor_of_many_owners_counts_every_trainers_work(keypair):
     assert not table_ready(key.public.n)  # the floor's table is not left for the other tests' encryptions
 
 
+async def test_the_rows_job_reports_its_peak_memory_and_a_csv_of_its_rows_reads_back(keypair):
+    r = await scale.job(200, 1, keypair[1])
+    assert r["rows"] == 200 and r["seconds_per_round"] > 0 and r["stats_seconds"] > 0
+    assert r["peak_memory_mb"] > 20
+    assert scale.csv_read_seconds(300) > 0  # (it checks the shape it read back)
+
+
+def test_peak_memory_is_read_afresh_after_a_reset():
+    scale.reset_peak_memory()
+    before = scale.peak_memory_mb()
+    block = bytearray(200 * 2**20)
+    block[::4096] = b"x" * len(block[::4096])  # every page touched, so resident
+    during = scale.peak_memory_mb()
+    del block
+    scale.reset_peak_memory()
+    assert during > before + 150 and scale.peak_memory_mb() < during - 150
+
+
 def test_the_paid_job_at_scale_counts_what_its_ledger_took_and_sent(keypair):
     r = scale.paid_job(3, 1, keypair)
     assert r["paid_wei"] > 0 and r["ledger_seconds"] > 0
+    assert len(r["owners_peak_memory_mb"]) == 3 and all(x > 20 for x in r["owners_peak_memory_mb"])
     taken, sent = r["taken"], r["sent"]
     assert taken["chain_hello"] == 5 and taken["tx_request"] >= 3 + 3 + 4  # confirms, withdrawals, the buyer's
     # each event once to the progress exchange, and to at least one party; each request answered once at most

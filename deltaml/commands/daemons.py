@@ -48,7 +48,8 @@ def cmd_demo(args) -> int:
 
 
 def _write_timings(role: str, name: str, core, agent) -> None:
-    """For benchmarks/e2e.py (``DELTAML_TIMINGS_DIR``): the seconds of work per message type and the CPU."""
+    """For benchmarks/e2e.py (``DELTAML_TIMINGS_DIR``): the seconds of work per message type, the CPU
+    and the peak memory."""
     timings = os.environ.get("DELTAML_TIMINGS_DIR")
     if not timings:
         return
@@ -58,6 +59,9 @@ def _write_timings(role: str, name: str, core, agent) -> None:
               "cpu seconds (workers)": children.ru_utime + children.ru_stime,
               "cpu seconds (handlers)": agent.policy.cpu,
               "cpu seconds (obfuscator helper)": agent.precomputer.cpu if agent.precomputer else 0.0,
+              # peak resident memory in MB (Linux counts ru_maxrss in kB): the obfuscator table, the data
+              "peak memory MB (process)": own.ru_maxrss / 1024,
+              "peak memory MB (largest worker)": children.ru_maxrss / 1024,
               "obfuscators taken": sum(st.taken for st in streams),
               "obfuscators computed ahead": agent.precomputer.computed if agent.precomputer else 0,
               "obfuscators found precomputed": sum(st.served_ahead for st in streams)}
