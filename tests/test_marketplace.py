@@ -419,3 +419,51 @@ async def test_a_buyer_interrupted_once_it_holds_the_model_keeps_the_report_and_
     assert json.loads((tmp_path / "m.json").read_text())["intercept"] == job.model[0]
     line = _left(job, job_id, Path("b.key"))
     assert line.startswith(f"job {job_id} had finished (its model and report are kept); ")
+
+
+def _staffed_first(monkeypatch, then):
+    """Make the demo's ledger only once its buyer has heard that the job is staffed (the aggregator's
+    participants message), then do ``then``: whether that came first is what it returns."""
+    from deltaml.marketplace import demo
+    from deltaml.protocol.buyer import BuyerCore
+
+    staffed, seen = threading.Event(), []
+    handle = BuyerCore.handle
+
+    def handle_and_note(core, env):
+        if env.type == "participants":
+            staffed.set()
+        return handle(core, env)
+
+    def slow_ledger(url):
+        seen.append(staffed.wait(timeout=30))
+        return then(url)
+
+    monkeypatch.setattr(BuyerCore, "handle", handle_and_note)
+    monkeypatch.setattr(demo, "ledger_core", slow_ledger)
+    return seen
+
+
+def test_the_job_is_requested_and_staffed_while_the_chain_is_made(keypair, monkeypatch):
+    """Over RabbitMQ the ledger's chain is made on a thread beside the job's start, which needs no
+    chain: the owners are staffed (and start their obfuscator tables) meanwhile, and the job runs."""
+    from deltaml.marketplace import demo, run_demo
+
+    seen = _staffed_first(monkeypatch, demo.ledger_core)
+    report = run_demo(DemoConfig(rounds=1, eval_every=1), "amqp", keypair=keypair)
+    assert seen == [True]
+    assert report["final_mse"] > 0 and sum(report["payments_wei"].values()) + report["refund_wei"] == report["deposit_wei"]
+
+
+def test_a_chain_that_cannot_be_made_fails_the_demo_saying_why(keypair, monkeypatch):
+    """The job went out before the chain: its failure still ends the demo with the chain's reason."""
+    from deltaml.agents.ledger import ChainUnavailable
+    from deltaml.marketplace import run_demo
+
+    def unreachable(url):
+        raise ChainUnavailable("no Ethereum node answers at nowhere")
+
+    seen = _staffed_first(monkeypatch, unreachable)
+    with pytest.raises(ChainUnavailable, match="no Ethereum node answers at nowhere"):
+        run_demo(DemoConfig(rounds=1, eval_every=1), "amqp", keypair=keypair)
+    assert seen == [True]

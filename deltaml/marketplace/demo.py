@@ -19,11 +19,12 @@ from ..agents.runtime import buyer_report, run_buyer_job
 from ..agents.workers import workers_for
 from ..data import Dataset
 from ..protocol.buyer import BuyerPhase
+from ..protocol.chain import LEDGER
 from ..protocol.machine import FULL_MODEL
 from ..protocol.paillier import PrivateKey, PublicKey, generate_keypair
 from .daemons import DemoDaemons
 from .job import DemoConfig, Progress, baselines, make_spec, prepare_parts
-from .memory import make_ledger, memory_job, withdrawals
+from .memory import ledger_core, memory_job, withdrawals
 
 
 async def _amqp_job(config: DemoConfig, data: Dataset, daemons: DemoDaemons,
@@ -33,10 +34,12 @@ async def _amqp_job(config: DemoConfig, data: Dataset, daemons: DemoDaemons,
 
     bus = await AmqpBus(url).connect()
     agents: list[Agent] = []
+    # the ledger's chain is made on a thread while the job is requested and staffed, which needs no
+    # chain (the embedded one takes about half a second, with a core otherwise idle: the trainers
+    # start their obfuscator tables at their roles); what reaches the ledger meanwhile waits in its queue
+    making = asyncio.ensure_future(asyncio.to_thread(ledger_core, config.chain))
+    making.add_done_callback(lambda made: made.cancelled() or made.exception())  # raised below, if awaited
     try:
-        ledger, ledger_agent = make_ledger(bus, config.chain, daemons.ledger_key)
-        agents.append(ledger_agent)
-        await ledger_agent.start()
         # the buyer's key is made while the daemons start (they need it only in the job request)
         public, key = await asyncio.to_thread(make_key)
         spec = make_spec(config, data, public.to_hex(), "buyer")
@@ -48,7 +51,18 @@ async def _amqp_job(config: DemoConfig, data: Dataset, daemons: DemoDaemons,
         agents.append(buyer)
         await buyer.start()
         job_id = uuid.uuid4().hex
-        job = await run_buyer_job(buyer, spec, on_progress=on_progress, job_id=job_id)
+        running = asyncio.ensure_future(run_buyer_job(buyer, spec, on_progress=on_progress, job_id=job_id))
+        try:
+            ledger = await making
+        except BaseException:  # no chain (or Ctrl-C): the job cannot go on; the buyer gives it up
+            running.cancel()
+            with contextlib.suppress(BaseException):
+                await running
+            raise
+        ledger_agent = Agent("ledger", LEDGER, ledger, bus, key=daemons.ledger_key)
+        agents.append(ledger_agent)
+        await ledger_agent.start()
+        job = await running
         job = await withdrawals(ledger, buyer.core, job_id)
     finally:
         timings = daemons.stop()

@@ -33,8 +33,14 @@ def trust_args(pinned: dict[str, str]) -> list[str]:
     return [arg for name, address in pinned.items() for arg in ("--trust", f"{name}={address}")]
 
 
+def ledger_core(chain_url: str) -> LedgerCore:
+    """The ledger's core on its chain (the embedded one is made here: about half a second, mostly
+    py-evm's import)."""
+    return LedgerCore(context(LEDGER), Chain(chain_url))
+
+
 def make_ledger(bus, chain_url: str, key: bytes | None = None):
-    ledger = LedgerCore(context(LEDGER), Chain(chain_url))
+    ledger = ledger_core(chain_url)
     return ledger, Agent("ledger", LEDGER, ledger, bus, key=key)
 
 
