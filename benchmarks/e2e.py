@@ -130,9 +130,12 @@ def work_in_the_job(busy: dict[str, dict[str, float]], floor_by_party: dict[str,
 
 
 def peak_memory(busy: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Each daemon's peak resident memory in MB, as it reported it: its process, and the largest of
-    its workers (the aggregator's). The buyer, the ledger and the chain share the bench's process."""
-    keys = {"process": "peak memory MB (process)", "largest worker": "peak memory MB (largest worker)"}
+    """Each daemon's resident memory in MB, as it reported it: its process's peak, which counts the
+    pages it shares with this process it was forked from, and what it held alone at the end; the
+    largest of its workers' peaks (the aggregator's). The buyer, the ledger and the chain share this
+    process."""
+    keys = {"process": "peak memory MB (process)", "private at the end": "private memory MB at the end (process)",
+            "largest worker": "peak memory MB (largest worker)"}
     return {a: {k: b[key] for k, key in keys.items() if b.get(key)} for a, b in sorted(busy.items()) if keys["process"] in b}
 
 
@@ -267,7 +270,8 @@ def main() -> None:
         print(f"  {agent + ' (' + w['party'] + ')':<40}{w['job_cpu_seconds']:>8.2f} s in the job, "
               f"{w['floor_seconds']:>6.2f} s in the floor: {w['ratio']:.2f}x  (process: {w['process_cpu_seconds']:.2f} s)")
     memory = peak_memory(report["busy_seconds"])
-    print("\npeak resident memory of each daemon, MB (the buyer, the ledger and the chain run in this process)")
+    print("\nresident memory of each daemon, MB: its peak (with the pages it shares with this process, which "
+          "forked it) and its own at the end (the buyer, the ledger and the chain run in this process)")
     for agent, mb in memory.items():
         print(f"  {agent:<40}" + ", ".join(f"{v:.0f} ({k})" for k, v in mb.items()))
     print(f"\n{'':<78}{'seconds':>10}")

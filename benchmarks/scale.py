@@ -312,8 +312,9 @@ def paid_job(owners: int, rounds: int, keypair=None, url: str = "amqp://guest:gu
     return {"owners": owners, "rounds": rounds, "wall_seconds": report["wall_seconds"],
             "final_mse": report["final_mse"], "paid_wei": sum(report["payments_wei"].values()),
             "ledger_seconds": sum(report["busy_seconds"]["ledger-ledger"].values()),
-            "owners_peak_memory_mb": [b["peak memory MB (process)"] for a, b in report["busy_seconds"].items()
-                                      if a.startswith("owner-")],
+            **{f"owners_{k}_memory_mb": [b[f"{key} (process)"] for a, b in report["busy_seconds"].items()
+                                         if a.startswith("owner-")]
+               for k, key in (("peak", "peak memory MB"), ("private", "private memory MB at the end"))},
             "taken": dict(taken), "sent": dict(sent)}
 
 
@@ -390,7 +391,8 @@ def main() -> None:
               f"training and after it; settled and withdrawn on the embedded chain:")
         print(f"    {r['wall_seconds']:.1f} s in all; final MSE {r['final_mse']:.1f}; {r['paid_wei']:,} wei paid; "
               f"each owner process's peak memory {min(r['owners_peak_memory_mb']):.0f}-"
-              f"{max(r['owners_peak_memory_mb']):.0f} MB")
+              f"{max(r['owners_peak_memory_mb']):.0f} MB, of which its own at the end "
+              f"{min(r['owners_private_memory_mb']):.0f}-{max(r['owners_private_memory_mb']):.0f} MB")
         print(f"    the ledger took {sum(taken.values())} requests ({taken.get('tx_request', 0)} transactions, "
               f"{taken.get('chain_hello', 0)} greetings) in {r['ledger_seconds']:.2f} s of its handlers and sent "
               f"{sum(sent.values())} messages: {sent.get('events to parties', 0)} chain events to the job's "

@@ -361,6 +361,7 @@ def test_demo_over_rabbitmq_with_separate_processes(tmp_path):
     assert len(daemons) == 6
     for used in daemons.values():
         assert used["cpu seconds (process)"] > 0 and used["peak memory MB (process)"] > 20
+        assert 0 < used["private memory MB at the end (process)"] < used["peak memory MB (process)"]
 
     async def owner_queues():
         bus = await AmqpBus(AMQP_URL).connect()

@@ -77,6 +77,7 @@ def test_the_paid_job_at_scale_counts_what_its_ledger_took_and_sent(keypair):
     r = scale.paid_job(3, 1, keypair)
     assert r["paid_wei"] > 0 and r["ledger_seconds"] > 0
     assert len(r["owners_peak_memory_mb"]) == 3 and all(x > 20 for x in r["owners_peak_memory_mb"])
+    assert all(0 < own < peak for own, peak in zip(r["owners_private_memory_mb"], r["owners_peak_memory_mb"]))
     taken, sent = r["taken"], r["sent"]
     assert taken["chain_hello"] == 5 and taken["tx_request"] >= 3 + 3 + 4  # confirms, withdrawals, the buyer's
     # each event once to the progress exchange, and to at least one party; each request answered once at most
