@@ -98,6 +98,40 @@ def test_a_million_rows_load_and_reduce_to_the_same_statistics(tmp_path):
     assert stats.rows == 1_000_000 and np.allclose(stats.moment, sufficient_stats(X, y).moment)
 
 
+def test_an_owners_statistics_are_those_of_its_columns_to_the_bit_without_copying_them_out():
+    """The owner fills ``[1, X]`` from its table instead of first copying the job's columns out: the
+    same matrix, so the same sums to the bit, whatever the order and choice of columns."""
+    from deltaml.protocol.linear import columns_stats, sufficient_stats
+
+    gen = np.random.default_rng(2)
+    for rows, cols in ((5, 3), (88, 12), (200_000, 21)):
+        table = gen.normal(size=(rows, cols)) * gen.uniform(0.1, 100.0, size=cols)
+        features, target = list(range(cols - 2, 0, -1)), 0  # reversed, one column left out, the target first
+        want = sufficient_stats(table[:, features], table[:, target])
+        got = columns_stats(table, features, target)
+        assert np.array_equal(got.gram, want.gram) and np.array_equal(got.moment, want.moment)
+        assert (got.sq, got.rows) == (want.sq, want.rows)
+
+
+def test_an_owner_reduces_its_rows_once_for_a_jobs_offer_and_its_role(keypair, monkeypatch):
+    from deltaml.protocol import messages as m
+    from deltaml.protocol import owner
+
+    passes = []
+    real = owner.columns_stats
+    monkeypatch.setattr(owner, "columns_stats", lambda *a: passes.append(a) or real(*a))
+    data = owner.OwnerData(("a", "b", "t"), np.arange(12.0).reshape(4, 3))
+    spec = m.JobSpec(buyer="b", features=["a", "b"], target="t", owners=2, validators=1, rounds=1,
+                     lr=1.0, eval_every=1, key_bits=2048, public_key=keypair[0].to_hex())
+    assert data.mismatch(spec) == ""  # the offer
+    stats, _ = data.reduce(spec)  # the role: the same pass
+    assert len(passes) == 1 and stats.dim == 3 and stats.rows == 4
+    assert data.reduce(spec.model_copy(update={"features": ["b"]}))[0].dim == 2 and len(passes) == 2
+    for bits in range(20, 20 + 2 * owner.KEPT_REDUCTIONS):  # another bound is another answer; a few are kept
+        data.reduce(spec.model_copy(update={"magnitude_bits": bits}))
+    assert len(data.reduced) == owner.KEPT_REDUCTIONS
+
+
 def test_a_mistake_deep_in_a_large_file_is_still_named(tmp_path):
     rows = "\n".join(f"{i},{2 * i}" for i in range(50_000))
     path = write(tmp_path, f"a,b\n{rows}\n7,inf\n")

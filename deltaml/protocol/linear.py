@@ -49,7 +49,22 @@ class SufficientStats:
 
 def sufficient_stats(X: np.ndarray, y: np.ndarray) -> SufficientStats:
     """One pass over an owner's rows."""
-    A = with_intercept(X)
+    return _stats(with_intercept(X), y)
+
+
+def columns_stats(table: np.ndarray, features: Sequence[int], target: int) -> SufficientStats:
+    """``sufficient_stats(table[:, features], table[:, target])`` without first copying the feature
+    columns out of the table: ``[1, X]`` is filled from it directly. It is the same matrix, so the
+    same sums to the bit (column by column, as numpy lays a column selection out), and at a million
+    rows of 20 features 160 MB less at a time."""
+    A = np.empty((len(table), len(features) + 1), order="F")
+    A[:, 0] = 1.0
+    for k, column in enumerate(features):
+        A[:, k + 1] = table[:, column]
+    return _stats(A, table[:, target])
+
+
+def _stats(A: np.ndarray, y: np.ndarray) -> SufficientStats:
     y = np.asarray(y, dtype=float)
     return SufficientStats(gram=A.T @ A, moment=A.T @ y, sq=float(y @ y), rows=len(y))
 

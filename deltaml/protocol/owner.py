@@ -25,7 +25,7 @@ from .chain import ABANDONED, LEDGER, ChainParty, job_key, same_address
 from .ended import EndedJobs
 from .errors import JobOver
 from .fixedpoint import FixedPoint
-from .linear import EncodedStats, SufficientStats, beyond_bound, encode_stats, encrypted_gradient, sufficient_stats
+from .linear import EncodedStats, SufficientStats, beyond_bound, columns_stats, encode_stats, encrypted_gradient
 from .machine import Context, Machine, require, table
 from .metric import (MetricSecrets, MulProof, ProductClaim, encrypted_sse, mask_product_inputs, proof_context,
                      sse_scale_bits, verify_all_products)
@@ -78,6 +78,10 @@ class OwnerJob:
         self.stats, self.pending, self.asked = None, {}, {}
 
 
+#: The reductions an owner's data keeps (each a d x d matrix, a vector and a reason).
+KEPT_REDUCTIONS = 8
+
+
 @dataclass(frozen=True)
 class OwnerData:
     """An owner's rows with their column names (last is not special here)."""
@@ -85,14 +89,26 @@ class OwnerData:
     columns: tuple[str, ...]
     X: np.ndarray  # all columns, rows × columns
     auto_accept: bool = True
+    # the latest reductions, by what of a job they depend on: a job's offer and its role ask for the
+    # same one, which at a million rows is a pass over the table (the rows never change)
+    reduced: dict = field(default_factory=dict, compare=False, repr=False)
 
     def reduce(self, spec: m.JobSpec) -> tuple[SufficientStats | None, str]:
         """These rows reduced to the job's sufficient statistics, or None and why they cannot serve it."""
+        key = (tuple(spec.features), spec.target, None if spec.ranges is None else tuple(map(tuple, spec.ranges)),
+               spec.magnitude_bits)
+        if key not in self.reduced:
+            if len(self.reduced) >= KEPT_REDUCTIONS:
+                del self.reduced[next(iter(self.reduced))]
+            self.reduced[key] = self._reduce(spec)
+        return self.reduced[key]
+
+    def _reduce(self, spec: m.JobSpec) -> tuple[SufficientStats | None, str]:
         reason = self._unfit(spec)
         if reason:
             return None, reason
         index = {c: i for i, c in enumerate(self.columns)}
-        stats = sufficient_stats(self.X[:, [index[f] for f in spec.features]], self.X[:, index[spec.target]])
+        stats = columns_stats(self.X, [index[f] for f in spec.features], index[spec.target])
         reason = beyond_bound(stats, spec.magnitude_bits)
         return (None, reason) if reason else (stats, "")
 
