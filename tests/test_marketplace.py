@@ -467,3 +467,39 @@ def test_a_chain_that_cannot_be_made_fails_the_demo_saying_why(keypair, monkeypa
     with pytest.raises(ChainUnavailable, match="no Ethereum node answers at nowhere"):
         run_demo(DemoConfig(rounds=1, eval_every=1), "amqp", keypair=keypair)
     assert seen == [True]
+
+
+def test_ctrl_c_in_a_demo_over_rabbitmq_is_counted_and_taken_where_the_demo_can_stop():
+    """Python's own handler raised KeyboardInterrupt wherever the demo's main thread was: at times in
+    a weakref callback (Python ignored it and the demo ran on to its end) or inside the logging lock
+    (the thread making the chain then waited for it for ever). The demo's handler counts; it cancels
+    the job's task if one runs, and the demo raises where it checks; a third Ctrl-C leaves at once."""
+    import asyncio
+    import os
+    import signal
+    import time
+
+    from deltaml.marketplace.demo import Interrupts
+
+    interrupts, before = Interrupts(), signal.getsignal(signal.SIGINT)
+    with interrupts.installed():
+        assert signal.getsignal(signal.SIGINT) is interrupts
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # (a handler runs between two of the main thread's instructions)
+        assert interrupts.count == 1  # counted, nothing raised
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+
+        async def job():
+            interrupts.watch()  # a Ctrl-C came before the job's task: it is cancelled at once
+            await asyncio.sleep(30)
+
+        with pytest.raises(asyncio.CancelledError):
+            asyncio.run(job())
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert interrupts.count == 2
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before

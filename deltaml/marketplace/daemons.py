@@ -9,6 +9,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -29,6 +30,7 @@ DAEMON_MODULES = ["deltaml.cli", "deltaml.agents.agent", "deltaml.agents.amqp", 
 
 def _daemon_main(argv: list[str], env: dict[str, str]) -> None:
     """The body of a daemon process: ``deltaml ARGV`` with ``env`` added to the environment."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # not the demo's (Interrupts), forked with it
     os.environ.update(env)
     from ..cli import main
 

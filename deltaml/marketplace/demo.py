@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -27,17 +29,91 @@ from .job import DemoConfig, Progress, baselines, make_spec, prepare_parts
 from .memory import ledger_core, memory_job, withdrawals
 
 
+class Interrupts:
+    """Ctrl-C for the whole of a demo over RabbitMQ, taken at safe points.
+
+    Python's own handler raises ``KeyboardInterrupt`` wherever the main thread
+    happens to be: between the demo's event loops that was at times inside a
+    weakref callback (Python prints "Exception ignored" and the demo ran on to
+    its end) or inside a lock (the logging module's, which the thread making
+    the chain then waited for: the demo hung). This handler only counts, and
+    cancels the job's task if one runs; the demo checks the count where it is
+    safe to stop, and ends as an interrupted run does. A third Ctrl-C leaves at once, as Python's own
+    handler would (a clean-up that cannot finish, a broker gone away)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.task: asyncio.Task | None = None
+
+    def __call__(self, signum, frame) -> None:
+        self.count += 1
+        if self.count >= 3:
+            raise KeyboardInterrupt
+        self._cancel()
+
+    def watch(self) -> None:
+        """Cancel the running task on Ctrl-C (at once if one came already)."""
+        self.task = asyncio.current_task()
+        self._cancel()
+
+    def _cancel(self) -> None:
+        task = self.task
+        if self.count and task is not None and not task.done():
+            task.get_loop().call_soon_threadsafe(task.cancel)
+
+    def check(self) -> None:
+        if self.count:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self):
+        """This handler for SIGINT while the block runs (in the main thread; elsewhere Python's stays)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _on_a_daemon_thread(fn: Callable, *args) -> asyncio.Future:
+    """``fn(*args)`` on a daemon thread, as a future of the running loop. Nothing waits for the thread
+    at the loop's end or the interpreter's, as the default executor's would be: a demo interrupted
+    while its chain is being made leaves at once."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(result, error) -> None:
+        if not done.done():
+            done.set_exception(error) if error is not None else done.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for it any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="deltaml-chain", daemon=True).start()
+    return done
+
+
 async def _amqp_job(config: DemoConfig, data: Dataset, daemons: DemoDaemons,
                     make_key: Callable[[], tuple[PublicKey, PrivateKey]], on_progress: Progress, url: str,
-                    workers=None) -> tuple:
+                    workers=None, interrupts: Interrupts | None = None) -> tuple:
     from ..agents.amqp import AmqpBus
 
+    if interrupts is not None:
+        interrupts.watch()
     bus = await AmqpBus(url).connect()
     agents: list[Agent] = []
     # the ledger's chain is made on a thread while the job is requested and staffed, which needs no
     # chain (the embedded one takes about half a second, with a core otherwise idle: the trainers
     # start their obfuscator tables at their roles); what reaches the ledger meanwhile waits in its queue
-    making = asyncio.ensure_future(asyncio.to_thread(ledger_core, config.chain))
+    making = _on_a_daemon_thread(ledger_core, config.chain)
     making.add_done_callback(lambda made: made.cancelled() or made.exception())  # raised below, if awaited
     try:
         # the buyer's key is made while the daemons start (they need it only in the job request)
@@ -88,17 +164,22 @@ def run_demo(config: DemoConfig, bus: str = "memory", on_progress: Progress = la
         spec = make_spec(config, data, public.to_hex(), "buyer")
         job, job_id, refused, ledger, timings = asyncio.run(memory_job(config, parts, spec, private, on_progress))
     else:
-        with tempfile.TemporaryDirectory(prefix="deltaml-demo-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="deltaml-demo-") as tmp, Interrupts().installed() as interrupts:
             daemons = DemoDaemons(config, parts, Path(tmp), amqp_url)
-            daemons.start()  # first: forking needs a process with one thread
-            workers = workers_for(0)  # the buyer's pool, forked while that still holds
+            # first: forking needs a process with one thread; a refusal there (another marketplace's
+            # daemons on these queues) has touched nothing, so it leaves before the clean-up below
+            daemons.start()
+            workers = None
             try:
+                workers = workers_for(0)  # the buyer's pool, forked while that still holds
+                interrupts.check()  # a Ctrl-C during the start, which it did not cut short
                 public, (job, job_id, refused, ledger, timings) = asyncio.run(
-                    _amqp_job(config, data, daemons, make_key, on_progress, amqp_url, workers))
+                    _amqp_job(config, data, daemons, make_key, on_progress, amqp_url, workers, interrupts))
             except BaseException:  # Ctrl-C, a failure: what was on its way to the stopped agents goes too
                 daemons.stop()
                 with contextlib.suppress(Exception):
                     asyncio.run(daemons.empty_queues())
+                interrupts.check()  # a Ctrl-C ends as one, whatever it cancelled on its way
                 raise
             finally:
                 daemons.stop()  # idempotent; here for a failure before the job ran
