@@ -103,11 +103,10 @@ def _on_a_daemon_thread(fn: Callable, *args) -> asyncio.Future:
 
 async def _amqp_job(config: DemoConfig, data: Dataset, daemons: DemoDaemons,
                     make_key: Callable[[], tuple[PublicKey, PrivateKey]], on_progress: Progress, url: str,
-                    workers=None, interrupts: Interrupts | None = None) -> tuple:
+                    workers, interrupts: Interrupts) -> tuple:
     from ..agents.amqp import AmqpBus
 
-    if interrupts is not None:
-        interrupts.watch()
+    interrupts.watch()
     bus = await AmqpBus(url).connect()
     agents: list[Agent] = []
     # the ledger's chain is made on a thread while the job is requested and staffed, which needs no
